@@ -1,0 +1,80 @@
+"""align: the public API. A plugin (built-in or third-party) imports only what is here."""
+
+from align.algorithm import Algorithm, Context
+from align.batches import (
+    LossOutput,
+    PairedTokens,
+    PreferenceBatch,
+    SequenceLogps,
+    SFTTokens,
+    TokenBatch,
+)
+from align.config import (
+    BackendConfig,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    PluginConfig,
+    RewardConfig,
+    RolloutEngineConfig,
+    RunConfig,
+    StrictConfig,
+    TinyModelConfig,
+    TrainerConfig,
+)
+from align.errors import ConfigError, DataError, TrainingDiverged, UserError
+from align.hookspecs import hookimpl
+from align.layout import lay_out, pack_sequences, pad_sequences
+from align.losses import LossFn, combine_losses, resolve_losses
+from align.plugins import Plugins, default_plugins, load_plugins
+from align.protocols import Backend, DataFormat
+from align.registry import Entry, Register, Registry
+from align.trainer import RunInfo, RunResult, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Algorithm",
+    "Backend",
+    "BackendConfig",
+    "ConfigError",
+    "Context",
+    "DataConfig",
+    "DataError",
+    "DataFormat",
+    "Entry",
+    "LossConfig",
+    "LossFn",
+    "LossOutput",
+    "ModelConfig",
+    "OptimConfig",
+    "PairedTokens",
+    "PluginConfig",
+    "Plugins",
+    "PreferenceBatch",
+    "Register",
+    "Registry",
+    "RewardConfig",
+    "RolloutEngineConfig",
+    "RunConfig",
+    "RunInfo",
+    "RunResult",
+    "SFTTokens",
+    "SequenceLogps",
+    "StrictConfig",
+    "TinyModelConfig",
+    "TokenBatch",
+    "TrainerConfig",
+    "TrainingDiverged",
+    "UserError",
+    "combine_losses",
+    "default_plugins",
+    "hookimpl",
+    "lay_out",
+    "load_plugins",
+    "pack_sequences",
+    "pad_sequences",
+    "resolve_losses",
+    "train",
+]

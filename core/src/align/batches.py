@@ -1,0 +1,151 @@
+"""What flows between data formats, models and losses.
+
+Token level (``TokenBatch``) is what a data format's collator yields and a model reads.
+Log-prob level (``PreferenceBatch``...) is what a loss plugin reads: no tokens, no models,
+so a loss is a pure function that is easy to write and to test against hand computations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenBatch:
+    """Sequences laid out in rows, padded or packed.
+
+    ``sequence_ids[r, t]`` says which output sequence token ``t`` of row ``r`` belongs to
+    (``-1`` for padding), so one code path serves padded and padding-free (packed) layouts.
+    ``loss_mask[r, t]`` is true where token ``t`` is predicted and counted (completion tokens).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    loss_mask: Tensor
+    sequence_ids: Tensor
+    num_sequences: int
+    position_ids: Tensor | None = None
+    packed: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-pad) tokens, for throughput."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def pad_fraction(self) -> float:
+        return 1.0 - self.num_tokens / max(1, self.input_ids.numel())
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return replace(self, **moved)
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence sums of token log-probs over the loss mask, and the token counts."""
+
+    sum: Tensor
+    count: Tensor
+
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / self.count.clamp(min=1)
+
+    def split(self, n: int) -> tuple[SequenceLogps, SequenceLogps]:
+        """First ``n`` sequences and the rest (chosen and rejected of a paired batch)."""
+        return (
+            SequenceLogps(self.sum[:n], self.count[:n]),
+            SequenceLogps(self.sum[n:], self.count[n:]),
+        )
+
+
+@dataclass
+class PairedTokens:
+    """Chosen and rejected completions of ``num_pairs`` prompts in one ``TokenBatch``:
+    sequences ``0..n-1`` are chosen, ``n..2n-1`` rejected, so one forward pass serves both."""
+
+    tokens: TokenBatch
+    num_pairs: int
+    example_ids: Tensor
+    reward_gap: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.num_tokens
+
+
+@dataclass
+class SFTTokens:
+    """Prompt + completion sequences with the loss on completion tokens."""
+
+    tokens: TokenBatch
+    example_ids: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.num_tokens
+
+
+@dataclass
+class PreferenceBatch:
+    """Log-probs of a batch of preference pairs: what a preference loss reads.
+
+    ``*_logps`` are sums over completion tokens; ``ref_*`` are the reference model's (``None``
+    for reference-free losses); ``reward_gap`` is a reward model's score of chosen minus
+    rejected when the data has one (the RPO losses need it).
+    """
+
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    ref_chosen_logps: Tensor | None = None
+    ref_rejected_logps: Tensor | None = None
+    reward_gap: Tensor | None = None
+
+    @property
+    def chosen_logps_mean(self) -> Tensor:
+        return self.chosen_logps / self.chosen_lengths.clamp(min=1)
+
+    @property
+    def rejected_logps_mean(self) -> Tensor:
+        return self.rejected_logps / self.rejected_lengths.clamp(min=1)
+
+    @property
+    def chosen_logratios(self) -> Tensor:
+        """log pi(y_w|x) - log pi_ref(y_w|x)."""
+        return self.chosen_logps - _required(self.ref_chosen_logps)
+
+    @property
+    def rejected_logratios(self) -> Tensor:
+        return self.rejected_logps - _required(self.ref_rejected_logps)
+
+    @property
+    def logits(self) -> Tensor:
+        """The DPO logit: (chosen log-ratio) - (rejected log-ratio)."""
+        return self.chosen_logratios - self.rejected_logratios
+
+
+def _required(ref: Tensor | None) -> Tensor:
+    if ref is None:
+        raise ValueError(
+            "this loss needs reference log-probs; register it with needs_reference=True"
+        )
+    return ref
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss to minimise and metrics to log (tensors are detached by the trainer)."""
+
+    loss: Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)

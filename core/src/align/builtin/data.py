@@ -1,0 +1,219 @@
+"""Built-in data formats: ``sft`` (prompt/completion or chat messages) and ``preference``
+(prompt/chosen/rejected, plain or conversational).
+
+Row rules, applied while loading and counted in the log:
+- a prompt longer than ``max_prompt_length`` keeps its last tokens;
+- a row whose prompt leaves no room for a completion within ``max_length`` is dropped;
+- a longer row has its completion truncated (``overlong: truncate``) or is dropped (``drop``);
+- a preference pair whose chosen equals its rejected is skipped (it carries no signal);
+- a missing or mistyped field, or an empty completion, is an error naming the file and row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import datasets
+import torch
+from pydantic import Field
+
+from align.batches import PairedTokens, SFTTokens
+from align.config import DataConfig, StrictConfig
+from align.datafiles import load_table, row_error, text_or_messages
+from align.hookspecs import hookimpl
+from align.layout import lay_out
+from align.registry import Register
+
+Text = str | list[dict[str, Any]]
+
+
+class PreferenceColumns(StrictConfig):
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    chosen_reward: str | None = Field(None, description="Reward-model score of chosen (RPO losses).")
+    rejected_reward: str | None = None
+
+
+class PreferenceData(DataConfig):
+    format: Literal["preference"] = "preference"
+    columns: PreferenceColumns = PreferenceColumns()
+
+
+class SFTColumns(StrictConfig):
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"
+
+
+class SFTData(DataConfig):
+    format: Literal["sft"] = "sft"
+    columns: SFTColumns = SFTColumns()
+
+
+class Encoder:
+    """Prompt and completion -> token ids, through the chat template for conversations."""
+
+    def __init__(self, tokenizer: Any, cfg: DataConfig) -> None:
+        self.tokenizer, self.cfg = tokenizer, cfg
+
+    def _chat(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+        text: str = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        return text
+
+    def encode(self, prompt: Text, completion: Text) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        if isinstance(prompt, str) and isinstance(completion, str):
+            prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+            completion_ids = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            return prompt_ids, completion_ids
+        prompt_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        completion_msgs = (
+            completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        )
+        prompt_text = self._chat(prompt_msgs, generation_prompt=True)
+        full_text = self._chat(prompt_msgs + completion_msgs, generation_prompt=False)
+        if not full_text.startswith(prompt_text):
+            raise ValueError("the chat template renders the prompt differently inside the conversation")
+        prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        completion_ids = tok(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        if not completion_ids or completion_ids[-1] != tok.eos_token_id:
+            completion_ids.append(tok.eos_token_id)
+        return prompt_ids, completion_ids
+
+    def fit(self, prompt: list[int], completions: list[list[int]]) -> tuple[str, list[int], list[list[int]]]:
+        """Apply the length rules; returns (status, prompt, completions)."""
+        cfg = self.cfg
+        status = "ok"
+        if cfg.max_prompt_length and len(prompt) > cfg.max_prompt_length:
+            prompt, status = prompt[-cfg.max_prompt_length :], "truncated"
+        room = cfg.max_length - len(prompt)
+        if room <= 0:
+            return "dropped_long_prompt", prompt, completions
+        if any(len(c) > room for c in completions):
+            if cfg.overlong == "drop":
+                return "dropped_overlong", prompt, completions
+            completions, status = [c[:room] for c in completions], "truncated"
+        return status, prompt, completions
+
+
+class TokenizedFormat:
+    """Shared loading: files -> validated, tokenized rows with a ``status`` per row."""
+
+    columns_out: tuple[str, ...] = ()
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.encoder = Encoder(tokenizer, cfg)
+        self.counts: dict[str, int] = {}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def tokenize_row(self, row: dict[str, Any], source: str, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load(self, split: str) -> datasets.Dataset | None:
+        spec = self.cfg.train if split == "train" else self.cfg.eval
+        if spec is None:
+            return None
+        parts = []
+        offset = 0
+        for source in [spec] if isinstance(spec, str) else spec:
+            table = load_table(source)
+            parts.append(
+                table.map(
+                    lambda row, i, src=source, off=offset: {**self.tokenize_row(row, src, i), "example_id": off + i},
+                    with_indices=True,
+                    remove_columns=table.column_names,
+                    load_from_cache_file=False,
+                    keep_in_memory=True,
+                )
+            )
+            offset += len(table)
+        merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        statuses = merged["status"]
+        for status in set(statuses) - {"ok"}:
+            self.counts[f"{split}_{status}"] = statuses.count(status)
+        kept = merged.filter(lambda row: not row["status"].startswith(("dropped", "skipped")), keep_in_memory=True)
+        return kept.remove_columns("status").with_format(None)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+class PreferenceFormat(TokenizedFormat):
+    cfg: PreferenceData
+
+    def tokenize_row(self, row: dict[str, Any], source: str, index: int) -> dict[str, Any]:
+        c = self.cfg.columns
+        prompt = text_or_messages(row.get(c.prompt), c.prompt, source, index)
+        chosen = text_or_messages(row.get(c.chosen), c.chosen, source, index)
+        rejected = text_or_messages(row.get(c.rejected), c.rejected, source, index)
+        for name, value in ((c.chosen, chosen), (c.rejected, rejected)):
+            if not value:
+                raise row_error(source, index, f"'{name}' is empty")
+        gap = self._reward_gap(row, source, index)
+        empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "reward_gap": gap}
+        if chosen == rejected:
+            return {**empty, "status": "skipped_identical_pair"}
+        prompt_ids, chosen_ids = self.encoder.encode(prompt, chosen)
+        _, rejected_ids = self.encoder.encode(prompt, rejected)
+        status, prompt_ids, (chosen_ids, rejected_ids) = self.encoder.fit(prompt_ids, [chosen_ids, rejected_ids])
+        return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
+                "reward_gap": gap, "status": status}
+
+    def _reward_gap(self, row: dict[str, Any], source: str, index: int) -> float | None:
+        c = self.cfg.columns
+        if c.chosen_reward is None or c.rejected_reward is None:
+            return None
+        values = [row.get(c.chosen_reward), row.get(c.rejected_reward)]
+        if not all(isinstance(v, (int, float)) for v in values):
+            raise row_error(source, index, f"'{c.chosen_reward}'/'{c.rejected_reward}' must be numbers, got {values}")
+        return float(values[0]) - float(values[1])  # type: ignore[arg-type]
+
+    def collate(self, rows: list[dict[str, Any]]) -> PairedTokens:
+        sequences = [(r["prompt_ids"], r["chosen_ids"]) for r in rows]
+        sequences += [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
+        gaps = [r.get("reward_gap") for r in rows]
+        return PairedTokens(
+            tokens=lay_out(sequences, self.pad_id, self.cfg.padding_free),
+            num_pairs=len(rows),
+            example_ids=torch.tensor([r["example_id"] for r in rows]),
+            reward_gap=None if None in gaps else torch.tensor(gaps, dtype=torch.float32),
+        )
+
+
+class SFTFormat(TokenizedFormat):
+    cfg: SFTData
+
+    def tokenize_row(self, row: dict[str, Any], source: str, index: int) -> dict[str, Any]:
+        c = self.cfg.columns
+        messages = row.get(c.messages)
+        if messages is not None:
+            conversation = text_or_messages(messages, c.messages, source, index)
+            if not isinstance(conversation, list) or conversation[-1]["role"] != "assistant":
+                raise row_error(source, index, f"'{c.messages}' must end with an assistant message")
+            prompt: Text = conversation[:-1]
+            completion: Text = conversation[-1:]
+        else:
+            prompt = text_or_messages(row.get(c.prompt), c.prompt, source, index)
+            completion = text_or_messages(row.get(c.completion), c.completion, source, index)
+        if not completion or (isinstance(completion, list) and not completion[-1]["content"]):
+            raise row_error(source, index, "the completion is empty")
+        prompt_ids, completion_ids = self.encoder.encode(prompt, completion)
+        status, prompt_ids, (completion_ids,) = self.encoder.fit(prompt_ids, [completion_ids])
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "status": status}
+
+    def collate(self, rows: list[dict[str, Any]]) -> SFTTokens:
+        sequences = [(r["prompt_ids"], r["completion_ids"]) for r in rows]
+        return SFTTokens(
+            tokens=lay_out(sequences, self.pad_id, self.cfg.padding_free),
+            example_ids=torch.tensor([r["example_id"] for r in rows]),
+        )
+
+
+@hookimpl
+def register_data_formats(register: Register) -> None:
+    register(PreferenceData, batch=PairedTokens)(PreferenceFormat)
+    register(SFTData, batch=SFTTokens)(SFTFormat)

@@ -1,0 +1,130 @@
+"""The ``align`` command: run, validate, list, schema. User errors exit 2 without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from align.config import RunConfig
+from align.errors import UserError
+from align.loading import apply_overrides, read_yaml, run_config_class, validate_run_config
+from align.plugins import Plugins, default_plugins
+from align.registry import KINDS
+from align.trainer import RunResult, train
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align", description="LLM alignment algorithms as plugins.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "train with a YAML config"), ("validate", "check a config without loading models")):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("config", help="YAML config file")
+        cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20")
+        cmd.add_argument("--algo", help="algorithm name (else the config's `algo:`)")
+        if name == "run":
+            cmd.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    listing = sub.add_parser("list", help="installed algorithms, losses, engines, rewards, data formats, backends")
+    listing.add_argument("--kind", choices=KINDS)
+    listing.add_argument("--json", action="store_true")
+    schema = sub.add_parser("schema", help="JSON Schema of an algorithm's full run config")
+    schema.add_argument("name")
+    return parser
+
+
+def load_config(path: str, overrides: Sequence[str], algo: str | None, plugins: Plugins) -> RunConfig:
+    data = apply_overrides(read_yaml(path), list(overrides))
+    return validate_run_config(data, plugins.registry, algo=algo, source=path)
+
+
+def cmd_run(args: argparse.Namespace, plugins: Plugins) -> None:
+    overrides = [*args.overrides, *(["resume=auto"] if args.resume else [])]
+    cfg = load_config(args.config, overrides, args.algo, plugins)
+    result = train(cfg, plugins)
+    _print_result(result)
+
+
+def _print_result(result: RunResult) -> None:
+    console.print(f"\n[bold green]done[/]: {result.steps} steps. Outputs in [bold]{result.output_dir}[/]")
+    console.print(f"  final model: {result.final_dir}  (transformers from_pretrained)")
+    console.print(f"  metrics:     {result.output_dir / 'metrics.jsonl'}")
+    keys = [k for k in result.eval_after if k in result.eval_before]
+    if not keys:
+        return
+    table = Table(title="held-out evaluation")
+    for column in ("metric", "before", "after"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for key in keys:
+        table.add_row(key, f"{result.eval_before[key]:.4f}", f"{result.eval_after[key]:.4f}")
+    console.print(table)
+
+
+def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> None:
+    cfg = load_config(args.config, args.overrides, args.algo, plugins)
+    console.print(f"{args.config}: valid {cfg.algo} config")
+
+
+def list_rows(plugins: Plugins, kind: str | None) -> list[dict[str, Any]]:
+    rows = [
+        {"kind": e.kind, "name": e.name, "package": e.package, "version": e.version, "status": "ok"}
+        for e in plugins.registry.entries(kind)
+    ]
+    if kind is None:
+        rows += [
+            {"kind": "plugin", "name": b.name, "package": b.package, "version": b.version,
+             "status": "broken", "error": b.error}
+            for b in plugins.registry.broken
+        ]
+    return rows
+
+
+def cmd_list(args: argparse.Namespace, plugins: Plugins) -> None:
+    rows = list_rows(plugins, args.kind)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table()
+    for column in ("kind", "name", "package", "version", "status"):
+        table.add_column(column)
+    for row in rows:
+        status = row["status"] if row["status"] == "ok" else f"[red]broken: {row['error']}[/]"
+        table.add_row(row["kind"], row["name"], row["package"], row["version"], status)
+    console.print(table)
+
+
+def schema_for(name: str, plugins: Plugins) -> dict[str, Any]:
+    cls = run_config_class(plugins.registry.get("algorithm", name), plugins.registry)
+    return cls.model_json_schema()
+
+
+def cmd_schema(args: argparse.Namespace, plugins: Plugins) -> None:
+    print(json.dumps(schema_for(args.name, plugins), indent=2, sort_keys=True))
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "schema": cmd_schema}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args, default_plugins())
+    except UserError as exc:
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        errors.print("interrupted; rerun with --resume to continue from the last checkpoint")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

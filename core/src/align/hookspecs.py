@@ -1,0 +1,71 @@
+"""The hooks a plugin may implement (pluggy project name ``"align"``).
+
+Registration hooks each receive a ``register`` callable: ``register(ConfigClass, **meta)``
+returns a decorator for the factory (the simonw/llm pattern), so a plugin never touches
+the registry directly. Lifecycle hooks observe a run; metrics sinks are such plugins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from align.registry import Register
+    from align.trainer import RunInfo
+
+PROJECT = "align"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_algorithms(register: Register) -> None:
+    """Register algorithms: ``register(MyRunConfig)(MyAlgorithm)``."""
+
+
+@hookspec
+def register_losses(register: Register) -> None:
+    """Register losses: ``register(MyLossConfig, needs_reference=...)(loss_fn)``."""
+
+
+@hookspec
+def register_rollout_engines(register: Register) -> None:
+    """Register rollout (generation) engines."""
+
+
+@hookspec
+def register_rewards(register: Register) -> None:
+    """Register reward sources."""
+
+
+@hookspec
+def register_data_formats(register: Register) -> None:
+    """Register data formats: ``register(MyDataConfig)(MyFormat)``."""
+
+
+@hookspec
+def register_backends(register: Register) -> None:
+    """Register model backends: ``register(MyBackendConfig)(MyBackend)``."""
+
+
+@hookspec
+def on_train_start(run: RunInfo) -> None:
+    """Called once before the first step (also after a resume)."""
+
+
+@hookspec
+def on_step_end(run: RunInfo, step: int, metrics: dict[str, Any]) -> None:
+    """Called after every logged optimizer step and every evaluation with its metrics."""
+
+
+@hookspec
+def on_checkpoint(run: RunInfo, step: int, path: Path) -> None:
+    """Called after a checkpoint was completely written to ``path``."""
+
+
+@hookspec
+def on_train_end(run: RunInfo, metrics: dict[str, Any]) -> None:
+    """Called once after the last step, with the final evaluation metrics."""

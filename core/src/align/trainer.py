@@ -1,0 +1,274 @@
+"""The shared trainer loop every algorithm runs: batches -> algorithm loss -> optimizer ->
+lifecycle hooks -> checkpoints. Deterministic: the same seed gives the same weights, and a
+resumed run continues bit-for-bit (model, optimizer, scheduler, RNG, data position)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from align import checkpoint
+from align.algorithm import Algorithm, Context
+from align.batches import LossOutput
+from align.config import RunConfig
+from align.errors import ConfigError, TrainingDiverged
+from align.plugins import Plugins
+from align.progress import Progress
+from align.provenance import write_run_config
+
+
+@dataclass
+class RunInfo:
+    """What lifecycle hooks see of a run."""
+
+    config: RunConfig
+    output_dir: Path
+    total_steps: int
+    resumed_from: Path | None = None
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    eval_before: dict[str, float] = field(default_factory=dict)
+    eval_after: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batch: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+class BatchStream:
+    """Micro-batches over epochs in a seeded order per epoch, resumable at any position."""
+
+    def __init__(self, data: Any, collate: Any, batch_size: int, seed: int) -> None:
+        self.data, self.collate, self.batch_size, self.seed = data, collate, batch_size, seed
+        self.per_epoch = math.ceil(len(data) / batch_size)
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.data), generator=generator).tolist()
+
+    def iterate(self, position: DataPosition) -> Iterator[tuple[DataPosition, Any]]:
+        epoch, start = position.epoch, position.batch
+        while True:
+            order = self.order(epoch)
+            for b in range(start, self.per_epoch):
+                ids = order[b * self.batch_size : (b + 1) * self.batch_size]
+                yield DataPosition(epoch, b + 1), self.collate([self.data[i] for i in ids])
+            epoch, start = epoch + 1, 0
+
+
+def eval_batches(data: Any, collate: Any, batch_size: int) -> Iterator[Any]:
+    for start in range(0, len(data), batch_size):
+        yield collate([data[i] for i in range(start, min(len(data), start + batch_size))])
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, plugins: Plugins) -> None:
+        self.cfg, self.plugins = cfg, plugins
+        self.hook = plugins.manager.hook
+        self.output_dir = Path(cfg.output_dir)
+        self.step = 0
+        self.position = DataPosition()
+        self.last_saved_step = -1
+
+    # ---- setup -------------------------------------------------------------------------
+    def _resume_source(self) -> Path | None:
+        resume = self.cfg.resume
+        if resume is False:
+            return None
+        if resume is True or resume == "auto":
+            return checkpoint.latest_checkpoint(self.output_dir)
+        path = Path(resume)
+        if not (path / checkpoint.STATE_FILE).is_file():
+            raise ConfigError(f"resume: {path} is not a checkpoint folder (no {checkpoint.STATE_FILE})")
+        return path
+
+    def _build(self) -> None:
+        cfg, registry = self.cfg, self.plugins.registry
+        if cfg.trainer.num_threads:
+            torch.set_num_threads(cfg.trainer.num_threads)
+        seed_everything(cfg.seed)
+        self.backend = registry.get("backend", cfg.backend.name).factory(cfg)
+        self.data_format = registry.get("data_format", cfg.data.format).factory(
+            cfg.data, self.backend.tokenizer
+        )
+        self.train_data = self.data_format.load("train")
+        self.eval_data = self.data_format.load("eval")
+        if len(self.train_data) == 0:
+            raise ConfigError(f"data.train: no usable rows in {cfg.data.train}")
+        policy = self.backend.build_policy()
+        self.context = Context(
+            cfg, self.backend, policy, registry, self.output_dir, self.train_data, self.eval_data
+        )
+        self.algorithm: Algorithm = registry.get("algorithm", cfg.algo).factory(self.context)
+        params = [p for p in self.algorithm.trainable().parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg, params)
+        self.stream = BatchStream(self.train_data, self.data_format.collate, cfg.trainer.batch_size, cfg.seed)
+        self.total_steps = cfg.trainer.max_steps or cfg.trainer.epochs * math.ceil(
+            self.stream.per_epoch / cfg.trainer.grad_accum
+        )
+        self.scheduler = get_scheduler(
+            cfg.trainer.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=cfg.trainer.warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+
+    def _restore(self, path: Path) -> None:
+        state = checkpoint.load_state(path)
+        self.backend.load_weights(self.context.policy, path / "model")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.restore_rng(state["rng"])
+        self.step = self.last_saved_step = int(state["step"])
+        self.position = DataPosition(int(state["epoch"]), int(state["batch"]))
+
+    # ---- pieces of the loop ------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_data is None or len(self.eval_data) == 0:
+            return {}
+        size = self.cfg.trainer.eval_batch_size or self.cfg.trainer.batch_size
+        model = self.algorithm.trainable()
+        model.eval()
+        metrics = self.algorithm.evaluate(eval_batches(self.eval_data, self.data_format.collate, size))
+        model.train()
+        self.hook.on_step_end(run=self.info, step=self.step, metrics={"split": "eval", **metrics})
+        return metrics
+
+    def save_checkpoint(self) -> Path:
+        tmp = checkpoint.begin(self.output_dir, self.step)
+        self.backend.save_pretrained(self.context.policy, tmp / "model")
+        state = {
+            "step": self.step,
+            "epoch": self.position.epoch,
+            "batch": self.position.batch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": checkpoint.rng_state(),
+        }
+        path = checkpoint.commit(tmp, state, self.cfg.trainer.keep_checkpoints)
+        self.last_saved_step = self.step
+        self.hook.on_checkpoint(run=self.info, step=self.step, path=path)
+        return path
+
+    def _optimizer_step(self, batches: Iterator[tuple[DataPosition, Any]]) -> dict[str, float]:
+        accum = self.cfg.trainer.grad_accum
+        totals: dict[str, float] = {}
+        tokens = 0
+        for _ in range(accum):
+            self.position, batch = next(batches)
+            out: LossOutput = self.algorithm.loss(batch)
+            self._check_finite(out.loss)
+            (out.loss / accum).backward()
+            tokens += int(getattr(batch, "num_tokens", 0))
+            for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value) / accum
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.cfg.trainer.max_grad_norm:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm))
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals["tokens"] = tokens
+        return totals
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if torch.isfinite(loss).all():
+            return
+        last = checkpoint.latest_checkpoint(self.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"training stopped: the loss became {float(loss)} at step {self.step + 1}; {kept}. "
+            f"Lower optim.lr, raise trainer.warmup_steps or check the data."
+        )
+
+    # ---- the loop ----------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self._build()
+        resumed_from = self._resume_source()
+        if resumed_from is not None:
+            self._restore(resumed_from)
+        write_run_config(self.cfg, self.output_dir, self.plugins.registry)
+        self.info = RunInfo(self.cfg, self.output_dir, self.total_steps, resumed_from)
+        self.hook.on_train_start(run=self.info)
+        stats = self.data_format.stats()
+        result = RunResult(self.output_dir, self.output_dir / "final", self.total_steps)
+        result.eval_before = self.evaluate() if resumed_from is None else {}
+        self._train(stats)
+        if self.last_saved_step != self.step:
+            self.save_checkpoint()
+        result.eval_after = self.evaluate()
+        self.backend.save_pretrained(self.context.policy, result.final_dir)
+        self.hook.on_train_end(run=self.info, metrics=result.eval_after)
+        return result
+
+    def _train(self, stats: dict[str, int]) -> None:
+        t = self.cfg.trainer
+        batches = self.stream.iterate(self.position)
+        self.algorithm.trainable().train()
+        with Progress(self.total_steps, self.step, t.progress) as progress:
+            if any(stats.values()):
+                progress.note("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                metrics = self._optimizer_step(batches)
+                self.step += 1
+                metrics["tokens_per_s"] = metrics["tokens"] / max(1e-9, time.perf_counter() - started)
+                metrics["epoch"] = self.position.epoch + self.position.batch / self.stream.per_epoch
+                progress.advance(metrics)
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    self.hook.on_step_end(run=self.info, step=self.step, metrics={"split": "train", **metrics})
+                if t.save_every and self.step % t.save_every == 0:
+                    self.save_checkpoint()
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                    self.evaluate()
+
+
+def train(cfg: RunConfig, plugins: Plugins | None = None) -> RunResult:
+    """Run ``cfg`` to the end with the installed plugins; the library entry point."""
+    from align.plugins import default_plugins
+
+    plugins = plugins or default_plugins()
+    sinks = [sink for sink in _sinks_for(cfg) if not plugins.manager.is_registered(sink)]
+    for sink in sinks:
+        plugins.manager.register(sink)
+    try:
+        return Trainer(cfg, plugins).run()
+    finally:
+        for sink in sinks:
+            sink.close()
+            plugins.manager.unregister(sink)
+
+
+def _sinks_for(cfg: RunConfig) -> list[Any]:
+    from align.builtin.sinks import sinks_for
+
+    return sinks_for(cfg)

@@ -1,0 +1,95 @@
+"""The ``hf`` backend: transformers models, safetensors checkpoints in HF layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file
+from torch import nn
+
+from align import BackendConfig, RunConfig, SequenceLogps, TokenBatch
+from align_hf.models import load_causal_lm, load_tokenizer
+
+
+class HFBackendConfig(BackendConfig):
+    name: Literal["hf"] = "hf"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+
+
+class HFBackend:
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
+        self.cfg: HFBackendConfig = run.backend  # type: ignore[assignment]
+        self.tokenizer = load_tokenizer(run.model)
+
+    def _fresh(self) -> nn.Module:
+        model = load_causal_lm(self.run.model, len(self.tokenizer), self.cfg.attn_implementation)
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
+
+    def build_policy(self) -> nn.Module:
+        model = self._fresh()
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
+
+    def build_reference(self) -> nn.Module:
+        # Built afresh from model.path (never copied from the policy, which may hold a
+        # resumed checkpoint's weights).
+        model = self._fresh()
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def sequence_logps(self, model: nn.Module, batch: TokenBatch) -> SequenceLogps:
+        return sequence_logps(model, batch)
+
+    def save_pretrained(self, model: nn.Module, path: Path) -> None:
+        model.save_pretrained(path, safe_serialization=True)  # type: ignore[operator]
+        self.tokenizer.save_pretrained(path)
+
+    def load_weights(self, model: nn.Module, path: Path) -> None:
+        state = {}
+        for file in sorted(path.glob("*.safetensors")):
+            state |= load_file(file)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = getattr(model, "model", None)
+    if head is None or decoder is None or getattr(model.config, "final_logit_softcapping", None):
+        return None
+    return decoder, head
+
+
+def sequence_logps(model: nn.Module, batch: TokenBatch) -> SequenceLogps:
+    """Log-probs summed per sequence over ``loss_mask``. Logits are computed only at the
+    positions that are scored (completion tokens): the LM head never runs on prompts or pads."""
+    inputs = {
+        "input_ids": batch.input_ids,
+        "attention_mask": None if batch.packed else batch.attention_mask,
+        "position_ids": batch.position_ids,
+    }
+    scored = batch.loss_mask[:, 1:]
+    targets = batch.input_ids[:, 1:][scored]
+    owners = batch.sequence_ids[:, 1:][scored]
+    parts = _decoder_and_head(model)
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(**inputs).last_hidden_state[:, :-1][scored]
+        logits = head(hidden)
+    else:
+        logits = model(**inputs).logits[:, :-1][scored]
+    logits = logits.float()
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    sums = torch.zeros(batch.num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owners, token_logps)
+    counts = torch.zeros(batch.num_sequences, dtype=torch.long, device=owners.device).index_add(0, owners, torch.ones_like(owners))
+    return SequenceLogps(sums, counts)

@@ -1,0 +1,61 @@
+"""Building causal LMs with transformers: the embedded tiny Llama or any HF checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from align import ConfigError, ModelConfig, TinyModelConfig
+from align_hf.tokenizer import byte_tokenizer
+
+TINY = "tiny"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def tiny_llama(knobs: TinyModelConfig, vocab_size: int, attn_implementation: str) -> LlamaForCausalLM:
+    """A small Llama with seeded random weights; the same knobs always give the same model."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=knobs.hidden_size,
+        intermediate_size=knobs.intermediate_size,
+        num_hidden_layers=knobs.num_layers,
+        num_attention_heads=knobs.num_heads,
+        num_key_value_heads=knobs.num_heads,
+        max_position_embeddings=knobs.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(knobs.init_seed)
+        return LlamaForCausalLM(config)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    source = cfg.tokenizer or cfg.path
+    if source == TINY:
+        return byte_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from '{source}': {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(cfg: ModelConfig, vocab_size: int, attn_implementation: str) -> torch.nn.Module:
+    if cfg.path == TINY:
+        model: torch.nn.Module = tiny_llama(cfg.tiny, vocab_size, attn_implementation)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.path, dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.path: cannot load a causal LM from '{cfg.path}': {exc}") from None
+    return model.to(DTYPES[cfg.dtype])
