@@ -14,7 +14,8 @@ from rich.table import Table
 
 from align.config import RunConfig
 from align.errors import UserError
-from align.loading import apply_overrides, read_yaml, run_config_class, validate_run_config
+from align.loading import apply_overrides, read_yaml, validate_run_config
+from align.schemas import render, schema_for
 from align.plugins import Plugins, default_plugins
 from align.registry import KINDS
 from align.trainer import RunResult, train
@@ -101,13 +102,8 @@ def cmd_list(args: argparse.Namespace, plugins: Plugins) -> None:
     console.print(table)
 
 
-def schema_for(name: str, plugins: Plugins) -> dict[str, Any]:
-    cls = run_config_class(plugins.registry.get("algorithm", name), plugins.registry)
-    return cls.model_json_schema()
-
-
 def cmd_schema(args: argparse.Namespace, plugins: Plugins) -> None:
-    print(json.dumps(schema_for(args.name, plugins), indent=2, sort_keys=True))
+    print(render(schema_for(args.name, plugins)), end="")
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "schema": cmd_schema}

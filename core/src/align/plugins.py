@@ -53,7 +53,9 @@ def _core_version() -> str:
         return "0+unknown"
 
 
-def _load_entry_points(manager: pluggy.PluginManager, registry: Registry) -> dict[str, tuple[str, str]]:
+def _load_entry_points(
+    manager: pluggy.PluginManager, registry: Registry, packages: frozenset[str] | None
+) -> dict[str, tuple[str, str]]:
     wanted = set(_csv_env("ALIGN_PLUGINS"))
     origin: dict[str, tuple[str, str]] = {}
     for ep in entry_points(group=GROUP):
@@ -61,6 +63,8 @@ def _load_entry_points(manager: pluggy.PluginManager, registry: Registry) -> dic
             continue
         dist = ep.dist
         package, pkg_version = (dist.name, dist.version) if dist else (ep.value, "?")
+        if packages is not None and package not in packages:
+            continue
         try:
             module = ep.load()
             manager.register(module, name=ep.name)
@@ -96,14 +100,15 @@ def _fill_registry(manager: pluggy.PluginManager, registry: Registry, origin: di
             impl.function(register=registry.register_callable(kind, package, pkg_version))
 
 
-def load_plugins() -> Plugins:
-    """A fresh plugin manager and registry with every installed plugin loaded."""
+def load_plugins(packages: frozenset[str] | None = None) -> Plugins:
+    """A fresh plugin manager and registry with every installed plugin loaded (or only the
+    entry points of the named distributions)."""
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     registry = Registry()
     origin = {name: ("align", _core_version()) for name in BUILTIN_MODULES}
     _register_modules(manager, list(BUILTIN_MODULES))
-    origin |= _load_entry_points(manager, registry)
+    origin |= _load_entry_points(manager, registry, packages)
     origin |= _register_modules(manager, _csv_env("ALIGN_PLUGIN_MODULES"))
     _fill_registry(manager, registry, origin)
     return Plugins(manager, registry)

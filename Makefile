@@ -1,0 +1,36 @@
+# The README's commands. `make demo` and `make test` install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PACKAGES := -e core -e plugins/hf -e algorithms/sft -e algorithms/dpo $(EXTRA_PACKAGES)
+PIP_PINS := torch==2.13.0 numpy==1.26.4 pyarrow==25.0.1
+
+.PHONY: install install-dev demo test lint schemas bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q $(PIP_PINS) -c constraints.txt
+	$(BIN)/pip install -q $(PACKAGES) -c constraints.txt
+
+install-dev: install
+	$(BIN)/pip install -q -r requirements-dev.txt -c constraints.txt
+
+demo: install
+	$(BIN)/align run --algo dpo examples/dpo.yaml
+
+test: install-dev
+	$(BIN)/python -m pytest -n 2 tests
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+schemas: install
+	$(BIN)/python -m align.schemas schemas
+
+bench: install-dev
+	$(BIN)/python benchmarks/dpo_vs_trl.py
