@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args, default_plugins())
     except UserError as exc:
-        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         errors.print("interrupted; rerun with --resume to continue from the last checkpoint")

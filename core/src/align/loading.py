@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, create_model
 
 from align.config import RunConfig
 from align.errors import ConfigError
@@ -75,6 +75,18 @@ def _union_of(entries: list[Entry], kind: str) -> Any:
     return Annotated[Union[configs], Field(discriminator=discriminator(kind))]  # noqa: UP007
 
 
+ONE, MANY = "single", "list"
+
+
+def _one_or_list(item: Any) -> Any:
+    """``item | list[item]``, told apart by the input's shape so that an error is reported
+    once, for the shape the user wrote (a plain union would report both)."""
+    return Annotated[
+        Union[Annotated[item, Tag(ONE)], Annotated[list[item], Tag(MANY)]],  # noqa: UP007
+        Discriminator(lambda value: MANY if isinstance(value, list) else ONE),
+    ]
+
+
 def run_config_class(algorithm: Entry, registry: Registry) -> type[RunConfig]:
     """The algorithm's config with ``backend``, ``data`` and ``loss`` widened to every
     installed plugin that fits it (its data formats' batch type, its losses' batch type)."""
@@ -94,9 +106,8 @@ def run_config_class(algorithm: Entry, registry: Registry) -> type[RunConfig]:
     loss_batch = meta.get("loss_batch")
     if loss_batch is not None:
         losses = registry.matching("loss", lambda e: e.meta.get("batch") is loss_batch)
-        one = _union_of(losses, "loss")
         fields["loss"] = (
-            one | list[one],  # type: ignore[operator]
+            _one_or_list(_union_of(losses, "loss")),
             Field(default={"name": meta["default_loss"]}, validate_default=True),
         )
     return create_model(  # type: ignore[call-overload,no-any-return]
@@ -152,7 +163,7 @@ def _user_path(loc: tuple[Any, ...], data: Any) -> list[Any]:
             node = node[seg]
         elif isinstance(node, list) and isinstance(seg, int) and seg < len(node):
             node = node[seg]
-        elif isinstance(node, dict) and seg not in node and isinstance(seg, str) and seg in _tags(node):
+        elif isinstance(seg, str) and seg in (ONE, MANY) or isinstance(node, dict) and seg in _tags(node):
             continue
         else:
             node = None
@@ -179,6 +190,11 @@ def _describe(err: Any, cls: type[BaseModel], data: dict[str, Any], path: list[A
         )
     if kind == "missing":
         return "required key is missing"
+    if kind == "literal_error" and path and path[-1] in ("name", "format", "algo"):
+        return (
+            f"unknown choice {err.get('input')!r}; installed choices: {ctx.get('expected')}. "
+            f"Install a plugin that provides it (see `align list`)."
+        )
     return f"{err['msg']} (got {err.get('input')!r})"
 
 
