@@ -8,7 +8,9 @@ from align.batches import (
     SequenceLogps,
     SFTTokens,
     TokenBatch,
+    UnpairedBatch,
 )
+from align.builtin.data import Encoder, TokenizedFormat
 from align.config import (
     BackendConfig,
     DataConfig,
@@ -23,12 +25,13 @@ from align.config import (
     TinyModelConfig,
     TrainerConfig,
 )
+from align.datafiles import row_error, text_or_messages
 from align.errors import ConfigError, DataError, TrainingDiverged, UserError
 from align.hookspecs import hookimpl
 from align.layout import lay_out, pack_sequences, pad_sequences
 from align.losses import LossFn, combine_losses, resolve_losses
 from align.plugins import Plugins, default_plugins, load_plugins
-from align.protocols import Backend, DataFormat
+from align.protocols import Backend, DataFormat, RewardSource, ScoringBackend
 from align.registry import Entry, Register, Registry
 from align.trainer import RunInfo, RunResult, train
 
@@ -43,6 +46,7 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DataFormat",
+    "Encoder",
     "Entry",
     "LossConfig",
     "LossFn",
@@ -56,17 +60,21 @@ __all__ = [
     "Register",
     "Registry",
     "RewardConfig",
+    "RewardSource",
     "RolloutEngineConfig",
     "RunConfig",
     "RunInfo",
     "RunResult",
     "SFTTokens",
+    "ScoringBackend",
     "SequenceLogps",
     "StrictConfig",
     "TinyModelConfig",
     "TokenBatch",
+    "TokenizedFormat",
     "TrainerConfig",
     "TrainingDiverged",
+    "UnpairedBatch",
     "UserError",
     "combine_losses",
     "default_plugins",
@@ -76,5 +84,7 @@ __all__ = [
     "pack_sequences",
     "pad_sequences",
     "resolve_losses",
+    "row_error",
+    "text_or_messages",
     "train",
 ]

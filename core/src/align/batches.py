@@ -1,7 +1,7 @@
 """What flows between data formats, models and losses.
 
 Token level (``TokenBatch``) is what a data format's collator yields and a model reads.
-Log-prob level (``PreferenceBatch``...) is what a loss plugin reads: no tokens, no models,
+Log-prob level (``PreferenceBatch``, ``UnpairedBatch``...) is what a loss plugin reads: no tokens, no models,
 so a loss is a pure function that is easy to write and to test against hand computations.
 """
 
@@ -133,6 +133,38 @@ class PreferenceBatch:
     def logits(self) -> Tensor:
         """The DPO logit: (chosen log-ratio) - (rejected log-ratio)."""
         return self.chosen_logratios - self.rejected_logratios
+
+
+@dataclass
+class UnpairedBatch:
+    """Log-probs of a batch of unpaired examples, each labelled desirable or not: what a
+    KTO-like loss reads.
+
+    ``logps`` are sums over completion tokens of (prompt_i, completion_i); ``kl_logps`` the same
+    for mismatched pairs (prompt_i, completion_j), the sample a KL(pi || pi_ref) estimate is
+    taken from; ``ref_*`` are the reference model's (``None`` for reference-free losses).
+    """
+
+    logps: Tensor
+    labels: Tensor
+    lengths: Tensor
+    ref_logps: Tensor | None = None
+    kl_logps: Tensor | None = None
+    ref_kl_logps: Tensor | None = None
+
+    @property
+    def logratios(self) -> Tensor:
+        """log pi(y|x) - log pi_ref(y|x), per example."""
+        return self.logps - _required(self.ref_logps)
+
+    @property
+    def kl_logratios(self) -> Tensor:
+        """log pi(y'|x) - log pi_ref(y'|x) over the mismatched pairs."""
+        return _required(self.kl_logps) - _required(self.ref_kl_logps)
+
+    @property
+    def desirable(self) -> Tensor:
+        return self.labels.bool()
 
 
 def _required(ref: Tensor | None) -> Tensor:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from torch import nn
+from torch import Tensor, nn
 
 from align.batches import SequenceLogps, TokenBatch
 
@@ -34,6 +35,32 @@ class Backend(Protocol):
 
     def load_weights(self, model: nn.Module, path: Path) -> None:
         """Load weights written by ``save_pretrained`` into ``model`` in place."""
+        ...
+
+
+@runtime_checkable
+class ScoringBackend(Backend, Protocol):
+    """A backend that also builds and runs sequence scorers (reward models): optional, checked
+    with ``isinstance(backend, ScoringBackend)`` by the algorithms that need it."""
+
+    def build_scorer(self, num_labels: int, label_names: Sequence[str] | None = None) -> nn.Module:
+        """A trainable model with ``num_labels`` scalar heads read at a sequence's last token."""
+        ...
+
+    def sequence_scores(self, model: nn.Module, batch: TokenBatch) -> Tensor:
+        """``[batch.num_sequences, num_labels]`` float scores, one row per sequence."""
+        ...
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    """What a ``register_rewards`` factory returns: scores (prompt, completion) pairs.
+
+    A prompt or completion is a string or a list of chat messages ({role, content}).
+    """
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any]) -> Tensor:
+        """A float tensor ``[len(prompts)]``: one scalar reward per pair."""
         ...
 
 
