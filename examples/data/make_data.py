@@ -13,21 +13,76 @@ import json
 import random
 from pathlib import Path
 
-VERBS = ["bake", "fix", "paint", "plant", "clean", "build", "cook", "wash", "fold", "sort",
-         "draw", "mend", "write", "pack", "tune", "carve", "brew", "sew", "knit", "frame"]
-NOUNS = ["bread", "a bike", "a fence", "tomatoes", "the oven", "a shelf", "rice", "a car",
-         "shirts", "old letters", "a map", "a sock", "a poem", "a suitcase", "a guitar",
-         "a pumpkin", "tea", "a button", "a scarf", "a picture"]
-STEPS = ["gather what you need", "read the instructions", "start slowly", "check each part",
-         "ask a friend to help", "take short breaks", "measure twice", "keep things tidy"]
-ASK = ["How do I {task}?", "Can you explain how to {task}?", "What is the best way to {task}?",
-       "Any tips to {task}?"]
-GOOD = ["Sure! To {task}, first {a}, then {b}. Hope this helps!",
-        "Happy to help. To {task}, {a} and then {b}. Good luck!",
-        "Great question! Begin when you {a}; after that, {b}. Have fun!"]
-BAD = ["No. Figure out how to {task} yourself.",
-       "Why would I tell you? Just {task} somehow.",
-       "Ugh, {task}? Not my problem."]
+VERBS = [
+    "bake",
+    "fix",
+    "paint",
+    "plant",
+    "clean",
+    "build",
+    "cook",
+    "wash",
+    "fold",
+    "sort",
+    "draw",
+    "mend",
+    "write",
+    "pack",
+    "tune",
+    "carve",
+    "brew",
+    "sew",
+    "knit",
+    "frame",
+]
+NOUNS = [
+    "bread",
+    "a bike",
+    "a fence",
+    "tomatoes",
+    "the oven",
+    "a shelf",
+    "rice",
+    "a car",
+    "shirts",
+    "old letters",
+    "a map",
+    "a sock",
+    "a poem",
+    "a suitcase",
+    "a guitar",
+    "a pumpkin",
+    "tea",
+    "a button",
+    "a scarf",
+    "a picture",
+]
+STEPS = [
+    "gather what you need",
+    "read the instructions",
+    "start slowly",
+    "check each part",
+    "ask a friend to help",
+    "take short breaks",
+    "measure twice",
+    "keep things tidy",
+]
+ASK = [
+    "How do I {task}?",
+    "Can you explain how to {task}?",
+    "What is the best way to {task}?",
+    "Any tips to {task}?",
+]
+GOOD = [
+    "Sure! To {task}, first {a}, then {b}. Hope this helps!",
+    "Happy to help. To {task}, {a} and then {b}. Good luck!",
+    "Great question! Begin when you {a}; after that, {b}. Have fun!",
+]
+BAD = [
+    "No. Figure out how to {task} yourself.",
+    "Why would I tell you? Just {task} somehow.",
+    "Ugh, {task}? Not my problem.",
+]
 
 
 def pair(rng: random.Random, verbs: list[str]) -> dict[str, str]:

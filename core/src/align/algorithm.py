@@ -22,7 +22,12 @@ from align.registry import Registry
 
 @dataclass
 class Context:
-    """What the trainer hands an algorithm."""
+    """What the trainer hands an algorithm.
+
+    ``policy`` is the model the run trains, checkpoints and saves as ``final/``: the backend's
+    ``build_policy()``, or what the algorithm's registration meta ``build_model(backend, cfg)``
+    returns instead (a reward model registers one that builds a scorer).
+    """
 
     config: RunConfig
     backend: Backend

@@ -15,9 +15,9 @@ from rich.table import Table
 from align.config import RunConfig
 from align.errors import UserError
 from align.loading import apply_overrides, read_yaml, validate_run_config
-from align.schemas import render, schema_for
 from align.plugins import Plugins, default_plugins
 from align.registry import KINDS
+from align.schemas import render, schema_for
 from align.trainer import RunResult, train
 
 console = Console()
@@ -27,14 +27,19 @@ errors = Console(stderr=True)
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="LLM alignment algorithms as plugins.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "train with a YAML config"), ("validate", "check a config without loading models")):
+    for name, help_text in (
+        ("run", "train with a YAML config"),
+        ("validate", "check a config without loading models"),
+    ):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("config", help="YAML config file")
         cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20")
         cmd.add_argument("--algo", help="algorithm name (else the config's `algo:`)")
         if name == "run":
             cmd.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    listing = sub.add_parser("list", help="installed algorithms, losses, engines, rewards, data formats, backends")
+    listing = sub.add_parser(
+        "list", help="installed algorithms, losses, engines, rewards, data formats, backends"
+    )
     listing.add_argument("--kind", choices=KINDS)
     listing.add_argument("--json", action="store_true")
     schema = sub.add_parser("schema", help="JSON Schema of an algorithm's full run config")
@@ -81,8 +86,14 @@ def list_rows(plugins: Plugins, kind: str | None) -> list[dict[str, Any]]:
     ]
     if kind is None:
         rows += [
-            {"kind": "plugin", "name": b.name, "package": b.package, "version": b.version,
-             "status": "broken", "error": b.error}
+            {
+                "kind": "plugin",
+                "name": b.name,
+                "package": b.package,
+                "version": b.version,
+                "status": "broken",
+                "error": b.error,
+            }
             for b in plugins.registry.broken
         ]
     return rows

@@ -89,9 +89,7 @@ class ModelConfig(StrictConfig):
 class TrainerConfig(StrictConfig):
     """The shared trainer loop."""
 
-    max_steps: int | None = Field(
-        None, gt=0, description="Optimizer steps; when unset, run `epochs` epochs."
-    )
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; when unset, run `epochs` epochs.")
     epochs: int = Field(1, gt=0)
     batch_size: int = Field(8, gt=0, description="Examples (pairs, for preference data) per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")

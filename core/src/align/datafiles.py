@@ -48,7 +48,9 @@ def load_table(spec: str) -> datasets.Dataset:
         return datasets.Dataset.from_file(str(path))
     loader = _LOADERS.get(path.suffix)
     if loader is None:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .jsonl, .json, .parquet, .csv, .arrow)")
+        raise DataError(
+            f"{path}: unsupported file type '{path.suffix}' (use .jsonl, .json, .parquet, .csv, .arrow)"
+        )
     try:
         return datasets.load_dataset(loader, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as exc:
@@ -68,4 +70,6 @@ def text_or_messages(value: Any, field: str, source: str, row: int) -> str | lis
         return value
     if value is None:
         raise row_error(source, row, f"missing '{field}'")
-    raise row_error(source, row, f"'{field}' must be a string or a list of {{role, content}} messages, got {value!r:.80}")
+    raise row_error(
+        source, row, f"'{field}' must be a string or a list of {{role, content}} messages, got {value!r:.80}"
+    )

@@ -110,7 +110,7 @@ def run_config_class(algorithm: Entry, registry: Registry) -> type[RunConfig]:
             _one_or_list(_union_of(losses, "loss")),
             Field(default={"name": meta["default_loss"]}, validate_default=True),
         )
-    return create_model(  # type: ignore[call-overload,no-any-return]
+    return create_model(
         f"{base.__name__}Run", __base__=base, __module__=base.__module__, **fields
     )
 
@@ -159,11 +159,11 @@ def _user_path(loc: tuple[Any, ...], data: Any) -> list[Any]:
     path: list[Any] = []
     node = data
     for seg in loc:
-        if isinstance(node, dict) and seg in node:
+        if (isinstance(node, dict) and seg in node) or (
+            isinstance(node, list) and isinstance(seg, int) and seg < len(node)
+        ):
             node = node[seg]
-        elif isinstance(node, list) and isinstance(seg, int) and seg < len(node):
-            node = node[seg]
-        elif isinstance(seg, str) and seg in (ONE, MANY) or isinstance(node, dict) and seg in _tags(node):
+        elif (isinstance(seg, str) and seg in (ONE, MANY)) or (isinstance(node, dict) and seg in _tags(node)):
             continue
         else:
             node = None
@@ -208,7 +208,9 @@ def _allowed_keys(cls: type[BaseModel], data: Any, path: list[Any]) -> list[str]
         if isinstance(seg, int):
             model = _pick_model(model, node)
             continue
-        field = model.model_fields.get(seg) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = (
+            model.model_fields.get(seg) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        )
         model = _pick_model(field.annotation, node) if field is not None else None
     model = _pick_model(model, node)
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []

@@ -91,7 +91,9 @@ def _register_modules(manager: pluggy.PluginManager, names: list[str]) -> dict[s
     return origin
 
 
-def _fill_registry(manager: pluggy.PluginManager, registry: Registry, origin: dict[str, tuple[str, str]]) -> None:
+def _fill_registry(
+    manager: pluggy.PluginManager, registry: Registry, origin: dict[str, tuple[str, str]]
+) -> None:
     for kind in KINDS:
         hook = getattr(manager.hook, HOOK_OF_KIND[kind])
         # Called one implementation at a time so every entry knows which package made it.

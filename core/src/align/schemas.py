@@ -1,6 +1,6 @@
 """JSON Schemas of algorithms' full run configs, for editors that validate YAML.
 
-    python -m align.schemas schemas/     # rewrite one file per installed built-in algorithm
+python -m align.schemas schemas/     # rewrite one file per installed built-in algorithm
 """
 
 from __future__ import annotations

@@ -123,7 +123,10 @@ class Trainer:
         self.eval_data = self.data_format.load("eval")
         if len(self.train_data) == 0:
             raise ConfigError(f"data.train: no usable rows in {cfg.data.train}")
-        policy = self.backend.build_policy()
+        # The model trained and saved: the policy, unless the algorithm was registered with its
+        # own `build_model(backend, cfg)` (a reward model's scorer, for one).
+        build_model = registry.get("algorithm", cfg.algo).meta.get("build_model")
+        policy = build_model(self.backend, cfg) if build_model else self.backend.build_policy()
         self.context = Context(
             cfg, self.backend, policy, registry, self.output_dir, self.train_data, self.eval_data
         )

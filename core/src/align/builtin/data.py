@@ -123,7 +123,10 @@ class TokenizedFormat:
             table = load_table(source)
             parts.append(
                 table.map(
-                    lambda row, i, src=source, off=offset: {**self.tokenize_row(row, src, i), "example_id": off + i},
+                    lambda row, i, src=source, off=offset: {
+                        **self.tokenize_row(row, src, i),
+                        "example_id": off + i,
+                    },
                     with_indices=True,
                     remove_columns=table.column_names,
                     load_from_cache_file=False,
@@ -135,7 +138,9 @@ class TokenizedFormat:
         statuses = merged["status"]
         for status in set(statuses) - {"ok"}:
             self.counts[f"{split}_{status}"] = statuses.count(status)
-        kept = merged.filter(lambda row: not row["status"].startswith(("dropped", "skipped")), keep_in_memory=True)
+        kept = merged.filter(
+            lambda row: not row["status"].startswith(("dropped", "skipped")), keep_in_memory=True
+        )
         return kept.remove_columns("status").with_format(None)
 
     def stats(self) -> dict[str, int]:
@@ -154,14 +159,27 @@ class PreferenceFormat(TokenizedFormat):
             if not value:
                 raise row_error(source, index, f"'{name}' is empty")
         gap = self._reward_gap(row, source, index)
-        empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "reward_gap": gap}
         if chosen == rejected:
-            return {**empty, "status": "skipped_identical_pair"}
+            nothing: list[int] = []
+            return {
+                "prompt_ids": nothing,
+                "chosen_ids": nothing,
+                "rejected_ids": nothing,
+                "reward_gap": gap,
+                "status": "skipped_identical_pair",
+            }
         prompt_ids, chosen_ids = self.encoder.encode(prompt, chosen)
         _, rejected_ids = self.encoder.encode(prompt, rejected)
-        status, prompt_ids, (chosen_ids, rejected_ids) = self.encoder.fit(prompt_ids, [chosen_ids, rejected_ids])
-        return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-                "reward_gap": gap, "status": status}
+        status, prompt_ids, (chosen_ids, rejected_ids) = self.encoder.fit(
+            prompt_ids, [chosen_ids, rejected_ids]
+        )
+        return {
+            "prompt_ids": prompt_ids,
+            "chosen_ids": chosen_ids,
+            "rejected_ids": rejected_ids,
+            "reward_gap": gap,
+            "status": status,
+        }
 
     def _reward_gap(self, row: dict[str, Any], source: str, index: int) -> float | None:
         c = self.cfg.columns
@@ -169,7 +187,9 @@ class PreferenceFormat(TokenizedFormat):
             return None
         values = [row.get(c.chosen_reward), row.get(c.rejected_reward)]
         if not all(isinstance(v, (int, float)) for v in values):
-            raise row_error(source, index, f"'{c.chosen_reward}'/'{c.rejected_reward}' must be numbers, got {values}")
+            raise row_error(
+                source, index, f"'{c.chosen_reward}'/'{c.rejected_reward}' must be numbers, got {values}"
+            )
         return float(values[0]) - float(values[1])  # type: ignore[arg-type]
 
     def collate(self, rows: list[dict[str, Any]]) -> PairedTokens:

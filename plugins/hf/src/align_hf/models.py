@@ -1,11 +1,20 @@
-"""Building causal LMs with transformers: the embedded tiny Llama or any HF checkpoint."""
+"""Building causal LMs (and sequence scorers, for reward models) with transformers: the
+embedded tiny Llama or any HF checkpoint."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
 
 from align import ConfigError, ModelConfig, TinyModelConfig
 from align_hf.tokenizer import byte_tokenizer
@@ -16,6 +25,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def tiny_llama(knobs: TinyModelConfig, vocab_size: int, attn_implementation: str) -> LlamaForCausalLM:
     """A small Llama with seeded random weights; the same knobs always give the same model."""
+    config = tiny_llama_config(knobs, vocab_size, attn_implementation)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(knobs.init_seed)
+        return LlamaForCausalLM(config)
+
+
+def tiny_llama_scorer(
+    knobs: TinyModelConfig, vocab_size: int, num_labels: int, attn_implementation: str
+) -> LlamaForSequenceClassification:
+    """The tiny Llama with ``num_labels`` scalar heads on its last non-pad token (a reward model)."""
+    config = tiny_llama_config(knobs, vocab_size, attn_implementation)
+    config.num_labels = num_labels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(knobs.init_seed)
+        return LlamaForSequenceClassification(config)
+
+
+def tiny_llama_config(knobs: TinyModelConfig, vocab_size: int, attn_implementation: str) -> LlamaConfig:
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=knobs.hidden_size,
@@ -30,9 +57,7 @@ def tiny_llama(knobs: TinyModelConfig, vocab_size: int, attn_implementation: str
         pad_token_id=0,
     )
     config._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(knobs.init_seed)
-        return LlamaForCausalLM(config)
+    return config
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -58,4 +83,35 @@ def load_causal_lm(cfg: ModelConfig, vocab_size: int, attn_implementation: str) 
             )
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.path: cannot load a causal LM from '{cfg.path}': {exc}") from None
+    return model.to(DTYPES[cfg.dtype])
+
+
+def load_scorer(
+    cfg: ModelConfig,
+    vocab_size: int,
+    num_labels: int,
+    attn_implementation: str,
+    label_names: Sequence[str] | None = None,
+) -> torch.nn.Module:
+    """A sequence classifier with ``num_labels`` heads: the tiny Llama's, or an HF checkpoint's
+    (a causal LM gets a freshly initialised score head; a saved reward model keeps its own)."""
+    labels = list(label_names) if label_names else [f"LABEL_{i}" for i in range(num_labels)]
+    if len(labels) != num_labels:
+        raise ValueError(f"{len(labels)} label names for {num_labels} labels")
+    if cfg.path == TINY:
+        model: torch.nn.Module = tiny_llama_scorer(cfg.tiny, vocab_size, num_labels, attn_implementation)
+    else:
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                cfg.path,
+                num_labels=num_labels,
+                dtype=DTYPES[cfg.dtype],
+                attn_implementation=attn_implementation,
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ConfigError(
+                f"model.path: cannot load a {num_labels}-label sequence classifier from '{cfg.path}': {exc}"
+            ) from None
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
     return model.to(DTYPES[cfg.dtype])

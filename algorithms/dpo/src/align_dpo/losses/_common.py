@@ -23,3 +23,10 @@ def nll(b: align.PreferenceBatch) -> Tensor:
     """Negative log-likelihood of the chosen completions, averaged over all their tokens in the
     batch: ``-sum(chosen_logps) / sum(chosen_lengths)``."""
     return -b.chosen_logps.sum() / b.chosen_lengths.sum().clamp(min=1)
+
+
+def reference_logps(b: align.PreferenceBatch) -> tuple[Tensor, Tensor]:
+    """The reference's chosen and rejected log-probs; an error if the batch has none."""
+    if b.ref_chosen_logps is None or b.ref_rejected_logps is None:
+        raise ValueError("this loss needs reference log-probs; register it with needs_reference=True")
+    return b.ref_chosen_logps, b.ref_rejected_logps
