@@ -19,7 +19,7 @@ install-dev: install
 	$(BIN)/pip install -q -r requirements-dev.txt -c constraints.txt
 
 demo: install
-	$(BIN)/align run --algo dpo examples/dpo.yaml
+	$(BIN)/align run --algo dpo examples/dpo.yaml overwrite=true
 
 test: install-dev
 	$(BIN)/python -m pytest -n 2 tests

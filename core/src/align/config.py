@@ -129,6 +129,9 @@ class RunConfig(StrictConfig):
     resume: bool | Literal["auto"] | Path = Field(
         False, description="true/'auto': continue from the newest checkpoint in output_dir."
     )
+    overwrite: bool = Field(
+        False, description="Start over in an output_dir that holds an earlier run (deletes its outputs)."
+    )
     model: ModelConfig = ModelConfig()
     backend: BackendConfig
     data: DataConfig

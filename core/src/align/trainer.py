@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ from align.errors import ConfigError, TrainingDiverged
 from align.plugins import Plugins
 from align.progress import Progress
 from align.provenance import write_run_config
+
+
+# What a run writes into output_dir besides config.yaml.
+EARLIER_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "final", "tensorboard")
 
 
 @dataclass
@@ -214,9 +219,25 @@ class Trainer:
         )
 
     # ---- the loop ----------------------------------------------------------------------
+    def _claim_output_dir(self, resuming: bool) -> None:
+        """Never mix two runs in one folder, and never delete a run the user did not ask to."""
+        earlier = [self.output_dir / name for name in EARLIER_RUN_OUTPUTS]
+        earlier = [path for path in earlier if path.exists()]
+        if resuming or not earlier:
+            return
+        if not (self.cfg.overwrite or self.cfg.resume):
+            raise ConfigError(
+                f"output_dir {self.output_dir} already holds a run ({earlier[0].name}). Continue it "
+                f"with --resume, start over with overwrite=true (deletes its outputs), or choose "
+                f"another output_dir=..."
+            )
+        for path in earlier:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
     def run(self) -> RunResult:
-        self._build()
         resumed_from = self._resume_source()
+        self._claim_output_dir(resuming=resumed_from is not None)
+        self._build()
         if resumed_from is not None:
             self._restore(resumed_from)
         write_run_config(self.cfg, self.output_dir, self.plugins.registry)

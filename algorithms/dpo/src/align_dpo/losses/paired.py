@@ -46,7 +46,7 @@ def cdpo(cfg: CDPOLoss, b: align.PreferenceBatch) -> align.LossOutput:
 
 
 class RobustLoss(BetaLoss):
-    """Robust DPO (Chowdhury et al., 2024, "Provably robust DPO", eq. 10): the unbiased estimator of
+    """Robust DPO (Chowdhury et al., 2024, "Provably robust DPO"): the unbiased estimator of
     the clean-label DPO loss under label flips with probability ``eps``:
     ``[-(1 - eps) log s(beta * z) + eps log s(-beta * z)] / (1 - 2 eps)``."""
 
@@ -61,7 +61,7 @@ def robust(cfg: RobustLoss, b: align.PreferenceBatch) -> align.LossOutput:
 
 
 class IPOLoss(BetaLoss):
-    """IPO (Azar et al., 2023, "A general theoretical paradigm...", eq. 17):
+    """IPO (Azar et al., 2023, "A general theoretical paradigm...", the empirical IPO loss):
     ``(z - 1 / (2 tau))^2`` with ``tau = beta``, on sequence log-likelihoods as in the paper
     (TRL averages log-probs per token instead; NeMo-Aligner sums by default, as here)."""
 
@@ -70,7 +70,7 @@ class IPOLoss(BetaLoss):
 
 def ipo(cfg: IPOLoss, b: align.PreferenceBatch) -> align.LossOutput:
     gap = b.logits - 1 / (2 * cfg.beta)
-    return align.LossOutput((gap**2).mean(), {"target_gap": mean(gap)})
+    return align.LossOutput((gap**2).mean(), {"margin_error": mean(gap)})
 
 
 class HingeLoss(BetaLoss):
@@ -134,8 +134,8 @@ def bco_pair(cfg: BCOPairLoss, b: align.PreferenceBatch) -> align.LossOutput:
 
 
 class SPPOHardLoss(BetaLoss):
-    """SPPO with hard labels (Wu et al., 2024, "Self-play preference optimization", eq. 3.6/4.7
-    with the win probability 1 for y_w and 0 for y_l): ``(h_w - eta/2)^2 + (h_l + eta/2)^2`` with
+    """SPPO with hard labels (Wu et al., 2024, "Self-play preference optimization", with the
+    win probability set to 1 for y_w and 0 for y_l): ``(h_w - eta/2)^2 + (h_l + eta/2)^2`` with
     ``eta = 1 / beta``."""
 
     name: Literal["sppo_hard"] = "sppo_hard"

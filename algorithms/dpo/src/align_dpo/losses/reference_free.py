@@ -18,7 +18,7 @@ from align_dpo.losses._common import BetaLoss, mean, nll
 
 
 class CPOLoss(BetaLoss):
-    """CPO (Xu et al., 2024, "Contrastive preference optimization", eq. 6):
+    """CPO (Xu et al., 2024, "Contrastive preference optimization"):
     ``-log s(beta (log pi(y_w) - log pi(y_l))) + alpha * nll``, a reference-free DPO (sequence
     log-likelihoods) plus behaviour cloning of the chosen. The paper's ``L_NLL`` is taken per token
     (``nll``) so that ``alpha`` does not scale with the completions' length."""
@@ -37,9 +37,9 @@ def cpo(cfg: CPOLoss, b: align.PreferenceBatch) -> align.LossOutput:
 
 
 class ORPOLoss(align.LossConfig):
-    """ORPO (Hong et al., 2024, "Monolithic preference optimization without reference model",
-    eqs. 4-7): ``nll + lambda * -log s(log(odds(y_w) / odds(y_l)))`` with
-    ``odds(y) = P(y) / (1 - P(y))`` and ``P(y) = exp(mean token log pi(y|x))``."""
+    """ORPO (Hong et al., 2024, "Monolithic preference optimization without reference model"):
+    ``nll + lambda * -log s(log(odds(y_w) / odds(y_l)))`` with ``odds(y) = P(y) / (1 - P(y))`` and
+    ``P(y) = exp(mean token log pi(y|x))``."""
 
     name: Literal["orpo"] = "orpo"
     beta: float = Field(0.1, gt=0, description="lambda: weight of the odds-ratio term (TRL calls it beta).")

@@ -1,0 +1,227 @@
+"""The plugin manager: entry points of group ``align`` are found and registered; two packages
+registering one name is an error naming both; a plugin that fails to import is reported by name
+and skipped while the others load; ``ALIGN_PLUGINS`` restricts loading and ``ALIGN_PLUGIN_MODULES``
+adds modules by import path.
+
+Installed packages are faked with ``*.dist-info`` folders (METADATA + entry_points.txt) in a tmp
+folder on ``sys.path``: ``importlib.metadata`` finds them exactly as it finds pip-installed ones.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from helpers import dpo_config, run_cli
+
+import align.cli
+from align import ConfigError, load_plugins
+from align.loading import validate_run_config
+from align.plugins import PluginLoadWarning
+from align.registry import DuplicateRegistration
+
+LOSS_MODULE = """
+from typing import Literal
+
+import align
+
+
+class {cls}(align.LossConfig):
+    name: Literal["{loss}"] = "{loss}"
+    gamma: float = 1.0
+
+
+@align.hookimpl
+def register_losses(register):
+    @register({cls}, needs_reference=False)
+    def {loss}(cfg: {cls}, b: align.PreferenceBatch) -> align.LossOutput:
+        return align.LossOutput(-(b.chosen_logps_mean - b.rejected_logps_mean).mean() * cfg.gamma)
+"""
+
+MakeDist = Callable[..., None]
+
+
+def loss_module(loss: str) -> str:
+    return LOSS_MODULE.format(cls=f"{loss.title().replace('_', '')}Config", loss=loss)
+
+
+@pytest.fixture
+def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeDist]:
+    """``fake_dist(package, entry_point, module, source)``: an 'installed' distribution whose
+    entry point ``entry_point = module`` (group ``align``) loads ``source``."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    modules: list[str] = []
+
+    def make(package: str, entry_point: str, module: str, source: str, version: str = "1.2.3") -> None:
+        info = site / f"{package.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[align]\n{entry_point} = {module}\n")
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+        modules.append(module)
+
+    yield make
+    for module in modules:
+        sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def fresh_cli_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI loads plugins afresh (``default_plugins`` is cached per process)."""
+    monkeypatch.setattr(align.cli, "default_plugins", load_plugins)
+
+
+def test_builtin_plugins_are_found_through_entry_points():
+    registry = load_plugins().registry
+    assert {"dpo", "sft"} <= set(registry.names("algorithm"))
+    assert "dpo" in registry.names("loss")
+    assert "hf" in registry.names("backend")
+    assert {"preference", "sft"} <= set(registry.names("data_format"))
+    assert registry.get("algorithm", "dpo").package == "align-dpo"
+    assert registry.get("backend", "hf").package == "align-hf"
+    assert registry.get("data_format", "sft").package == "align"
+    assert registry.broken == []
+
+
+def test_a_third_party_loss_is_registered_and_validated(fake_dist, tmp_path):
+    fake_dist("fake-margin", "fake_margin", "fake_margin_mod", loss_module("fake_margin"))
+    registry = load_plugins().registry
+    entry = registry.get("loss", "fake_margin")
+    assert (entry.package, entry.version) == ("fake-margin", "1.2.3")
+    assert entry.meta["needs_reference"] is False
+    assert entry.meta["batch"] is align.PreferenceBatch
+
+    data = {**dpo_config(tmp_path / "out"), "loss": {"name": "fake_margin", "gamma": 2.0}}
+    cfg = validate_run_config(data, registry)
+    assert cfg.loss.gamma == 2.0  # type: ignore[attr-defined]
+    assert type(cfg.loss).__name__ == "FakeMarginConfig"  # type: ignore[attr-defined]
+    # The plugin's own config class is strict, and the error is still a dotted path.
+    bad = {**data, "loss": {"name": "fake_margin", "gama": 2.0}}
+    with pytest.raises(ConfigError, match=r"loss\.gama: unknown key \(did you mean 'gamma'\?\)"):
+        validate_run_config(bad, registry)
+
+
+def test_two_packages_registering_one_name_is_an_error_naming_both(fake_dist):
+    fake_dist("fake-twin-one", "twin_one", "twin_one_mod", loss_module("twin"))
+    fake_dist("fake-twin-two", "twin_two", "twin_two_mod", loss_module("twin"))
+    with pytest.raises(DuplicateRegistration) as info:
+        load_plugins()
+    message = str(info.value)
+    assert "loss 'twin'" in message
+    assert "'fake-twin-one'" in message and "'fake-twin-two'" in message
+    assert "ALIGN_PLUGINS" in message
+
+
+def test_duplicate_of_a_builtin_name_names_the_builtin_package(fake_dist):
+    fake_dist("fake-dpo-clone", "dpo_clone", "dpo_clone_mod", loss_module("dpo"))
+    with pytest.raises(DuplicateRegistration, match=r"'align-dpo'.*'fake-dpo-clone'|'fake-dpo-clone'.*'align-dpo'"):
+        load_plugins()
+
+
+def test_duplicate_exits_2_from_the_cli(fake_dist, fresh_cli_plugins, capsys):
+    fake_dist("fake-dup-a", "dup_a", "dup_a_mod", loss_module("dup"))
+    fake_dist("fake-dup-b", "dup_b", "dup_b_mod", loss_module("dup"))
+    result = run_cli(capsys, "list", "--json")
+    assert result.code == 2
+    assert "fake-dup-a" in result.err and "fake-dup-b" in result.err
+    assert "Traceback" not in result.err
+
+
+def test_align_plugins_resolves_a_duplicate(fake_dist, monkeypatch):
+    fake_dist("fake-dup-c", "dup_c", "dup_c_mod", loss_module("dup2"))
+    fake_dist("fake-dup-d", "dup_d", "dup_d_mod", loss_module("dup2"))
+    monkeypatch.setenv("ALIGN_PLUGINS", "dpo,hf,dup_d")
+    registry = load_plugins().registry
+    assert registry.get("loss", "dup2").package == "fake-dup-d"
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        ("raise RuntimeError('boom at import')\n", "RuntimeError: boom at import"),
+        ("import align_no_such_dependency\n", "No module named 'align_no_such_dependency'"),
+        ("def broken(:\n", "SyntaxError"),
+    ],
+    ids=["raises", "missing-dependency", "syntax-error"],
+)
+def test_a_plugin_failing_to_import_is_reported_and_others_still_load(
+    fake_dist, fresh_cli_plugins, capsys, source, error
+):
+    fake_dist("fake-broken", "broken_plugin", "broken_plugin_mod", source)
+    fake_dist("fake-healthy", "healthy", "healthy_mod", loss_module("healthy"))
+    with pytest.warns(PluginLoadWarning, match=r"'broken_plugin' from package 'fake-broken'") as caught:
+        registry = load_plugins().registry
+    assert error in str(caught[0].message)
+    # Everything else loaded: the built-ins and the other third-party plugin.
+    assert {"dpo", "sft"} <= set(registry.names("algorithm"))
+    assert registry.get("loss", "healthy").package == "fake-healthy"
+    assert [(b.name, b.package, b.version) for b in registry.broken] == [
+        ("broken_plugin", "fake-broken", "1.2.3")
+    ]
+    assert error in registry.broken[0].error
+
+    with pytest.warns(PluginLoadWarning):
+        result = run_cli(capsys, "list", "--json")
+    assert result.code == 0, result.err
+    rows = json.loads(result.out)
+    broken = [row for row in rows if row.get("status") == "broken"]
+    assert len(broken) == 1
+    assert broken[0]["name"] == "broken_plugin" and broken[0]["package"] == "fake-broken"
+    assert error in broken[0]["error"]
+    assert any(row["name"] == "healthy" and row["status"] == "ok" for row in rows)
+    assert any(row["kind"] == "algorithm" and row["name"] == "dpo" for row in rows)
+
+
+def test_align_plugins_restricts_loading(fake_dist, monkeypatch, recwarn):
+    fake_dist("fake-broken-2", "broken_two", "broken_two_mod", "raise RuntimeError('never imported')\n")
+    fake_dist("fake-extra", "extra", "extra_mod", loss_module("extra"))
+    monkeypatch.setenv("ALIGN_PLUGINS", "dpo, extra")
+    registry = load_plugins().registry
+    assert registry.names("algorithm") == ["dpo"]
+    assert registry.names("backend") == []
+    assert "extra" in registry.names("loss")
+    assert registry.broken == []
+    assert not [w for w in recwarn if issubclass(w.category, PluginLoadWarning)]
+    assert "broken_two_mod" not in sys.modules, "an entry point left out is never imported"
+    # The core's own data formats do not come from entry points and are always there.
+    assert {"preference", "sft"} <= set(registry.names("data_format"))
+
+    monkeypatch.setenv("ALIGN_PLUGINS", "sft,hf")
+    registry = load_plugins().registry
+    assert registry.names("algorithm") == ["sft"]
+    assert registry.names("backend") == ["hf"]
+    assert "extra" not in registry.names("loss")
+
+
+def test_align_plugin_modules_registers_a_module_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "local_loss_plugin.py").write_text(loss_module("local_loss"))
+    (tmp_path / "local_hooks_plugin.py").write_text(
+        textwrap.dedent(
+            """
+            import align
+
+            CALLS = []
+
+            @align.hookimpl
+            def on_step_end(run, step, metrics):
+                CALLS.append((step, metrics["loss"]))
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ALIGN_PLUGIN_MODULES", "local_loss_plugin, local_hooks_plugin")
+    try:
+        plugins = load_plugins()
+        entry = plugins.registry.get("loss", "local_loss")
+        assert (entry.package, entry.version) == ("local_loss_plugin", "local")
+        plugins.manager.hook.on_step_end(run=None, step=3, metrics={"loss": 0.5})
+        assert sys.modules["local_hooks_plugin"].CALLS == [(3, 0.5)]
+    finally:
+        sys.modules.pop("local_loss_plugin", None)
+        sys.modules.pop("local_hooks_plugin", None)
