@@ -246,4 +246,3 @@ def test_list_table_and_unknown_kind(capsys):
     assert result.code == 0
     assert "align-dpo" in result.out and "preference" in result.out
     assert run_cli(capsys, "list", "--kind", "nope").code == 2  # argparse: invalid choice
-

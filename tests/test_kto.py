@@ -150,7 +150,10 @@ def test_packed_layout_holds_the_same_sequences(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("label", ["yes", 1, None])
 def test_non_bool_label_is_an_error_naming_file_and_row(tmp_path: Path, label: Any) -> None:
-    rows = [{"prompt": "a", "completion": "b", "label": True}, {"prompt": "a", "completion": "b", "label": label}]
+    rows = [
+        {"prompt": "a", "completion": "b", "label": True},
+        {"prompt": "a", "completion": "b", "label": label},
+    ]
     fmt = unpaired_format(tmp_path, rows)
     with pytest.raises(align.DataError, match=r"train\.jsonl, row 2: 'label' must be true or false"):
         fmt.load("train")
@@ -186,7 +189,23 @@ def test_config_defaults_and_registration(plugins: align.Plugins, tmp_path: Path
             plugins.registry,
         )
     with pytest.raises(align.ConfigError, match=r"loss\.name: .*'dpo'.*'kto'"):
-        validate_run_config({"algo": "kto", "data": {"train": "x"}, "loss": {"name": "dpo"}}, plugins.registry)
+        validate_run_config(
+            {"algo": "kto", "data": {"train": "x"}, "loss": {"name": "dpo"}}, plugins.registry
+        )
+
+
+def test_the_shipped_example_and_data(plugins: align.Plugins) -> None:
+    from align.loading import read_yaml
+
+    cfg = validate_run_config(read_yaml(DATA.parent / "kto.yaml"), plugins.registry)
+    assert cfg.algo == "kto" and cfg.loss.name == "kto"  # type: ignore[attr-defined]
+    train = [json.loads(line) for line in (DATA / "unpaired_train.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (DATA / "preference_train.jsonl").read_text().splitlines()]
+    assert len(train) == len(pairs)  # one completion per prompt
+    for row, pair in zip(train, pairs, strict=True):
+        assert row["prompt"] == pair["prompt"]
+        assert row["completion"] == (pair["chosen"] if row["label"] else pair["rejected"])
+    assert 0.4 < sum(r["label"] for r in train) / len(train) < 0.6
 
 
 # ---- training ----------------------------------------------------------------------------
@@ -235,7 +254,13 @@ def test_kto_training_widens_the_held_out_reward_gap(plugins: align.Plugins, tmp
             "max_length": 128,
         },
         "loss": {"name": "kto", "beta": 0.1},
-        "trainer": {"max_steps": 20, "batch_size": 8, "progress": False, "tensorboard": False, "num_threads": 1},
+        "trainer": {
+            "max_steps": 20,
+            "batch_size": 8,
+            "progress": False,
+            "tensorboard": False,
+            "num_threads": 1,
+        },
         "optim": {"lr": 3e-3},
     }
     result = align.train(validate_run_config(config, plugins.registry), plugins)

@@ -53,10 +53,12 @@ def assert_user_error(result: CliResult, *fragments: str) -> None:
     """Exit code 2, a short ``error:`` message containing every fragment, no traceback."""
     assert result.code == 2, (result.code, result.out, result.err)
     assert "Traceback" not in result.err and "Traceback" not in result.out
-    assert result.err.lstrip().startswith("error:"), result.err
+    # Progress lines may come first (training had started); the message is the tail.
+    assert "error:" in result.err, result.err
+    message = result.err[result.err.index("error:") :]
     for fragment in fragments:
-        assert fragment in result.err, f"{fragment!r} not in {result.err!r}"
-    assert len(result.err.strip().splitlines()) <= 6, result.err
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert len(message.strip().splitlines()) <= 6, message
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> str:

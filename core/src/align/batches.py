@@ -169,9 +169,7 @@ class UnpairedBatch:
 
 def _required(ref: Tensor | None) -> Tensor:
     if ref is None:
-        raise ValueError(
-            "this loss needs reference log-probs; register it with needs_reference=True"
-        )
+        raise ValueError("this loss needs reference log-probs; register it with needs_reference=True")
     return ref
 
 

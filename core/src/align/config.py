@@ -64,6 +64,11 @@ class DataConfig(StrictConfig):
     padding_free: bool = Field(
         False, description="Pack a batch's sequences into one row: no compute on pad tokens."
     )
+    group_by_length: bool = Field(
+        False,
+        description="Batch rows of similar length (sorted within windows of 64 batches of the seeded "
+        "order, then batches shuffled): far less padding, same math per batch.",
+    )
 
 
 class TinyModelConfig(StrictConfig):

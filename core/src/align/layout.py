@@ -4,7 +4,10 @@ packed row with no padding at all (position ids restart at every sequence)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from align.batches import TokenBatch
@@ -54,3 +57,26 @@ def pack_sequences(sequences: Sequence[Pair]) -> TokenBatch:
 
 def lay_out(sequences: Sequence[Pair], pad_id: int, padding_free: bool) -> TokenBatch:
     return pack_sequences(sequences) if padding_free else pad_sequences(sequences, pad_id)
+
+
+def row_lengths(rows: Any) -> list[int]:
+    """The longest sequence each tokenized row lays out to: its ``prompt_ids`` plus its longest
+    other ``*_ids`` column (the completion; the longer of chosen and rejected). What
+    length-grouped batching sorts by. A ``datasets.Dataset`` is read through its arrow columns,
+    without decoding a row."""
+    if hasattr(rows, "with_format"):
+        table = rows.with_format("arrow")[:]
+        lengths = {
+            name: np.asarray(pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False))
+            for name in table.column_names
+            if name.endswith("_ids")
+        }
+        prompt = lengths.pop("prompt_ids", np.zeros(table.num_rows, dtype=np.int64))
+        longest = np.max(np.stack(list(lengths.values())), axis=0) if lengths else 0
+        return [int(v) for v in prompt + longest]
+    return [_row_length(row) for row in rows]
+
+
+def _row_length(row: dict[str, Any]) -> int:
+    others = [len(value) for name, value in row.items() if name.endswith("_ids") and name != "prompt_ids"]
+    return len(row.get("prompt_ids", ())) + max(others, default=0)

@@ -72,8 +72,7 @@ class DataFormat(Protocol):
         """A sized, indexable collection of tokenized rows (a ``datasets.Dataset``), or None."""
         ...
 
-    def collate(self, rows: list[dict[str, Any]]) -> Any:
-        ...
+    def collate(self, rows: list[dict[str, Any]]) -> Any: ...
 
     def stats(self) -> dict[str, int]:
         """Counts of rows truncated, dropped or skipped while loading, for the log."""

@@ -19,9 +19,10 @@ from transformers import get_scheduler
 
 from align import checkpoint
 from align.algorithm import Algorithm, Context
-from align.batches import LossOutput
+from align.batches import LossOutput, TokenBatch
 from align.config import RunConfig
 from align.errors import ConfigError, TrainingDiverged
+from align.layout import row_lengths
 from align.plugins import Plugins
 from align.progress import Progress
 from align.provenance import write_run_config
@@ -69,23 +70,49 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
 
 
 class BatchStream:
-    """Micro-batches over epochs in a seeded order per epoch, resumable at any position."""
+    """Micro-batches over epochs in a seeded order per epoch, resumable at any position.
 
-    def __init__(self, data: Any, collate: Any, batch_size: int, seed: int) -> None:
+    With ``group_by_length``, each window of ``GROUP_WINDOW`` batches of the seeded order is
+    sorted by row length (longest first) before it is cut into batches, and the batches are then
+    shuffled (the last, partial batch stays last): batches hold rows of similar length, so far
+    less padding. Every row still comes once per epoch, and the order is a pure function of
+    (seed, epoch, lengths), so a resumed run continues exactly.
+    """
+
+    GROUP_WINDOW = 64
+
+    def __init__(
+        self, data: Any, collate: Any, batch_size: int, seed: int, group_by_length: bool = False
+    ) -> None:
         self.data, self.collate, self.batch_size, self.seed = data, collate, batch_size, seed
         self.per_epoch = math.ceil(len(data) / batch_size)
+        self.lengths = row_lengths(data) if group_by_length else None
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Row indices of each micro-batch of ``epoch``."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order: list[int] = torch.randperm(len(self.data), generator=generator).tolist()
+        size = self.batch_size
+        if self.lengths is not None:
+            lengths, window = self.lengths, size * self.GROUP_WINDOW
+            windows = [order[start : start + window] for start in range(0, len(order), window)]
+            order = [i for rows in windows for i in sorted(rows, key=lambda i: -lengths[i])]
+        batches = [order[start : start + size] for start in range(0, len(order), size)]
+        if self.lengths is not None:
+            full = len(order) // size
+            shuffled = torch.randperm(full, generator=generator).tolist()
+            batches = [batches[b] for b in shuffled] + batches[full:]
+        return batches
 
     def order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.data), generator=generator).tolist()
+        return [i for batch in self.batches(epoch) for i in batch]
 
     def iterate(self, position: DataPosition) -> Iterator[tuple[DataPosition, Any]]:
         epoch, start = position.epoch, position.batch
         while True:
-            order = self.order(epoch)
+            batches = self.batches(epoch)
             for b in range(start, self.per_epoch):
-                ids = order[b * self.batch_size : (b + 1) * self.batch_size]
-                yield DataPosition(epoch, b + 1), self.collate([self.data[i] for i in ids])
+                yield DataPosition(epoch, b + 1), self.collate([self.data[i] for i in batches[b]])
             epoch, start = epoch + 1, 0
 
 
@@ -138,7 +165,13 @@ class Trainer:
         self.algorithm: Algorithm = registry.get("algorithm", cfg.algo).factory(self.context)
         params = [p for p in self.algorithm.trainable().parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg, params)
-        self.stream = BatchStream(self.train_data, self.data_format.collate, cfg.trainer.batch_size, cfg.seed)
+        self.stream = BatchStream(
+            self.train_data,
+            self.data_format.collate,
+            cfg.trainer.batch_size,
+            cfg.seed,
+            group_by_length=cfg.data.group_by_length,
+        )
         self.total_steps = cfg.trainer.max_steps or cfg.trainer.epochs * math.ceil(
             self.stream.per_epoch / cfg.trainer.grad_accum
         )
@@ -189,13 +222,15 @@ class Trainer:
     def _optimizer_step(self, batches: Iterator[tuple[DataPosition, Any]]) -> dict[str, float]:
         accum = self.cfg.trainer.grad_accum
         totals: dict[str, float] = {}
-        tokens = 0
+        tokens = slots = 0
         for _ in range(accum):
             self.position, batch = next(batches)
             out: LossOutput = self.algorithm.loss(batch)
             self._check_finite(out.loss)
             (out.loss / accum).backward()
             tokens += int(getattr(batch, "num_tokens", 0))
+            laid_out = getattr(batch, "tokens", None)
+            slots += laid_out.input_ids.numel() if isinstance(laid_out, TokenBatch) else 0
             for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) / accum
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -206,6 +241,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         totals["tokens"] = tokens
+        if slots:  # share of the computed token positions that were padding
+            totals["pad_fraction"] = 1.0 - tokens / slots
         return totals
 
     def _check_finite(self, loss: torch.Tensor) -> None:
@@ -214,7 +251,7 @@ class Trainer:
         last = checkpoint.latest_checkpoint(self.output_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise TrainingDiverged(
-            f"training stopped: the loss became {float(loss)} at step {self.step + 1}; {kept}. "
+            f"training stopped: the loss became {float(loss.detach())} at step {self.step + 1}; {kept}. "
             f"Lower optim.lr, raise trainer.warmup_steps or check the data."
         )
 

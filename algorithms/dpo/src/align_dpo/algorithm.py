@@ -1,13 +1,16 @@
 """The DPO family's step: one concatenated forward pass over chosen and rejected, the
-reference's log-probs, then the configured loss plugin(s)."""
+reference's log-probs (precomputed and cached, or live), then the configured loss plugin(s)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
+from torch import Tensor, nn
 
 import align
+from align_dpo.reference import CachedReference, LiveReference, ReferenceConfig, precompute
 
 
 class DPOConfig(align.RunConfig):
@@ -15,6 +18,7 @@ class DPOConfig(align.RunConfig):
 
     algo: Literal["dpo"] = "dpo"
     loss: Any = None  # widened at load time to every installed preference loss
+    reference: ReferenceConfig = ReferenceConfig()
 
 
 class DPO(align.Algorithm):
@@ -22,24 +26,66 @@ class DPO(align.Algorithm):
         super().__init__(ctx)
         self.losses = align.resolve_losses(self.config.loss, ctx.registry)  # type: ignore[attr-defined]
         self.needs_reference = any(term.needs_reference for term in self.losses)
-        self.reference = ctx.backend.build_reference() if self.needs_reference else None
         self.beta = float(getattr(self.losses[0].config, "beta", 0.1))
+        self.split = "train"
+        self.live: LiveReference | None = None
+        self.cached: CachedReference | None = None
+        self._reference_copy: nn.Module | None = None
+        ref: ReferenceConfig = self.config.reference  # type: ignore[attr-defined]
+        if not self.needs_reference:
+            return
+        if ref.mode == "live":
+            self.live = LiveReference(ctx.backend, ctx.policy)
+        else:
+            self.cached = precompute(self.config, ref, ctx.backend, ctx.policy, *self._splits())
+
+    def _splits(self) -> tuple[dict[str, Any], dict[str, int], Any]:
+        """The data to score, each split's batch size (0: length-sorted batches of
+        ``reference.batch_size``) and the collate function of the run's data format."""
+        cfg = self.config
+        splits: dict[str, Any] = {"train": self.ctx.train_data}
+        sizes = {"train": 0}
+        if self.ctx.eval_data is not None and len(self.ctx.eval_data):
+            # Scored in the very batches evaluation uses, so an untrained policy's eval metrics
+            # equal the reference's exactly (margin 0, accuracy 0.5).
+            splits["eval"] = self.ctx.eval_data
+            sizes["eval"] = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
+        fmt = self.ctx.registry.get("data_format", cfg.data.format).factory(
+            cfg.data, self.ctx.backend.tokenizer
+        )
+        return splits, sizes, fmt.collate
+
+    @property
+    def reference(self) -> nn.Module | None:
+        """The reference model. In ``precompute`` mode training never needs it; reading this
+        builds a copy with the initial weights (for inspection)."""
+        if not self.needs_reference:
+            return None
+        if self.live is not None and self.live.model is not None:
+            return self.live.model
+        if self._reference_copy is None:
+            self._reference_copy = self.ctx.backend.build_reference()
+        return self._reference_copy
+
+    def reference_logps(self, batch: align.PairedTokens) -> tuple[Tensor, Tensor] | None:
+        if self.cached is not None:
+            return self.cached.logps(self.split, batch)
+        if self.live is not None:
+            return self.live.logps(batch)
+        return None
 
     def preference_batch(self, batch: align.PairedTokens) -> align.PreferenceBatch:
-        backend = self.ctx.backend
-        chosen, rejected = backend.sequence_logps(self.ctx.policy, batch.tokens).split(batch.num_pairs)
-        ref_chosen = ref_rejected = None
-        if self.reference is not None:
-            with torch.no_grad():
-                ref = backend.sequence_logps(self.reference, batch.tokens).split(batch.num_pairs)
-            ref_chosen, ref_rejected = ref[0].sum, ref[1].sum
+        chosen, rejected = self.ctx.backend.sequence_logps(self.ctx.policy, batch.tokens).split(
+            batch.num_pairs
+        )
+        ref = self.reference_logps(batch)
         return align.PreferenceBatch(
             chosen_logps=chosen.sum,
             rejected_logps=rejected.sum,
             chosen_lengths=chosen.count,
             rejected_lengths=rejected.count,
-            ref_chosen_logps=ref_chosen,
-            ref_rejected_logps=ref_rejected,
+            ref_chosen_logps=None if ref is None else ref[0],
+            ref_rejected_logps=None if ref is None else ref[1],
             reward_gap=batch.reward_gap,
         )
 
@@ -48,6 +94,13 @@ class DPO(align.Algorithm):
         out = align.combine_losses(self.losses, pairs)
         out.metrics |= reward_metrics(pairs, self.beta)
         return out
+
+    def evaluate(self, batches: Iterable[Any]) -> dict[str, float]:
+        self.split = "eval"
+        try:
+            return super().evaluate(batches)
+        finally:
+            self.split = "train"
 
 
 def reward_metrics(b: align.PreferenceBatch, beta: float) -> dict[str, torch.Tensor]:

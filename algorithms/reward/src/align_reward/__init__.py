@@ -2,7 +2,7 @@
 
 - ``reward``: a Bradley-Terry pairwise reward model on preference pairs;
 - ``reward_regression``: a multi-attribute regression reward model (SteerLM) on the
-  ``attributes`` data format;
+  ``scored`` data format (rows with numeric attribute labels);
 - the ``model`` reward source, which loads a saved reward model and scores
   (prompt, completion) pairs for online algorithms.
 """
@@ -40,10 +40,16 @@ __all__ = [
 @align.hookimpl
 def register_algorithms(register: align.Register) -> None:
     register(
-        RewardModelConfig, batch=align.PairedTokens, data_format="preference", build_model=build_pairwise_scorer
+        RewardModelConfig,
+        batch=align.PairedTokens,
+        data_format="preference",
+        build_model=build_pairwise_scorer,
     )(RewardModel)
     register(
-        RegressionRewardConfig, batch=ScoredTokens, data_format="attributes", build_model=build_attribute_scorer
+        RegressionRewardConfig,
+        batch=ScoredTokens,
+        data_format="scored",
+        build_model=build_attribute_scorer,
     )(RegressionRewardModel)
 
 

@@ -115,7 +115,11 @@ class RegressionRewardModel(align.Algorithm):
     def metrics(self, squared: Tensor, labelled: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
             per_attribute = squared.sum(0) / labelled.sum(0).clamp(min=1)
-            return {f"mse_{name}": per_attribute[i] for i, name in enumerate(self.attributes) if labelled[:, i].any()}
+            return {
+                f"mse_{name}": per_attribute[i]
+                for i, name in enumerate(self.attributes)
+                if labelled[:, i].any()
+            }
 
     def loss(self, batch: ScoredTokens) -> align.LossOutput:
         squared, labelled = self.errors(batch)

@@ -1,4 +1,4 @@
-"""The ``attributes`` data format: ``prompt``, ``completion`` and numeric attribute columns
+"""The ``scored`` data format: ``prompt``, ``completion`` and numeric attribute columns
 (helpfulness, correctness, verbosity... as in SteerLM / HelpSteer), one regression head each.
 
 A missing (``null``) attribute value is left out of the loss; a row with no attribute value
@@ -24,7 +24,7 @@ class AttributeColumns(align.StrictConfig):
 
 
 class AttributeData(align.DataConfig):
-    format: Literal["attributes"] = "attributes"
+    format: Literal["scored"] = "scored"
     columns: AttributeColumns = AttributeColumns()
     attributes: list[str] = Field(
         ..., min_length=1, description="Numeric columns to predict, one scalar head each, in this order."
@@ -66,16 +66,28 @@ class AttributeFormat(align.TokenizedFormat):
         for name in self.cfg.attributes:
             value = row.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise align.row_error(source, index, f"attribute '{name}' must be a number or null, got {value!r:.40}")
+                raise align.row_error(
+                    source, index, f"attribute '{name}' must be a number or null, got {value!r:.40}"
+                )
             labelled.append(value is not None)
             targets.append(float(value) if value is not None else 0.0)
         if not any(labelled):
-            return {"prompt_ids": [], "completion_ids": [], "targets": targets, "labelled": labelled,
-                    "status": "skipped_unlabelled"}
+            return {
+                "prompt_ids": [],
+                "completion_ids": [],
+                "targets": targets,
+                "labelled": labelled,
+                "status": "skipped_unlabelled",
+            }
         prompt_ids, completion_ids = self.encoder.encode(prompt, completion)
         status, prompt_ids, (completion_ids,) = self.encoder.fit(prompt_ids, [completion_ids])
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "targets": targets,
-                "labelled": labelled, "status": status}
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+            "targets": targets,
+            "labelled": labelled,
+            "status": status,
+        }
 
     def collate(self, rows: list[dict[str, Any]]) -> ScoredTokens:
         return ScoredTokens(

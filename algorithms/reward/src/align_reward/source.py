@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 import align
 
@@ -40,13 +41,16 @@ class ModelReward:
 
     def __init__(self, cfg: ModelRewardConfig) -> None:
         self.cfg = cfg
+        hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.path)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 cfg.path, dtype=getattr(torch, cfg.dtype)
             )
         except (OSError, ValueError) as exc:
-            raise align.ConfigError(f"reward.path: cannot load a reward model from '{cfg.path}': {exc}") from None
+            raise align.ConfigError(
+                f"reward.path: cannot load a reward model from '{cfg.path}': {exc}"
+            ) from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
@@ -86,8 +90,14 @@ class ModelReward:
         pad_id = self.tokenizer.pad_token_id
         out = []
         for start in range(0, len(prompts), self.cfg.batch_size):
-            pairs = [self._fit(p, c) for p, c in zip(prompts[start : start + self.cfg.batch_size],
-                                                      completions[start : start + self.cfg.batch_size], strict=True)]
+            pairs = [
+                self._fit(p, c)
+                for p, c in zip(
+                    prompts[start : start + self.cfg.batch_size],
+                    completions[start : start + self.cfg.batch_size],
+                    strict=True,
+                )
+            ]
             batch = align.pad_sequences(pairs, pad_id).to(self.cfg.device)
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             out.append(logits.float().cpu())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -28,12 +28,12 @@ class HFBackend:
         self.tokenizer = load_tokenizer(run.model)
 
     def _fresh(self) -> nn.Module:
-        model = load_causal_lm(self.run.model, len(self.tokenizer), self.cfg.attn_implementation)
+        model: Any = load_causal_lm(self.run.model, len(self.tokenizer), self.cfg.attn_implementation)
         model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
 
     def build_policy(self) -> nn.Module:
-        model = self._fresh()
+        model: Any = self._fresh()
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model
@@ -51,12 +51,12 @@ class HFBackend:
 
     def build_scorer(self, num_labels: int, label_names: Sequence[str] | None = None) -> nn.Module:
         """A sequence classifier (``AutoModelForSequenceClassification``) for reward models."""
-        model = load_scorer(
+        model: Any = load_scorer(
             self.run.model, len(self.tokenizer), num_labels, self.cfg.attn_implementation, label_names
         )
         model.config.pad_token_id = self.tokenizer.pad_token_id
         if self.cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()  # type: ignore[operator]
+            model.gradient_checkpointing_enable()
         return model
 
     def sequence_scores(self, model: nn.Module, batch: TokenBatch) -> Tensor:
@@ -67,17 +67,20 @@ class HFBackend:
         self.tokenizer.save_pretrained(path)
 
     def load_weights(self, model: nn.Module, path: Path) -> None:
-        state = {}
+        state: dict[str, Tensor] = {}
         for file in sorted(path.glob("*.safetensors")):
             state |= load_file(file)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         if unexpected or set(missing) - tied:
-            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(
+                f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
+            )
 
 
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     decoder = getattr(model, "model", None)
     if head is None or decoder is None or getattr(model.config, "final_logit_softcapping", None):
         return None
@@ -102,14 +105,69 @@ def sequence_logps(model: nn.Module, batch: TokenBatch) -> SequenceLogps:
     if parts is not None:
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state[:, :-1][scored]
-        logits = head(hidden)
+        token_logps = head_token_logps(head, hidden, targets)
     else:
-        logits = model(**inputs).logits[:, :-1][scored]
-    logits = logits.float()
-    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    sums = torch.zeros(batch.num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owners, token_logps)
-    counts = torch.zeros(batch.num_sequences, dtype=torch.long, device=owners.device).index_add(0, owners, torch.ones_like(owners))
+        token_logps = token_logps_of(model(**inputs).logits[:, :-1][scored], targets)
+    sums = torch.zeros(batch.num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, owners, token_logps
+    )
+    counts = torch.zeros(batch.num_sequences, dtype=torch.long, device=owners.device).index_add(
+        0, owners, torch.ones_like(owners)
+    )
     return SequenceLogps(sums, counts)
+
+
+# Rows of logits handled at once in float32 (~16 MB per chunk for any vocabulary size).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(rows: int, vocab: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(1, vocab))
+    return [slice(start, start + step) for start in range(0, max(1, rows), step)]
+
+
+class _TokenLogps(torch.autograd.Function):
+    """``log_softmax(logits)[target]`` per row, in float32 (at least) whatever the logits' dtype.
+    Works in row chunks with PyTorch's fused (log_)softmax kernels and keeps only the logits for
+    the backward, which writes ``grad * (onehot - softmax)`` into a single buffer: no float32
+    copy of all logits, none of the (tokens x vocab) temporaries of log_softmax + gather."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor) -> Tensor:
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.empty(logits.shape[0], dtype=wide, device=logits.device)
+        for rows in _row_chunks(*logits.shape):
+            log_probs = torch.log_softmax(logits[rows].to(wide), dim=-1)
+            out[rows] = log_probs.gather(-1, targets[rows, None]).squeeze(-1)
+        ctx.save_for_backward(logits, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        logits, targets = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for rows in _row_chunks(*logits.shape):
+            probs = torch.softmax(logits[rows].to(grad.dtype), dim=-1)
+            out[rows] = probs.mul_(-grad[rows, None])
+        out.scatter_add_(-1, targets[:, None], grad[:, None].to(out.dtype))
+        return out, None
+
+
+def token_logps_of(logits: Tensor, targets: Tensor) -> Tensor:
+    """Float32 log-prob of each row's target token, from ``[tokens, vocab]`` logits."""
+    result: Tensor = _TokenLogps.apply(logits, targets)
+    return result
+
+
+def head_token_logps(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    """Log-probs of ``targets`` under ``head(hidden)``. Without autograd (the reference, eval)
+    the head runs in row chunks, so the full ``[tokens, vocab]`` logits never exist."""
+    if torch.is_grad_enabled():
+        return token_logps_of(head(hidden), targets)
+    vocab = int(getattr(head, "out_features", 0)) or head(hidden[:1]).shape[-1]
+    return torch.cat(
+        [token_logps_of(head(hidden[rows]), targets[rows]) for rows in _row_chunks(hidden.shape[0], vocab)]
+    )
 
 
 def last_token_positions(batch: TokenBatch, pad_token_id: int | None) -> Tensor:
@@ -145,10 +203,10 @@ def sequence_scores(model: nn.Module, batch: TokenBatch) -> Tensor:
     if isinstance(head, nn.Module) and isinstance(decoder, nn.Module):
         hidden = decoder(**inputs).last_hidden_state
         rows = hidden.reshape(-1, hidden.shape[-1])[last_token_positions(batch, pad_id)]
-        return head(rows).float()  # type: ignore[no-any-return]
+        return head(rows).float()
     if batch.packed:
         raise ValueError(
             f"{type(model).__name__} has no `score` head to read packed sequences with; set "
             "data.padding_free: false"
         )
-    return model(**inputs).logits.float()  # type: ignore[no-any-return]
+    return model(**inputs).logits.float()

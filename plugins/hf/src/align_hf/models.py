@@ -112,6 +112,7 @@ def load_scorer(
             raise ConfigError(
                 f"model.path: cannot load a {num_labels}-label sequence classifier from '{cfg.path}': {exc}"
             ) from None
-    model.config.id2label = dict(enumerate(labels))
-    model.config.label2id = {name: i for i, name in enumerate(labels)}
+    config: Any = model.config
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
     return model.to(DTYPES[cfg.dtype])
