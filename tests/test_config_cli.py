@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,7 @@ def test_unknown_key_in_yaml_names_dotted_path_and_suggests(capsys, tmp_path, no
         ("loss.bta=0.2", "loss.bta", "beta"),  # inside a plugin's (discriminated) config
         ("model.tiny.hiden_size=16", "model.tiny.hiden_size", "hidden_size"),
         ("optim.lrr=3", "optim.lrr", "lr"),
+        ("loss=[{name: dpo}, {name: dpo, bta: 1}]", "loss.1.bta", "beta"),  # a weighted sum of losses
     ],
 )
 def test_unknown_key_in_override(capsys, dpo_yaml, no_model_loading, override, path, suggestion):
@@ -196,6 +198,22 @@ def test_dotted_overrides_are_applied(tmp_path, no_model_loading):
     assert cfg.trainer.batch_size == 8 and cfg.seed == 0
 
 
+def test_overrides_may_come_before_or_after_the_flags(capsys, dpo_yaml, no_model_loading, monkeypatch):
+    seen = []
+    monkeypatch.setattr(align.cli, "train", lambda cfg, plugins: seen.append(cfg))
+    monkeypatch.setattr(align.cli, "_print_result", lambda result: None)
+    assert run_cli(capsys, "validate", dpo_yaml, "--algo", "dpo", "trainer.max_steps=20").code == 0
+    result = run_cli(capsys, "validate", dpo_yaml, "trainer.max_steps=20", "--algo", "dpo", "optim.lrr=1")
+    assert_user_error(result, "optim.lrr")
+    argv = ["run", dpo_yaml, "optim.lr=1e-5", "--resume", "trainer.max_steps=20", "seed=3"]
+    assert run_cli(capsys, *argv).code == 0
+    cfg = seen[-1]
+    assert (cfg.optim.lr, cfg.trainer.max_steps, cfg.seed, cfg.resume) == (1e-5, 20, 3, "auto")
+    # Anything else after the flags is still a usage error.
+    assert run_cli(capsys, "validate", dpo_yaml, "--algo", "dpo", "--bogus").code == 2
+    assert run_cli(capsys, "validate", dpo_yaml, "--algo", "dpo", "not-an-override").code == 2
+
+
 def test_override_creates_missing_sections_and_indexes_lists():
     data = apply_overrides({"loss": [{"name": "dpo"}, {"name": "sft"}]}, ["loss.1.weight=0.5", "a.b.c=1"])
     assert data == {"loss": [{"name": "dpo"}, {"name": "sft", "weight": 0.5}], "a": {"b": {"c": 1}}}
@@ -226,7 +244,8 @@ def test_list_json_reports_every_kind_with_its_package(capsys):
     assert ok["backend", "hf"]["package"] == "align-hf"
     assert ok["data_format", "preference"]["package"] == "align"
     assert ok["data_format", "sft"]["package"] == "align"
-    assert ok["algorithm", "dpo"]["version"] == "0.1.0"
+    assert ok["algorithm", "dpo"]["version"] == version("align-dpo")
+    assert ok["data_format", "sft"]["version"] == version("align")
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

@@ -3,7 +3,9 @@
 Training rows keep ONE completion per prompt, as unpaired data has: the chosen answer
 (``label: true``, desirable) or the rejected one (``label: false``), picked at random.
 Held-out rows keep both completions of every held-out pair, so the desirable and the
-undesirable rewards are compared on the same prompts (tasks never seen in training).
+undesirable rewards are compared on the same prompts (tasks never seen in training); they are
+shuffled, so that the two completions of a prompt are rarely neighbours (a batch's KL estimate
+pairs each prompt with its neighbour's completion).
 
     python examples/data/make_unpaired.py
 """
@@ -44,7 +46,9 @@ def main() -> None:
     here = Path(__file__).parent
     rng = random.Random(0)
     write(here / "unpaired_train.jsonl", one_per_prompt(read(here / "preference_train.jsonl"), rng))
-    write(here / "unpaired_eval.jsonl", both_per_prompt(read(here / "preference_eval.jsonl")))
+    held_out = both_per_prompt(read(here / "preference_eval.jsonl"))
+    rng.shuffle(held_out)
+    write(here / "unpaired_eval.jsonl", held_out)
 
 
 if __name__ == "__main__":

@@ -120,8 +120,20 @@ def cmd_schema(args: argparse.Namespace, plugins: Plugins) -> None:
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "schema": cmd_schema}
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Overrides may also follow the flags (``align run cfg.yaml --resume trainer.max_steps=20``),
+    which plain ``parse_args`` rejects once the ``overrides`` positional has been consumed."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         COMMANDS[args.command](args, default_plugins())
     except UserError as exc:

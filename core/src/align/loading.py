@@ -158,12 +158,13 @@ def _user_path(loc: tuple[Any, ...], data: Any) -> list[Any]:
     """The error location as the user wrote it: drops the union tags pydantic inserts."""
     path: list[Any] = []
     node = data
-    for seg in loc:
+    for position, seg in enumerate(loc):
+        is_last = position == len(loc) - 1  # a tag is always followed by the key it selects
         if (isinstance(node, dict) and seg in node) or (
             isinstance(node, list) and isinstance(seg, int) and seg < len(node)
         ):
             node = node[seg]
-        elif (isinstance(seg, str) and seg in (ONE, MANY)) or (isinstance(node, dict) and seg in _tags(node)):
+        elif not is_last and (seg in (ONE, MANY) or (isinstance(node, dict) and seg in _tags(node))):
             continue
         else:
             node = None

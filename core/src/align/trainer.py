@@ -66,7 +66,12 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
     o = cfg.optim
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    # The fused kernel (one pass over each parameter) is the same update as the default
+    # per-tensor loop, which on CPU takes several times longer for a 30M model.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
+    return torch.optim.AdamW(
+        params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=fused
+    )
 
 
 class BatchStream:

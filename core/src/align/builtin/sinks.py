@@ -52,19 +52,29 @@ class JsonlSink:
 
 class TensorBoardSink:
     def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.writer: Any = None
+
+    @hookimpl
+    def on_train_start(self, run: RunInfo) -> None:
+        # Created here, not in __init__: the writer makes its folder, which must not exist
+        # before the trainer has checked output_dir for an earlier run.
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
 
     @hookimpl
     def on_step_end(self, run: RunInfo, step: int, metrics: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
         split = metrics.get("split", "train")
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key != "step":
                 self.writer.add_scalar(f"{split}/{key}", value, step)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _tensorboard_available() -> bool:
