@@ -164,7 +164,7 @@ def _user_path(loc: tuple[Any, ...], data: Any) -> list[Any]:
             isinstance(node, list) and isinstance(seg, int) and seg < len(node)
         ):
             node = node[seg]
-        elif not is_last and (seg in (ONE, MANY) or (isinstance(node, dict) and seg in _tags(node))):
+        elif seg in (ONE, MANY) or (not is_last and isinstance(node, dict) and seg in _tags(node)):
             continue
         else:
             node = None
@@ -184,10 +184,11 @@ def _describe(err: Any, cls: type[BaseModel], data: dict[str, Any], path: list[A
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
         return f"unknown key{suggestion}. Allowed keys here: {', '.join(sorted(allowed))}"
     if kind == "union_tag_invalid":
-        tags = ctx.get("expected_tags", "")
+        key = ctx.get("discriminator", "name").strip("'")
+        what = " ".join(str(p) for p in path[-1:]) + ("" if key == "name" else f" {key}")
         return (
-            f"unknown {ctx.get('discriminator', 'name')} {ctx.get('tag')!r}; installed choices: "
-            f"{tags}. Install a plugin that provides it (see `align list`)."
+            f"unknown {what} {ctx.get('tag')!r}; installed choices: {ctx.get('expected_tags', '')}. "
+            f"Install a plugin that provides it (see `align list`)."
         )
     if kind == "missing":
         return "required key is missing"
