@@ -52,10 +52,34 @@ def load_table(spec: str) -> datasets.Dataset:
             f"{path}: unsupported file type '{path.suffix}' (use .jsonl, .json, .parquet, .csv, .arrow)"
         )
     try:
-        return datasets.load_dataset(loader, data_files=str(path), split="train", keep_in_memory=True)
+        table = datasets.load_dataset(loader, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as exc:
         where = _first_bad_json_line(path) if loader == "json" else None
         raise DataError(where or f"{path}: could not be read ({type(exc).__name__}: {exc})") from None
+    mixed = [name for name, feature in table.features.items() if type(feature).__name__ == "Json"]
+    if mixed and loader == "json":
+        # datasets would decode such a column's strings as JSON ("2" -> 2): name the odd row instead.
+        raise DataError(_first_mixed_row(path, mixed))
+    return table
+
+
+def _first_mixed_row(path: Path, columns: list[str]) -> str:
+    first: dict[str, tuple[int, str]] = {}
+    with path.open() as handle:
+        rows = (json.loads(line) for line in handle if line.strip())
+        for number, row in enumerate(rows, start=1):
+            for column in columns:
+                kind = _JSON_KINDS.get(type(row.get(column)), "value")
+                seen = first.setdefault(column, (number, kind))
+                if row.get(column) is not None and kind != seen[1]:
+                    return (
+                        f"{path}, row {number}: '{column}' must be a {seen[1]} like row {seen[0]} "
+                        f"(a column holds one kind of value), got a {kind}"
+                    )
+    return f"{path}: columns {columns} mix kinds of values"
+
+
+_JSON_KINDS = {str: "string", list: "list", dict: "mapping", int: "number", float: "number", bool: "boolean"}
 
 
 def row_error(source: str, row: int, message: str) -> DataError:

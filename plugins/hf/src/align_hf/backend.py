@@ -92,7 +92,7 @@ def sequence_logps(model: nn.Module, batch: TokenBatch) -> SequenceLogps:
     positions that are scored (completion tokens): the LM head never runs on prompts or pads."""
     inputs = {
         "input_ids": batch.input_ids,
-        "attention_mask": None if batch.packed else batch.attention_mask,
+        "attention_mask": None if batch.packed or _right_padded(batch) else batch.attention_mask,
         "position_ids": batch.position_ids,
         # No KV cache: with one, transformers skips detecting packed sequences from position_ids
         # and packed sequences would attend to each other.
@@ -115,6 +115,19 @@ def sequence_logps(model: nn.Module, batch: TokenBatch) -> SequenceLogps:
         0, owners, torch.ones_like(owners)
     )
     return SequenceLogps(sums, counts)
+
+
+def _right_padded(batch: TokenBatch) -> bool:
+    """Every row is one sequence from position 0 followed only by padding. Then no mask is
+    needed: causal attention never reaches the pads after a sequence, so its tokens see exactly
+    what they would with the mask (and sdpa takes its faster causal kernel); what the pad
+    positions compute is never scored."""
+    mask = batch.attention_mask
+    if batch.position_ids is not None or mask.shape[1] == 0:
+        return False
+    ids = batch.sequence_ids
+    one_per_row = bool((ids.max(dim=1).values == ids[:, 0]).all())
+    return one_per_row and bool((mask[:, 0] == 1).all()) and bool((mask[:, :-1] >= mask[:, 1:]).all())
 
 
 # Rows of logits handled at once in float32 (~16 MB per chunk for any vocabulary size).

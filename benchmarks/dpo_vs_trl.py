@@ -1,0 +1,409 @@
+"""DPO training speed: align against TRL 1.16's ``DPOTrainer`` on the same work.
+
+Both sides train the same 28.8M-parameter Llama (6 layers, hidden 512, vocab 8192, built in
+code and saved once) on the same 256 synthetic preference pairs (~260 tokens of prompt +
+completion), with the same token ids (a word-level tokenizer: token ``t123`` is id 123, and each
+side tokenizes the same text; both workers check the ids), 8 pairs per step, AdamW at the same
+lr, fp32, sigmoid DPO with beta 0.1, max length 512 (nothing truncated), no gradient
+checkpointing, N CPU threads. Each run is a fresh subprocess; the variants alternate, repeat
+after repeat. Tokens are real (non-pad) prompt + completion tokens of both sequences of a pair.
+
+    python benchmarks/dpo_vs_trl.py                           # quick, ~3 minutes on 2 cores
+    python benchmarks/dpo_vs_trl.py --steps 12 --repeats 3    # the full table
+
+Variants: ``align`` (reference precomputed and cached, length-grouped batches: the recommended
+settings), ``align-live`` (reference model kept, scored every step), ``align-ungrouped`` and
+``align-packed`` (ablations), ``trl`` (TRL's default: reference model kept) and
+``trl-precompute`` (``precompute_ref_log_probs=True``). Each run starts cold: align's reference
+cache and the ``datasets`` cache TRL keeps its precomputed log-probs in are fresh folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+VOCAB = 8192
+PAIRS = 256
+BATCH_PAIRS = 8
+MAX_LENGTH = 512
+BETA = 0.1
+LR = 1e-6
+SEED = 0
+ALIGN_VARIANTS = {
+    "align": {"reference": "precompute", "group_by_length": True, "padding_free": False},
+    "align-live": {"reference": "live", "group_by_length": True, "padding_free": False},
+    "align-ungrouped": {"reference": "precompute", "group_by_length": False, "padding_free": False},
+    "align-packed": {"reference": "precompute", "group_by_length": False, "padding_free": True},
+}
+TRL_VARIANTS = {"trl": False, "trl-precompute": True}
+DEFAULT_VARIANTS = "align,trl,align-live,trl-precompute"
+
+
+# ---- the shared workload -------------------------------------------------------------------------
+def prepare(workdir: Path) -> None:
+    """Tokenizer + model (saved as an HF folder) and the pairs (text and their ids)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    model_dir = workdir / "model"
+    if (model_dir / "config.json").is_file() and (workdir / "pairs.jsonl").is_file():
+        return
+    specials = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    vocab = specials | {f"t{i}": i for i in range(len(specials), VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(model_dir)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(SEED)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    rng = random.Random(SEED)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(len(specials), VOCAB) for _ in range(n)]
+
+    with open(workdir / "pairs.jsonl", "w") as text, open(workdir / "ids.jsonl", "w") as expected:
+        for _ in range(PAIRS):
+            # prompt 30-130 tokens, each completion 80-280 (its last token is EOS): ~260 per sequence
+            prompt, chosen, rejected = (
+                ids(rng.randint(30, 130)),
+                ids(rng.randint(79, 279)),
+                ids(rng.randint(79, 279)),
+            )
+            words = {
+                name: " ".join(f"t{i}" for i in seq)
+                for name, seq in (("p", prompt), ("c", chosen), ("r", rejected))
+            }
+            text.write(
+                json.dumps({"prompt": words["p"], "chosen": " " + words["c"], "rejected": " " + words["r"]})
+                + "\n"
+            )
+            expected.write(json.dumps([prompt, [*chosen, 2], [*rejected, 2]]) + "\n")
+
+
+def expected_ids(workdir: Path) -> list[list[list[int]]]:
+    return [json.loads(line) for line in (workdir / "ids.jsonl").read_text().splitlines()]
+
+
+def check_ids(rows: Any, workdir: Path, who: str) -> None:
+    got = [[list(r["prompt_ids"]), list(r["chosen_ids"]), list(r["rejected_ids"])] for r in rows]
+    if got != expected_ids(workdir):
+        raise SystemExit(f"{who}: the tokenized pairs differ from the generated ids")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---- workers (one per subprocess) ----------------------------------------------------------------
+def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+    import align
+    from align.loading import validate_run_config
+
+    knobs = ALIGN_VARIANTS[variant]
+    config = {
+        "algo": "dpo",
+        "output_dir": str(out),
+        "seed": SEED,
+        "model": {"path": str(workdir / "model"), "dtype": "float32"},
+        "backend": {"name": "hf", "attn_implementation": "sdpa"},
+        "data": {
+            "format": "preference",
+            "train": str(workdir / "pairs.jsonl"),
+            "max_length": MAX_LENGTH,
+            "group_by_length": knobs["group_by_length"],
+            "padding_free": knobs["padding_free"],
+        },
+        "loss": {"name": "dpo", "beta": BETA},
+        "reference": {"mode": knobs["reference"]},
+        "trainer": {
+            "max_steps": steps,
+            "batch_size": BATCH_PAIRS,
+            "max_grad_norm": 1.0,
+            "lr_scheduler": "constant",
+            "num_threads": threads,
+            "tensorboard": False,
+            "progress": False,
+            "log_every": 1,
+        },
+        "optim": {"name": "adamw", "lr": LR},
+    }
+    marks: list[float] = []
+    tokens: list[int] = []
+    slots: list[float] = []
+
+    class Timer:
+        @align.hookimpl
+        def on_train_start(self, run: Any) -> None:
+            marks.append(time.perf_counter())
+
+        @align.hookimpl
+        def on_step_end(self, run: Any, step: int, metrics: dict[str, Any]) -> None:
+            if metrics.get("split") == "train":
+                marks.append(time.perf_counter())
+                tokens.append(int(metrics["tokens"]))
+                slots.append(metrics["tokens"] / (1.0 - metrics.get("pad_fraction", 0.0)))
+
+    plugins = align.default_plugins()
+    cfg = validate_run_config(config, plugins.registry, "dpo")
+    plugins.manager.register(Timer())
+    align.train(cfg, plugins)
+    return _result(marks, tokens, slots)
+
+
+def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+    import datasets
+    import torch
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    model = AutoModelForCausalLM.from_pretrained(
+        workdir / "model", dtype=torch.float32, attn_implementation="sdpa"
+    )
+    data = datasets.load_dataset("json", data_files=str(workdir / "pairs.jsonl"), split="train")
+    args = trl.DPOConfig(
+        output_dir=str(out),
+        seed=SEED,
+        per_device_train_batch_size=BATCH_PAIRS,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=MAX_LENGTH,
+        precompute_ref_log_probs=TRL_VARIANTS[variant],
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=max(1, steps),
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    marks: list[float] = []
+    tokens: list[int] = []
+    slots: list[float] = []
+    pending = [0, 0]
+
+    class Timer(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            marks.append(time.perf_counter())
+            tokens.append(pending[0])
+            slots.append(pending[1])
+            pending[:] = [0, 0]
+
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    check_ids(trainer.train_dataset, workdir, "trl")
+    compute_loss = trainer.compute_loss
+
+    def counting_compute_loss(model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
+        if model.training:
+            pending[0] += int(inputs["attention_mask"].sum())
+            pending[1] += inputs["attention_mask"].numel()
+        return compute_loss(model, inputs, *a, **k)
+
+    trainer.compute_loss = counting_compute_loss  # type: ignore[method-assign]
+    trainer.add_callback(Timer())
+    trainer.train()
+    return _result(marks, tokens, slots)
+
+
+def _result(marks: list[float], tokens: list[int], slots: list[float]) -> dict[str, Any]:
+    return {
+        "step_s": [b - a for a, b in itertools.pairwise(marks)],
+        "tokens": tokens,
+        "slots": slots,
+        "setup_s": marks[0] - STARTED if marks else None,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+STARTED = time.perf_counter()
+
+
+def worker(args: argparse.Namespace) -> None:
+    workdir, out = Path(args.workdir), Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        if args.worker in TRL_VARIANTS:
+            result = run_trl(args.worker, workdir, Path(tmp), args.total_steps, args.threads)
+        else:
+            result = run_align(args.worker, workdir, Path(tmp), args.total_steps, args.threads)
+            from transformers import AutoTokenizer
+
+            from align.builtin.data import PreferenceData, PreferenceFormat  # the ids align trained on
+
+            tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+            data = PreferenceFormat(
+                PreferenceData(train=str(workdir / "pairs.jsonl"), max_length=MAX_LENGTH), tokenizer
+            )
+            check_ids(data.load("train"), workdir, "align")
+    result["wall_s"] = time.perf_counter() - STARTED
+    out.write_text(json.dumps(result))
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+def launch(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        env = dict(os.environ)
+        env.update(
+            OMP_NUM_THREADS=str(args.threads),
+            MKL_NUM_THREADS=str(args.threads),
+            HF_DATASETS_CACHE=str(Path(tmp) / "datasets-cache"),  # TRL's precompute cache: cold
+            TOKENIZERS_PARALLELISM="false",
+            TQDM_DISABLE="1",
+            PYTHONWARNINGS="ignore",
+        )
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            variant,
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+        ]
+        command += ["--total-steps", str(args.warmup + args.steps), "--threads", str(args.threads)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{variant} failed:\n{done.stderr[-4000:]}")
+        result: dict[str, Any] = json.loads(out.read_text())
+    timed = slice(args.warmup, None)
+    result["step_s"], result["tokens"], result["slots"] = (
+        result["step_s"][timed],
+        result["tokens"][timed],
+        result["slots"][timed],
+    )
+    return result
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
+    steps = [s for run in runs for s in run["step_s"]]
+    per_run = [sum(run["tokens"]) / sum(run["step_s"]) for run in runs]
+    return {
+        "tokens_per_s": statistics.median(per_run),
+        "tokens_per_s_min": min(per_run),
+        "tokens_per_s_max": max(per_run),
+        "median_step_s": statistics.median(steps),
+        "pad_fraction": 1 - sum(sum(r["tokens"]) for r in runs) / sum(sum(r["slots"]) for r in runs),
+        "setup_s": statistics.median(run["setup_s"] for run in runs),
+        "wall_s": statistics.median(run["wall_s"] for run in runs),
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+    }
+
+
+def table(summary: dict[str, dict[str, float]], repeats: int) -> str:
+    lines = [
+        "| variant | tokens/s (median; min-max) | median step s | pad fraction | setup s | peak RSS MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        spread = f"{s['tokens_per_s_min']:,.0f}-{s['tokens_per_s_max']:,.0f}" if repeats > 1 else "-"
+        lines.append(
+            f"| {name} | {s['tokens_per_s']:,.0f} ({spread}) | {s['median_step_s']:.2f} | "
+            f"{s['pad_fraction']:.2f} | {s['setup_s']:.1f} | {s['peak_rss_mb']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(summary: dict[str, dict[str, float]]) -> list[str]:
+    lines = []
+    for a in (n for n in summary if n.startswith("align")):
+        for t in (n for n in summary if n.startswith("trl")):
+            speed = summary[a]["tokens_per_s"] / summary[t]["tokens_per_s"]
+            memory = summary[a]["peak_rss_mb"] / summary[t]["peak_rss_mb"]
+            lines.append(f"{a} / {t}: {speed:.2f}x tokens/s at {memory:.2f}x peak RSS")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per run")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per variant (alternating)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--variants", default=DEFAULT_VARIANTS, help=f"comma-separated; default {DEFAULT_VARIANTS}"
+    )
+    parser.add_argument("--workdir", help="where the model and data are written (default: a temp folder)")
+    parser.add_argument("--json", help="also write every run's numbers here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in ALIGN_VARIANTS and v not in TRL_VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {[*ALIGN_VARIANTS, *TRL_VARIANTS]}")
+    with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        prepare(workdir)
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+        for repeat in range(args.repeats):
+            for variant in variants if repeat % 2 == 0 else variants[::-1]:
+                started = time.perf_counter()
+                runs[variant].append(launch(variant, args, workdir))
+                print(
+                    f"repeat {repeat + 1}/{args.repeats} {variant}: {time.perf_counter() - started:.0f}s",
+                    flush=True,
+                )
+    summary = {v: summarize(r) for v, r in runs.items()}
+    print(
+        f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "
+        f"{args.threads} threads, {BATCH_PAIRS} pairs/step, fp32; "
+        f"load average at the end: {os.getloadavg()[0]:.1f}\n"
+    )
+    print(table(summary, args.repeats))
+    print("\n" + "\n".join(ratios(summary)))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "runs": runs, "summary": summary}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
