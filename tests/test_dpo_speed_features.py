@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import (
     DATA,
+    TINY_MODEL,
     assert_same_weights,
     dpo_config,
     load_weights,
@@ -29,6 +30,7 @@ from align_hf import byte_tokenizer, tiny_llama
 from align_hf.backend import sequence_logps, token_logps_of
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+SMALL = TinyModelConfig(**TINY_MODEL["tiny"])  # what the runs below train (helpers.dpo_config)
 SEQUENCES = [([1, 5, 6, 7], [8, 9, 2]), ([1, 4], [10, 11, 12, 13, 2]), ([1, 3, 3, 3, 3, 3], [2])]
 
 
@@ -73,11 +75,26 @@ def test_packed_and_padded_layouts_give_the_same_logps(attn: str):
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
+def test_chunked_rows_give_the_same_logps_and_gradients():
+    """CPU runs a padded batch in length-sorted row chunks, each trimmed to its longest row."""
+    model = tiny_llama(TINY, 300, "sdpa")
+    batch = pad_sequences([*SEQUENCES, ([1, 2], [3, 4, 5, 6, 7, 8, 9, 10, 11, 2])], pad_id=0)
+    results = []
+    for chunk_tokens in (None, 1, 8, 16):
+        model.zero_grad()
+        out = sequence_logps(model, batch, chunk_tokens)
+        (out.sum * torch.arange(1.0, 5.0)).sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((out.sum.detach(), out.count, grad))
+    for sums, counts, grad in results[1:]:
+        assert torch.allclose(sums, results[0][0], atol=1e-5) and torch.equal(counts, results[0][1])
+        assert torch.allclose(grad, results[0][2], atol=1e-5)
+
+
 # ---- the precomputed reference ---------------------------------------------------------------
 def small_run(out: Path, **sections: Any) -> dict[str, Any]:
     base = dpo_config(
         out,
-        model={"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
         data={"train": str(DATA / "preference_train.jsonl"), "eval": str(DATA / "preference_eval.jsonl")},
         trainer={"max_steps": 3, "batch_size": 8, "eval_batch_size": 32, "save_every": 0},
     )
@@ -123,11 +140,13 @@ def test_precomputed_reference_equals_live(tmp_path: Path, builds: list[int]):
     files = {p.name.split("-")[0]: p for p in cache_files(tmp_path / "pre" / "reference_cache")}
     assert files.keys() == {"train", "eval"}
     saved = load_file(files["train"])
-    fmt = PreferenceFormat(PreferenceData(train=str(DATA / "preference_train.jsonl"), max_length=128), byte_tokenizer())
+    fmt = PreferenceFormat(
+        PreferenceData(train=str(DATA / "preference_train.jsonl"), max_length=128), byte_tokenizer()
+    )
     data = fmt.load("train")
     rows = sorted(range(len(data)), key=lambda i: data[i]["example_id"])[:24]
     batch = fmt.collate([data[i] for i in rows])
-    reference = tiny_llama(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), 262, "sdpa")
+    reference = tiny_llama(SMALL, len(byte_tokenizer()), "sdpa")
     with torch.no_grad():
         chosen, rejected = sequence_logps(reference, batch.tokens).split(batch.num_pairs)
     where = {int(i): n for n, i in enumerate(saved["example_ids"])}
@@ -157,7 +176,9 @@ def test_a_changed_dataset_invalidates_the_cache(tmp_path: Path, builds: list[in
     rows = [json.loads(line) for line in (DATA / "preference_train.jsonl").read_text().splitlines()[:40]]
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = small_run(tmp_path / "a", data={"train": str(train_file), "eval": None}, reference={"cache_dir": str(cache)})
+    config = small_run(
+        tmp_path / "a", data={"train": str(train_file), "eval": None}, reference={"cache_dir": str(cache)}
+    )
     train(config)
     assert len(builds) == 1
     rows[7]["chosen"] += " Really."
