@@ -261,6 +261,8 @@ def precompute(
         else:
             found[split] = cached
     if missing:
+        pairs = sum(len(splits[s]) for s in missing)
+        _note(f"reference: scoring {pairs} pairs once ({', '.join(missing)}); later runs reuse {folder}")
         started = time.perf_counter()
         with open_reference(backend, policy) as model:
             for split, (path, key) in missing.items():
@@ -272,7 +274,6 @@ def precompute(
                 found[split] = CachedSplit(_to_table(ids, chosen, rejected), path)
         del model
         gc.collect()  # the reference's memory goes back before training allocates its own
-        pairs = sum(len(splits[s]) for s in missing)
         _note(f"reference: scored {pairs} pairs in {time.perf_counter() - started:.1f}s, cached in {folder}")
     reused = sorted(found.keys() - missing.keys())
     if reused:
