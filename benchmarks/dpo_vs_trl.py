@@ -11,11 +11,14 @@ after repeat. Tokens are real (non-pad) prompt + completion tokens of both seque
     python benchmarks/dpo_vs_trl.py           # quick: align vs trl, 3 timed steps (~3 minutes, 2 cores)
     python benchmarks/dpo_vs_trl.py --full    # 4 variants x 8 timed steps x 3 repeats (~25 minutes)
 
-Variants: ``align`` (reference precomputed and cached, length-grouped batches: the recommended
-settings), ``align-live`` (reference model kept, scored every step), ``align-ungrouped`` and
-``align-packed`` (ablations), ``trl`` (TRL's default: reference model kept) and
-``trl-precompute`` (``precompute_ref_log_probs=True``). Each run starts cold: align's reference
-cache and the ``datasets`` cache TRL keeps its precomputed log-probs in are fresh folders.
+Variants: ``align`` (align's defaults: the reference precomputed once and cached, CPU row
+chunks), and one setting changed at a time: ``align-live`` (reference model kept, scored every
+step), ``align-grouped`` (``data.group_by_length``), ``align-unchunked``
+(``backend.chunk_tokens: null``), ``align-packed`` (``data.padding_free``); ``trl`` (TRL's
+default: reference model kept) and ``trl-precompute`` (``precompute_ref_log_probs=True``). Each
+run starts cold: align's reference cache and the ``datasets`` cache where TRL keeps its
+precomputed log-probs are fresh folders. "pad fraction" is the batches' layout (for align
+before its CPU row chunks, which trim most of it).
 """
 
 from __future__ import annotations
@@ -41,11 +44,14 @@ MAX_LENGTH = 512
 BETA = 0.1
 LR = 1e-6
 SEED = 0
-ALIGN_VARIANTS = {
-    "align": {"reference": "precompute", "group_by_length": True, "padding_free": False},
-    "align-live": {"reference": "live", "group_by_length": True, "padding_free": False},
-    "align-ungrouped": {"reference": "precompute", "group_by_length": False, "padding_free": False},
-    "align-packed": {"reference": "precompute", "group_by_length": False, "padding_free": True},
+# align's defaults, then one setting changed at a time.
+ALIGN_DEFAULTS: dict[str, Any] = {"reference": "precompute", "group_by_length": False, "padding_free": False}
+ALIGN_VARIANTS: dict[str, dict[str, Any]] = {
+    "align": {},
+    "align-live": {"reference": "live"},
+    "align-grouped": {"group_by_length": True},
+    "align-unchunked": {"chunk_tokens": None},
+    "align-packed": {"padding_free": True},
 }
 TRL_VARIANTS = {"trl": False, "trl-precompute": True}
 QUICK = {"variants": "align,trl", "steps": 3, "warmup": 1, "repeats": 1}
@@ -128,13 +134,16 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
     import align
     from align.loading import validate_run_config
 
-    knobs = ALIGN_VARIANTS[variant]
+    knobs = ALIGN_DEFAULTS | ALIGN_VARIANTS[variant]
+    backend = {"name": "hf", "attn_implementation": "sdpa"}
+    if "chunk_tokens" in knobs:
+        backend["chunk_tokens"] = knobs["chunk_tokens"]
     config = {
         "algo": "dpo",
         "output_dir": str(out),
         "seed": SEED,
         "model": {"path": str(workdir / "model"), "dtype": "float32"},
-        "backend": {"name": "hf", "attn_implementation": "sdpa"},
+        "backend": backend,
         "data": {
             "format": "preference",
             "train": str(workdir / "pairs.jsonl"),
@@ -220,7 +229,7 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
     slots: list[float] = []
     pending = [0, 0]
 
-    class Timer(TrainerCallback):  # type: ignore[misc]
+    class Timer(TrainerCallback):
         def on_train_begin(self, *a: Any, **k: Any) -> None:
             marks.append(time.perf_counter())
 

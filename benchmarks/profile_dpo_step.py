@@ -1,0 +1,157 @@
+"""Where an align DPO step's time goes, on the workload of ``dpo_vs_trl.py``.
+
+    python benchmarks/profile_dpo_step.py ablate --reps 5    # each speed feature off, one at a time
+    python benchmarks/profile_dpo_step.py profile            # torch.profiler table of one step
+
+A step is what the trainer does per batch: the policy's log-probs of 8 pairs (chosen and
+rejected in one batch), DPO loss against given reference log-probs, backward, clip, AdamW.
+``ablate`` times the full step with every feature on, then with one feature off at a time,
+alternating the variants within each repeat (the first repeat is a warm-up); the same batch (8
+pairs in the data's order, so unsorted lengths) throughout. It also times what live-reference
+mode adds per step: the reference's forward pass on the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dpo_vs_trl import BATCH_PAIRS, BETA, LR, MAX_LENGTH, prepare
+
+import align_hf.backend as hf
+from align.builtin.data import PreferenceData, PreferenceFormat
+
+
+def unfused_token_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """What autograd does without the fused function: a float32 copy, gather - logsumexp."""
+    logits = logits.float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@contextmanager
+def patched(module: Any, name: str, value: Any) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+class Step:
+    def __init__(self, workdir: Path, threads: int) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            workdir / "model", dtype=torch.float32, attn_implementation="sdpa"
+        )
+        data = PreferenceData(train=str(workdir / "pairs.jsonl"), max_length=MAX_LENGTH)
+        loaded = PreferenceFormat(data, tokenizer).load("train")
+        assert loaded is not None
+        rows = [loaded[i] for i in range(BATCH_PAIRS)]
+        self.pairs = PreferenceFormat(data, tokenizer).collate(rows)
+        packed = data.model_copy(update={"padding_free": True})
+        self.packed = PreferenceFormat(packed, tokenizer).collate(rows)
+        self.optimizers = {
+            fused: torch.optim.AdamW(self.model.parameters(), lr=LR, fused=fused) for fused in (True, False)
+        }
+        with torch.inference_mode():
+            ref = hf.sequence_logps(self.model, self.pairs.tokens, 1024).sum.clone()
+        self.ref = ref.split(BATCH_PAIRS)
+
+    def train(self, chunk_tokens: int | None = 1024, fused_adamw: bool = True, packed: bool = False) -> None:
+        tokens = (self.packed if packed else self.pairs).tokens
+        chosen, rejected = hf.sequence_logps(self.model, tokens, chunk_tokens).sum.split(BATCH_PAIRS)
+        logits = (chosen - self.ref[0]) - (rejected - self.ref[1])
+        (-F.logsigmoid(BETA * logits).mean()).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        optimizer = self.optimizers[fused_adamw]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def reference_forward(self) -> None:
+        with torch.inference_mode():
+            hf.sequence_logps(self.model, self.pairs.tokens, 1024)
+
+
+def ablate(step: Step, reps: int) -> None:
+    variants: dict[str, Callable[[], None]] = {
+        "all features (align default)": step.train,
+        "no row chunks (one padded pass)": lambda: step.train(chunk_tokens=None),
+        "unfused token log-probs": lambda: _with(hf, "token_logps_of", unfused_token_logps, step.train),
+        "attention mask kept (no causal fast path)": lambda: _with(
+            hf, "_right_padded", lambda batch: False, lambda: step.train(chunk_tokens=None)
+        ),
+        "AdamW per-tensor loop (not fused)": lambda: step.train(fused_adamw=False),
+        "padding-free (one packed row)": lambda: step.train(packed=True),
+        "reference forward (live mode, per step)": step.reference_forward,
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(reps + 1):
+        for name, run in variants.items():
+            started = time.perf_counter()
+            run()
+            if rep:
+                times[name].append(time.perf_counter() - started)
+    tokens = step.pairs.num_tokens
+    pad = step.pairs.tokens.pad_fraction
+    print(f"\n{BATCH_PAIRS} pairs, {tokens} real tokens, layout pad fraction {pad:.2f}")
+    print("| variant | median s | min s | tokens/s |\n|---|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.2f} | {min(values):.2f} | {tokens / median:,.0f} |")
+    print("\n('attention mask kept' runs without row chunks: compare it with 'no row chunks')")
+
+
+def _with(module: Any, name: str, value: Any, run: Callable[[], None]) -> None:
+    with patched(module, name, value):
+        run()
+
+
+def profile(step: Step, chunk_tokens: int | None) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step.train(chunk_tokens=chunk_tokens)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step.train(chunk_tokens=chunk_tokens)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("what", choices=["ablate", "profile"])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="profile: 0 for one padded pass")
+    parser.add_argument("--workdir", help="model and data of dpo_vs_trl.py (default: a temp folder)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        prepare(workdir)
+        step = Step(workdir, args.threads)
+        if args.what == "ablate":
+            ablate(step, args.reps)
+        else:
+            profile(step, args.chunk_tokens or None)
+
+
+if __name__ == "__main__":
+    main()
