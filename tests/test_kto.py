@@ -155,7 +155,10 @@ def test_non_bool_label_is_an_error_naming_file_and_row(tmp_path: Path, label: A
         {"prompt": "a", "completion": "b", "label": label},
     ]
     fmt = unpaired_format(tmp_path, rows)
-    with pytest.raises(align.DataError, match=r"train\.jsonl, row 2: 'label' must be true or false"):
+    # A JSONL column of mixed kinds is caught while reading the file, a null by the format: both name the row.
+    with pytest.raises(
+        align.DataError, match=r"train\.jsonl, row 2: 'label' must be (true or false|a boolean)"
+    ):
         fmt.load("train")
 
 

@@ -303,7 +303,7 @@ def test_attribute_format_rows(tmp_path: Path) -> None:
     assert batch.labelled.tolist() == [[True, True], [False, True]]
     bad = [*rows, {"prompt": "p", "completion": "d", "h": "high", "v": 1}]
     cfg = AttributeData(train=str(write_jsonl(tmp_path / "b.jsonl", bad)), attributes=["h", "v"])
-    with pytest.raises(align.DataError, match=r"b\.jsonl, row 4: attribute 'h' must be a number"):
+    with pytest.raises(align.DataError, match=r"b\.jsonl, row 4: (attribute )?'h' must be a number"):
         AttributeFormat(cfg, byte_tokenizer()).load("train")
     with pytest.raises(ValueError, match="more than once"):
         AttributeData(train="x", attributes=["h", "h"])

@@ -110,9 +110,7 @@ def run_config_class(algorithm: Entry, registry: Registry) -> type[RunConfig]:
             _one_or_list(_union_of(losses, "loss")),
             Field(default={"name": meta["default_loss"]}, validate_default=True),
         )
-    return create_model(
-        f"{base.__name__}Run", __base__=base, __module__=base.__module__, **fields
-    )
+    return create_model(f"{base.__name__}Run", __base__=base, __module__=base.__module__, **fields)
 
 
 def _fill_defaults(data: dict[str, Any], algorithm: Entry) -> dict[str, Any]:
