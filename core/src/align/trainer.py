@@ -27,7 +27,6 @@ from align.plugins import Plugins
 from align.progress import Progress
 from align.provenance import write_run_config
 
-
 # What a run writes into output_dir besides config.yaml.
 EARLIER_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "final", "tensorboard")
 
@@ -240,7 +239,9 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + float(value) / accum
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.cfg.trainer.max_grad_norm:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm))
+            totals["grad_norm"] = float(
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm)
+            )
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -311,7 +312,9 @@ class Trainer:
                 metrics["epoch"] = self.position.epoch + self.position.batch / self.stream.per_epoch
                 progress.advance(metrics)
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    self.hook.on_step_end(run=self.info, step=self.step, metrics={"split": "train", **metrics})
+                    self.hook.on_step_end(
+                        run=self.info, step=self.step, metrics={"split": "train", **metrics}
+                    )
                 if t.save_every and self.step % t.save_every == 0:
                     self.save_checkpoint()
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
