@@ -14,28 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import PAIRED_LOSSES, REFERENCE_FREE_LOSSES
 
 import align
 from align.loading import validate_run_config
 
-PAIRED = [
-    "dpo",
-    "cdpo",
-    "robust",
-    "ipo",
-    "hinge",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "apo_zero",
-    "apo_down",
-    "aot",
-    "rpo_sq",
-    "rpo_fwd_kl",
-    "rpo_bwd_kl",
-]
-REFERENCE_FREE = ["cpo", "orpo", "sft"]
+PAIRED = list(PAIRED_LOSSES)
+REFERENCE_FREE = list(REFERENCE_FREE_LOSSES)
 
 
 def registry() -> align.Registry:

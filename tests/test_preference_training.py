@@ -8,27 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import PAIRED_LOSSES, RPO_LOSSES
 
 import align
 from align.loading import validate_run_config
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
-RPO = ("rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl")
-PAIRED = (
-    "dpo",
-    "cdpo",
-    "robust",
-    "ipo",
-    "hinge",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "apo_zero",
-    "apo_down",
-    "aot",
-    *RPO,
-)
+RPO = RPO_LOSSES
+PAIRED = PAIRED_LOSSES
 
 
 def with_rewards(source: Path, target: Path, limit: int) -> str:

@@ -184,3 +184,23 @@ def subprocess_env(pythonpath: Sequence[Path] = (), **variables: str) -> dict[st
 
 
 ALIGN = [sys.executable, "-m", "align.cli"]
+
+
+RPO_LOSSES = ("rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl")
+# The built-in preference losses that compare chosen with rejected through the reference.
+PAIRED_LOSSES = (
+    "dpo",
+    "cdpo",
+    "robust",
+    "ipo",
+    "hinge",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "aot",
+    *RPO_LOSSES,
+)
+REFERENCE_FREE_LOSSES = ("cpo", "orpo", "sft")
