@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -103,10 +104,14 @@ class CachedSplit:
     path: Path
 
     def logps(self, example_ids: Tensor) -> tuple[Tensor, Tensor]:
-        rows = self.table[example_ids.cpu()]
-        if bool(rows.isnan().any()):
-            missing = example_ids[rows[:, 0].isnan()].tolist()
-            raise RuntimeError(f"reference cache {self.path} has no log-probs for examples {missing}")
+        ids = example_ids.cpu()
+        known = ids < len(self.table)
+        rows = self.table[ids.clamp(max=len(self.table) - 1)]
+        missing = ~known | rows[:, 0].isnan()
+        if bool(missing.any()):
+            raise RuntimeError(
+                f"reference cache {self.path} has no log-probs for examples {ids[missing].tolist()}"
+            )
         rows = rows.to(example_ids.device)
         return rows[:, 0], rows[:, 1]
 
@@ -179,10 +184,10 @@ def pair_lengths(data: Any) -> list[int]:
     if hasattr(data, "with_format"):
         table: pa.Table = data.with_format("arrow")[:]
         prompt, chosen, rejected = (
-            pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+            np.asarray(pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False))
             for name in ("prompt_ids", "chosen_ids", "rejected_ids")
         )
-        return [int(v) for v in prompt + (chosen > rejected) * chosen + (chosen <= rejected) * rejected]
+        return [int(v) for v in prompt + np.maximum(chosen, rejected)]
     return [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in data]
 
 
@@ -213,10 +218,12 @@ def _to_table(ids: Tensor, chosen: Tensor, rejected: Tensor) -> Tensor:
 
 
 def _load(path: Path, expected_ids: Sequence[int]) -> CachedSplit | None:
+    if not path.is_file():
+        return None
     try:
         saved = load_file(path)
-    except (OSError, ValueError, RuntimeError):
-        return None  # absent or unreadable: compute again
+    except Exception:  # unreadable (safetensors raises its own error type): compute again
+        return None
     ids = saved.get("example_ids")
     if ids is None or sorted(ids.tolist()) != sorted(expected_ids):
         return None
