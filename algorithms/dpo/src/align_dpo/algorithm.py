@@ -26,7 +26,10 @@ class DPO(align.Algorithm):
         super().__init__(ctx)
         self.losses = align.resolve_losses(self.config.loss, ctx.registry)  # type: ignore[attr-defined]
         self.needs_reference = any(term.needs_reference for term in self.losses)
-        self.beta = float(getattr(self.losses[0].config, "beta", 0.1))
+        # Implicit rewards use the beta of the first reference-based loss (an `sft` term first in
+        # a weighted list has none).
+        with_beta = [t.config for t in self.losses if t.needs_reference and hasattr(t.config, "beta")]
+        self.beta = float(getattr(with_beta[0] if with_beta else self.losses[0].config, "beta", 0.1))
         self.split = "train"
         self.live: LiveReference | None = None
         self.cached: CachedReference | None = None
