@@ -33,4 +33,5 @@ schemas: install
 	$(BIN)/python -m align.schemas schemas
 
 bench: install-dev
+	$(BIN)/pip install -q -r benchmarks/requirements.txt -c constraints.txt
 	$(BIN)/python benchmarks/dpo_vs_trl.py
