@@ -28,7 +28,7 @@ from align.config import (
 from align.datafiles import row_error, text_or_messages
 from align.errors import ConfigError, DataError, TrainingDiverged, UserError
 from align.hookspecs import hookimpl
-from align.layout import lay_out, pack_sequences, pad_sequences
+from align.layout import lay_out, pack_sequences, pad_sequences, row_lengths
 from align.losses import LossFn, combine_losses, resolve_losses
 from align.plugins import Plugins, default_plugins, load_plugins
 from align.protocols import Backend, DataFormat, RewardSource, ScoringBackend
@@ -85,6 +85,7 @@ __all__ = [
     "pad_sequences",
     "resolve_losses",
     "row_error",
+    "row_lengths",
     "text_or_messages",
     "train",
 ]

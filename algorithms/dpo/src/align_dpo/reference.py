@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -179,18 +178,6 @@ def example_ids(data: Any) -> list[int]:
     return [int(row["example_id"]) for row in data]
 
 
-def pair_lengths(data: Any) -> list[int]:
-    """Padded width of each pair's sequences: prompt + the longer completion."""
-    if hasattr(data, "with_format"):
-        table: pa.Table = data.with_format("arrow")[:]
-        prompt, chosen, rejected = (
-            np.asarray(pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False))
-            for name in ("prompt_ids", "chosen_ids", "rejected_ids")
-        )
-        return [int(v) for v in prompt + np.maximum(chosen, rejected)]
-    return [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in data]
-
-
 def score_pairs(
     model: nn.Module, backend: Any, data: Any, collate: Collate, batch_size: int, by_length: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -198,7 +185,7 @@ def score_pairs(
     padding; longest first, so an out-of-memory shows at once) or in the data's order."""
     order = list(range(len(data)))
     if by_length:
-        lengths = pair_lengths(data)
+        lengths = align.row_lengths(data)  # prompt + the longer of chosen and rejected
         order.sort(key=lambda i: -lengths[i])
     ids, chosen, rejected = [], [], []
     with torch.inference_mode():
