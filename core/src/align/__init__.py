@@ -29,7 +29,7 @@ from align.datafiles import row_error, text_or_messages
 from align.errors import ConfigError, DataError, TrainingDiverged, UserError
 from align.hookspecs import hookimpl
 from align.layout import lay_out, pack_sequences, pad_sequences, row_lengths
-from align.losses import LossFn, combine_losses, resolve_losses
+from align.losses import LossFn, combine_losses, pairwise_accuracy, resolve_losses
 from align.plugins import Plugins, default_plugins, load_plugins
 from align.protocols import Backend, DataFormat, RewardSource, ScoringBackend
 from align.registry import Entry, Register, Registry
@@ -83,6 +83,7 @@ __all__ = [
     "load_plugins",
     "pack_sequences",
     "pad_sequences",
+    "pairwise_accuracy",
     "resolve_losses",
     "row_error",
     "row_lengths",

@@ -43,3 +43,9 @@ def combine_losses(losses: Sequence[ResolvedLoss], batch: Any) -> LossOutput:
         metrics[f"{term.config.name}/loss"] = out.loss.detach()
         metrics |= {f"{term.config.name}/{k}": v for k, v in out.metrics.items()}
     return LossOutput(total, metrics)
+
+
+def pairwise_accuracy(margin: torch.Tensor) -> torch.Tensor:
+    """Share of pairs whose chosen scores above its rejected; a tie counts half, so a model
+    that cannot tell them apart (every margin 0) scores exactly 0.5."""
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()

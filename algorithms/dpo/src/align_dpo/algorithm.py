@@ -115,9 +115,8 @@ def reward_metrics(b: align.PreferenceBatch, beta: float) -> dict[str, torch.Ten
         else:
             chosen, rejected = b.chosen_logps_mean, b.rejected_logps_mean
         margin = chosen - rejected
-        accuracy = (margin > 0).float() + 0.5 * (margin == 0).float()
         return {
-            "reward_accuracy": accuracy.mean(),
+            "reward_accuracy": align.pairwise_accuracy(margin),
             "reward_margin": margin.mean(),
             "reward_chosen": chosen.mean(),
             "reward_rejected": rejected.mean(),

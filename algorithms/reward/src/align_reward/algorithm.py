@@ -34,9 +34,8 @@ def pair_metrics(chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
     """Accuracy (ties count half, so a constant scorer gets 0.5), margin and mean rewards."""
     with torch.no_grad():
         margin = chosen - rejected
-        accuracy = (margin > 0).float() + 0.5 * (margin == 0).float()
         return {
-            "accuracy": accuracy.mean(),
+            "accuracy": align.pairwise_accuracy(margin),
             "margin": margin.mean(),
             "reward_chosen": chosen.mean(),
             "reward_rejected": rejected.mean(),
