@@ -33,11 +33,18 @@ from align.losses import LossFn, combine_losses, pairwise_accuracy, resolve_loss
 from align.plugins import Plugins, default_plugins, load_plugins
 from align.protocols import Backend, DataFormat, RewardSource, ScoringBackend
 from align.registry import Entry, Register, Registry
+from align.rollout import Completion, EngineError, EngineSpec, NamedWeights, RolloutEngine, SamplingConfig
 from align.trainer import RunInfo, RunResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SamplingConfig",
+    "RolloutEngine",
+    "NamedWeights",
+    "EngineSpec",
+    "EngineError",
+    "Completion",
     "Algorithm",
     "Backend",
     "BackendConfig",

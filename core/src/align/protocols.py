@@ -54,12 +54,15 @@ class ScoringBackend(Backend, Protocol):
 
 @runtime_checkable
 class RewardSource(Protocol):
-    """What a ``register_rewards`` factory returns: scores (prompt, completion) pairs.
+    """What a ``register_rewards`` factory returns: scores (prompt, completion, row) triples.
 
-    A prompt or completion is a string or a list of chat messages ({role, content}).
+    A prompt or completion is a string or a list of chat messages ({role, content}); ``rows``
+    are the prompts' data rows (a verifiable reward reads its reference answer there), or None.
     """
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any]) -> Tensor:
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], rows: Sequence[dict[str, Any]] | None = None
+    ) -> Tensor:
         """A float tensor ``[len(prompts)]``: one scalar reward per pair."""
         ...
 

@@ -103,7 +103,9 @@ class ModelReward:
             out.append(logits.float().cpu())
         return torch.cat(out) if out else torch.zeros((0, self.num_labels))
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any]) -> Tensor:
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], rows: Sequence[dict[str, Any]] | None = None
+    ) -> Tensor:
         scores = self.scores(prompts, completions)
         if self.cfg.weights is None:
             return scores[:, 0]
