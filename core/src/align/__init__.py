@@ -11,6 +11,7 @@ from align.batches import (
     UnpairedBatch,
 )
 from align.builtin.data import Encoder, TokenizedFormat
+from align.builtin.prompts import PromptBatch, PromptData, PromptRow, prompt_rows
 from align.config import (
     BackendConfig,
     DataConfig,
@@ -30,6 +31,15 @@ from align.errors import ConfigError, DataError, TrainingDiverged, UserError
 from align.hookspecs import hookimpl
 from align.layout import lay_out, pack_sequences, pad_sequences, row_lengths
 from align.losses import LossFn, combine_losses, pairwise_accuracy, resolve_losses
+from align.online import (
+    RolloutResult,
+    Rollouts,
+    Sample,
+    build_engine,
+    build_reward_source,
+    policy_weights,
+    start_rollouts,
+)
 from align.plugins import Plugins, default_plugins, load_plugins
 from align.protocols import Backend, DataFormat, RewardSource, ScoringBackend
 from align.registry import Entry, Register, Registry
@@ -39,40 +49,46 @@ from align.trainer import RunInfo, RunResult, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "SamplingConfig",
-    "RolloutEngine",
-    "NamedWeights",
-    "EngineSpec",
-    "EngineError",
-    "Completion",
     "Algorithm",
     "Backend",
     "BackendConfig",
+    "Completion",
     "ConfigError",
     "Context",
     "DataConfig",
     "DataError",
     "DataFormat",
     "Encoder",
+    "EngineError",
+    "EngineSpec",
     "Entry",
     "LossConfig",
     "LossFn",
     "LossOutput",
     "ModelConfig",
+    "NamedWeights",
     "OptimConfig",
     "PairedTokens",
     "PluginConfig",
     "Plugins",
     "PreferenceBatch",
+    "PromptBatch",
+    "PromptData",
+    "PromptRow",
     "Register",
     "Registry",
     "RewardConfig",
     "RewardSource",
+    "RolloutEngine",
     "RolloutEngineConfig",
+    "RolloutResult",
+    "Rollouts",
     "RunConfig",
     "RunInfo",
     "RunResult",
     "SFTTokens",
+    "Sample",
+    "SamplingConfig",
     "ScoringBackend",
     "SequenceLogps",
     "StrictConfig",
@@ -83,6 +99,8 @@ __all__ = [
     "TrainingDiverged",
     "UnpairedBatch",
     "UserError",
+    "build_engine",
+    "build_reward_source",
     "combine_losses",
     "default_plugins",
     "hookimpl",
@@ -91,9 +109,12 @@ __all__ = [
     "pack_sequences",
     "pad_sequences",
     "pairwise_accuracy",
+    "policy_weights",
+    "prompt_rows",
     "resolve_losses",
     "row_error",
     "row_lengths",
+    "start_rollouts",
     "text_or_messages",
     "train",
 ]

@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--kind", choices=KINDS)
     listing.add_argument("--json", action="store_true")
+    gen = sub.add_parser("generate", help="completions (and rewards) for a file of prompts, as JSONL")
+    gen.add_argument("--model", default="tiny", help="model folder, HF id, or tiny (the embedded default)")
+    gen.add_argument("--prompts", required=True, help="prompts file (JSONL/Parquet/...; a `prompt` column)")
+    gen.add_argument("--out", required=True, help="output JSONL (kept unless overwrite=true)")
+    gen.add_argument("--engine", help="rollout engine (hf, vllm, ...; default hf)")
+    gen.add_argument("--reward", help="score completions with this reward (see `align list --kind reward`)")
+    gen.add_argument("overrides", nargs="*", help="n=4 temperature=0.7 max_tokens=64 reward.key=value ...")
     schema = sub.add_parser("schema", help="JSON Schema of an algorithm's full run config")
     schema.add_argument("name")
     return parser
@@ -117,7 +124,21 @@ def cmd_schema(args: argparse.Namespace, plugins: Plugins) -> None:
     print(render(schema_for(args.name, plugins)), end="")
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "schema": cmd_schema}
+def cmd_generate(args: argparse.Namespace, plugins: Plugins) -> None:
+    from align.generate import config_from_cli, generate
+
+    cfg = config_from_cli(args.model, args.prompts, args.out, args.engine, args.reward, args.overrides)
+    written = generate(cfg, plugins)
+    console.print(f"[bold green]done[/]: {written} completions in [bold]{cfg.out}[/]")
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "list": cmd_list,
+    "schema": cmd_schema,
+    "generate": cmd_generate,
+}
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -29,7 +29,7 @@ HOOK_OF_KIND = {
     "data_format": "register_data_formats",
     "backend": "register_backends",
 }
-BUILTIN_MODULES = ("align.builtin.data",)
+BUILTIN_MODULES = ("align.builtin.data", "align.builtin.prompts")
 
 
 class PluginLoadWarning(UserWarning):

@@ -63,6 +63,15 @@ class Encoder:
         )
         return text
 
+    def encode_prompt(self, prompt: Text) -> list[int]:
+        """A prompt alone, ready for generation: a conversation ends with the generation prompt."""
+        if isinstance(prompt, str):
+            ids: list[int] = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            return ids
+        return list(
+            self.tokenizer(self._chat(prompt, generation_prompt=True), add_special_tokens=False)["input_ids"]
+        )
+
     def encode(self, prompt: Text, completion: Text) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
         if isinstance(prompt, str) and isinstance(completion, str):
