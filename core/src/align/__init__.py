@@ -43,6 +43,7 @@ from align.online import (
 from align.plugins import Plugins, default_plugins, load_plugins
 from align.protocols import Backend, DataFormat, RewardSource, ScoringBackend
 from align.registry import Entry, Register, Registry
+from align.rewards import RewardError, build_reward, message_text
 from align.rollout import Completion, EngineError, EngineSpec, NamedWeights, RolloutEngine, SamplingConfig
 from align.trainer import RunInfo, RunResult, train
 
@@ -78,6 +79,7 @@ __all__ = [
     "Register",
     "Registry",
     "RewardConfig",
+    "RewardError",
     "RewardSource",
     "RolloutEngine",
     "RolloutEngineConfig",
@@ -101,11 +103,13 @@ __all__ = [
     "UserError",
     "build_engine",
     "build_reward_source",
+    "build_reward",
     "combine_losses",
     "default_plugins",
     "hookimpl",
     "lay_out",
     "load_plugins",
+    "message_text",
     "pack_sequences",
     "pad_sequences",
     "pairwise_accuracy",
