@@ -27,7 +27,7 @@ from align import ConfigError, default_plugins
 from align.cli import load_config
 from align.loading import apply_overrides
 
-KINDS = {"algorithm", "loss", "rollout_engine", "reward", "data_format", "backend"}
+KINDS = {"algorithm", "loss", "rollout_engine", "reward", "data_format", "backend", "callback", "lifecycle"}
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """The plugin manager: entry points of group ``align`` are found and registered; two packages
-registering one name is an error naming both; a plugin that fails to import is reported by name
-and skipped while the others load; ``ALIGN_PLUGINS`` restricts loading and ``ALIGN_PLUGIN_MODULES``
-adds modules by import path.
+registering one name is an error naming both; a plugin that fails to import, or whose register
+hook raises (a misspelt option), is reported by name and skipped while the others load;
+``ALIGN_PLUGINS`` restricts loading and ``ALIGN_PLUGIN_MODULES`` adds modules by import path;
+lifecycle plugins are listed; config fields typed as a plugin kind are widened to the installed
+plugins at any depth.
 
 Installed packages are faked with ``*.dist-info`` folders (METADATA + entry_points.txt) in a tmp
 folder on ``sys.path``: ``importlib.metadata`` finds them exactly as it finds pip-installed ones.
@@ -14,15 +16,17 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from helpers import dpo_config, run_cli
+from helpers import dpo_config, run_cli, sft_config
 
 import align.cli
-from align import ConfigError, load_plugins
+from align import ConfigError, Registry, load_plugins
 from align.loading import validate_run_config
 from align.plugins import PluginLoadWarning
 from align.registry import DuplicateRegistration
+from align.widening import run_config_class
 
 LOSS_MODULE = """
 from typing import Literal
@@ -227,3 +231,226 @@ def test_align_plugin_modules_registers_a_module_by_import_path(tmp_path, monkey
     finally:
         sys.modules.pop("local_loss_plugin", None)
         sys.modules.pop("local_hooks_plugin", None)
+
+
+# ---- registration options and broken registrations ------------------------------------------
+
+
+def test_a_misspelt_registration_option_reports_the_plugin_as_broken(fake_dist, fresh_cli_plugins, capsys):
+    source = loss_module("typo_loss").replace("needs_reference=False", "needs_refrence=False")
+    fake_dist("fake-typo", "typo", "typo_mod", source)
+    fake_dist("fake-fine", "fine", "fine_mod", loss_module("fine_loss"))
+    with pytest.warns(PluginLoadWarning, match=r"'typo' from package 'fake-typo'") as caught:
+        registry = load_plugins().registry
+    message = str(caught[0].message)
+    assert "loss 'typo_loss' of package 'fake-typo'" in message
+    assert "unknown registration option 'needs_refrence' (did you mean 'needs_reference'?)" in message
+    assert "typo_loss" not in registry.names("loss")
+    assert registry.get("loss", "fine_loss").package == "fake-fine"
+    with pytest.warns(PluginLoadWarning):
+        rows = json.loads(run_cli(capsys, "list", "--json").out)
+    assert [(r["name"], r["status"]) for r in rows if r["package"] == "fake-typo"] == [("typo", "broken")]
+
+
+@pytest.mark.parametrize(
+    ("registration", "error"),
+    [
+        ("register(align.LossConfig)(lambda cfg, run: None)", "config must subclass align.CallbackConfig"),
+        ("register(Watch, batch=int)(lambda cfg, run: None)", "Options of a callback: none"),
+        ("register(Watch)(lambda cfg, run: None); raise RuntimeError('boom in register')", "boom in register"),
+    ],
+    ids=["wrong-config-kind", "option-of-another-kind", "hook-raises"],
+)
+def test_a_plugin_whose_register_hook_raises_is_broken_and_leaves_nothing_behind(
+    fake_dist, registration, error
+):
+    """The loss it registered before the failing hook is dropped too, and its lifecycle hooks
+    never run: a half-registered plugin would behave unpredictably."""
+    source = loss_module("half_loss") + textwrap.dedent(
+        f"""
+        CALLS = []
+
+        class Watch(align.CallbackConfig):
+            name: Literal["watch"] = "watch"
+
+        @align.hookimpl
+        def register_callbacks(register):
+            {registration}
+
+        @align.hookimpl
+        def on_step_end(run, step, metrics):
+            CALLS.append(step)
+        """
+    )
+    fake_dist("fake-half", "half", "half_mod", source)
+    with pytest.warns(PluginLoadWarning, match=r"'half' from package 'fake-half'") as caught:
+        plugins = load_plugins()
+    assert error in str(caught[0].message)
+    registry = plugins.registry
+    assert [(b.name, b.package) for b in registry.broken] == [("half", "fake-half")]
+    assert error in registry.broken[0].error
+    assert "half_loss" not in registry.names("loss") and "watch" not in registry.names("callback")
+    assert "half" not in registry.names("lifecycle")
+    plugins.manager.hook.on_step_end(run=None, step=1, metrics={})
+    assert sys.modules["half_mod"].CALLS == []
+    assert {"dpo", "sft"} <= set(registry.names("algorithm"))
+    with pytest.raises(ConfigError, match=r"unknown loss 'half_loss'.*Broken plugins, not loaded: 'half'"):
+        registry.get("loss", "half_loss")
+
+
+def test_lifecycle_plugins_are_listed_with_their_hooks(tmp_path, monkeypatch, capsys):
+    (tmp_path / "listed_hooks_plugin.py").write_text(
+        "import align\n\n@align.hookimpl\ndef on_checkpoint(run, step, path):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ALIGN_PLUGIN_MODULES", "listed_hooks_plugin")
+    monkeypatch.setattr(align.cli, "default_plugins", load_plugins)
+    try:
+        result = run_cli(capsys, "list", "--kind", "lifecycle", "--json")
+    finally:
+        sys.modules.pop("listed_hooks_plugin", None)
+    assert result.code == 0, result.err
+    rows = {row["name"]: row for row in json.loads(result.out)}
+    assert rows["listed_hooks_plugin"]["hooks"] == ["on_checkpoint"]
+    assert rows["listed_hooks_plugin"]["package"] == "listed_hooks_plugin"
+    assert rows["metrics_jsonl"]["package"] == "align"
+    assert rows["metrics_jsonl"]["hooks"] == ["on_train_start", "on_step_end"]
+    callbacks = json.loads(run_cli(capsys, "list", "--kind", "callback", "--json").out)
+    assert [(row["name"], row["package"]) for row in callbacks] == [("early_stopping", "align")]
+
+
+# ---- config fields widened from their types --------------------------------------------------
+
+WIDE_ALGORITHM = """
+from typing import Literal
+
+from pydantic import Field
+
+import align
+
+
+class EngineBase(align.RolloutEngineConfig):
+    '''Abstract (name is a plain str): widened to the engines that subclass it.'''
+
+
+class EchoEngine(EngineBase):
+    name: Literal["echo"] = "echo"
+    speed: int = 1
+
+
+class UnusedBase(align.RewardConfig):
+    '''No installed reward subclasses it.'''
+
+
+class ConstReward(align.RewardConfig):
+    name: Literal["const"] = "const"
+    value: float = 1.0
+
+
+class HalfReward(align.RewardConfig):
+    name: Literal["half"] = "half"
+    inner: align.RewardConfig | None = None
+
+
+class Section(align.StrictConfig):
+    rewards: dict[str, align.RewardConfig] = {}
+    terms: align.LossConfig | list[align.LossConfig] | None = None
+    label: str = "plain"
+
+
+class WideConfig(align.RunConfig):
+    algo: Literal["wide"] = "wide"
+    rollout: EngineBase = Field(
+        default_factory=lambda: EngineBase(name="echo"), description="the generation engine"
+    )
+    reward: align.RewardConfig
+    section: Section = Section()
+    fixed: ConstReward = ConstReward()
+    unused: UnusedBase | None = None
+
+
+class Wide(align.Algorithm):
+    pass
+
+
+@align.hookimpl
+def register_algorithms(register):
+    register(WideConfig, batch=align.SFTTokens, data_format="sft")(Wide)
+
+
+@align.hookimpl
+def register_rollout_engines(register):
+    register(EchoEngine)(lambda cfg, spec: None)
+
+
+@align.hookimpl
+def register_rewards(register):
+    register(ConstReward)(lambda cfg: None)
+    register(HalfReward)(lambda cfg: None)
+"""
+
+
+@pytest.fixture
+def wide_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
+    (tmp_path / "wide_algorithm_plugin.py").write_text(WIDE_ALGORITHM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ALIGN_PLUGIN_MODULES", "wide_algorithm_plugin")
+    try:
+        yield load_plugins().registry
+    finally:
+        sys.modules.pop("wide_algorithm_plugin", None)
+
+
+def wide_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    return {
+        **sft_config(tmp_path / "out"),
+        "algo": "wide",
+        "reward": {"name": "const", "value": 2.0},
+        **sections,
+    }
+
+
+def test_fields_typed_as_a_plugin_kind_are_widened_at_any_depth(wide_registry, tmp_path):
+    section = {
+        "rewards": {"a": {"name": "const", "value": 3.0}, "b": {"name": "half", "inner": {"name": "const"}}},
+        "terms": [{"name": "dpo", "beta": 0.2}, {"name": "kto"}],
+    }
+    cfg: Any = validate_run_config(wide_config(tmp_path, section=section), wide_registry)
+    assert type(cfg.reward).__name__ == "ConstReward" and cfg.reward.value == 2.0
+    # A default given as a base-class instance becomes the plugin's own config.
+    assert type(cfg.rollout).__name__ == "EchoEngine" and cfg.rollout.speed == 1
+    assert type(cfg.section.rewards["a"]).__name__ == "ConstReward" and cfg.section.rewards["a"].value == 3.0
+    assert type(cfg.section.rewards["b"].inner).__name__ == "ConstReward"  # inside a plugin's config
+    # No loss_batch registered: every installed loss fits.
+    assert [type(t).__name__ for t in cfg.section.terms] == ["DPOLoss", "KTOLoss"]
+    assert cfg.section.terms[0].beta == 0.2
+    assert [type(c).__name__ for c in cfg.callbacks] == []
+
+    cls = run_config_class(wide_registry.get("algorithm", "wide"), wide_registry)
+    fixed = cls.model_fields["fixed"].annotation
+    assert fixed is sys.modules["wide_algorithm_plugin"].ConstReward, "a concrete config is left alone"
+    assert cls.model_fields["rollout"].description == "the generation engine"
+    schema = cls.model_json_schema()
+    assert {"const", "half", "model"} <= set(schema["properties"]["reward"]["discriminator"]["mapping"])
+
+
+def test_errors_in_widened_fields_name_the_path_and_the_choices(wide_registry, tmp_path):
+    def error(**sections: Any) -> str:
+        with pytest.raises(ConfigError) as info:
+            validate_run_config(wide_config(tmp_path, **sections), wide_registry)
+        return str(info.value)
+
+    message = error(reward={"name": "nope"})
+    assert "reward: unknown reward 'nope'" in message and "'const'" in message
+    message = error(section={"rewards": {"a": {"name": "const", "valu": 1}}})
+    assert "section.rewards.a.valu: unknown key" in message
+    message = error(reward={"name": "half", "inner": {"name": "const", "valu": 1}})
+    assert "reward.inner.valu: unknown key (did you mean 'value'?)" in message
+    # One loss entry reported once, in the shape the user wrote (a list), not twice.
+    message = error(section={"terms": [{"name": "dpo", "betta": 0.1}]})
+    assert message.count("\n") == 1 and "section.terms.0.betta: unknown key" in message
+    without_reward = {key: value for key, value in wide_config(tmp_path).items() if key != "reward"}
+    with pytest.raises(ConfigError, match=r"reward: required key is missing"):
+        validate_run_config(without_reward, wide_registry)
+    message = error(unused={"name": "x"})
+    assert "unused" in message and "no installed reward plugin fits here (UnusedBase)" in message

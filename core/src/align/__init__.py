@@ -14,6 +14,7 @@ from align.builtin.data import Encoder, TokenizedFormat
 from align.builtin.prompts import PromptBatch, PromptData, PromptRow, prompt_rows
 from align.config import (
     BackendConfig,
+    CallbackConfig,
     DataConfig,
     LossConfig,
     ModelConfig,
@@ -53,6 +54,7 @@ __all__ = [
     "Algorithm",
     "Backend",
     "BackendConfig",
+    "CallbackConfig",
     "Completion",
     "ConfigError",
     "Context",

@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             cmd.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     listing = sub.add_parser(
-        "list", help="installed algorithms, losses, engines, rewards, data formats, backends"
+        "list",
+        help="installed algorithms, losses, engines, rewards, data formats, backends, callbacks, "
+        "lifecycle plugins",
     )
     listing.add_argument("--kind", choices=KINDS)
     listing.add_argument("--json", action="store_true")
@@ -88,7 +90,14 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> None:
 
 def list_rows(plugins: Plugins, kind: str | None) -> list[dict[str, Any]]:
     rows = [
-        {"kind": e.kind, "name": e.name, "package": e.package, "version": e.version, "status": "ok"}
+        {
+            "kind": e.kind,
+            "name": e.name,
+            "package": e.package,
+            "version": e.version,
+            "status": "ok",
+            **({"hooks": list(e.meta["hooks"])} if e.kind == "lifecycle" else {}),
+        }
         for e in plugins.registry.entries(kind)
     ]
     if kind is None:

@@ -43,6 +43,10 @@ class RolloutEngineConfig(PluginConfig):
     """Base of rollout-engine configs."""
 
 
+class CallbackConfig(PluginConfig):
+    """Base of lifecycle-plugin (callback) configs: one entry of a run's ``callbacks:`` list."""
+
+
 class DataConfig(StrictConfig):
     """Base of data-format configs, discriminated by ``format``.
 
@@ -124,8 +128,9 @@ class OptimConfig(StrictConfig):
 class RunConfig(StrictConfig):
     """Keys every run has. An algorithm's config subclasses this and narrows ``algo``.
 
-    ``backend``, ``data`` and ``loss`` are widened at load time to the union of every
-    installed plugin's config for that kind.
+    Every field typed with a plugin-kind base (``backend``, ``data``, ``callbacks`` here; an
+    algorithm's ``loss``, ``reward``, ``rollout``...) is widened at load time to the union of
+    the installed plugins of that kind (``align.loading.run_config_class``).
     """
 
     algo: str
@@ -142,3 +147,8 @@ class RunConfig(StrictConfig):
     data: DataConfig
     trainer: TrainerConfig = TrainerConfig()
     optim: OptimConfig = OptimConfig()
+    callbacks: list[CallbackConfig] = Field(
+        default_factory=list,
+        description="Lifecycle plugins this run enables, each with its own config, e.g. "
+        "[{name: early_stopping, metric: loss, patience: 3}].",
+    )

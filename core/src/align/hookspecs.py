@@ -1,8 +1,10 @@
 """The hooks a plugin may implement (pluggy project name ``"align"``).
 
-Registration hooks each receive a ``register`` callable: ``register(ConfigClass, **meta)``
+Registration hooks each receive a ``register`` callable: ``register(ConfigClass, **options)``
 returns a decorator for the factory (the simonw/llm pattern), so a plugin never touches
-the registry directly. Lifecycle hooks observe a run; metrics sinks are such plugins.
+the registry directly; the options a kind accepts are listed in ``registry.REGISTRATION_OPTIONS``.
+Lifecycle hooks observe a run and may stop it (``run.request_stop(reason)``); metrics sinks
+and early stopping are such plugins.
 """
 
 from __future__ import annotations
@@ -52,13 +54,22 @@ def register_backends(register: Register) -> None:
 
 
 @hookspec
+def register_callbacks(register: Register) -> None:
+    """Register lifecycle plugins that a run enables in its ``callbacks:`` list, each with its
+    own validated config: ``register(MyCallbackConfig)(factory)``, where
+    ``factory(cfg, run_config)`` returns an object implementing any lifecycle hooks below. The
+    object is registered for that run only."""
+
+
+@hookspec
 def on_train_start(run: RunInfo) -> None:
     """Called once before the first step (also after a resume)."""
 
 
 @hookspec
 def on_step_end(run: RunInfo, step: int, metrics: dict[str, Any]) -> None:
-    """Called after every logged optimizer step and every evaluation with its metrics."""
+    """Called after every logged optimizer step and every evaluation with its metrics
+    (``metrics["split"]`` is ``"train"`` or ``"eval"``)."""
 
 
 @hookspec

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, create_model
+from pydantic import BaseModel, ValidationError
 
 from align.config import RunConfig
 from align.errors import ConfigError
-from align.registry import Entry, Registry, discriminator
+from align.registry import Entry, Registry
+from align.widening import MANY, ONE, run_config_class
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -66,51 +67,6 @@ def _index(node: list[Any], part: str, item: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
         raise ConfigError(f"override '{item}': '{part}' is not an index of a {len(node)}-item list")
     return int(part)
-
-
-def _union_of(entries: list[Entry], kind: str) -> Any:
-    configs = tuple(e.config for e in entries)
-    if len(configs) == 1:
-        return configs[0]
-    return Annotated[Union[configs], Field(discriminator=discriminator(kind))]  # noqa: UP007
-
-
-ONE, MANY = "single", "list"
-
-
-def _one_or_list(item: Any) -> Any:
-    """``item | list[item]``, told apart by the input's shape so that an error is reported
-    once, for the shape the user wrote (a plain union would report both)."""
-    return Annotated[
-        Union[Annotated[item, Tag(ONE)], Annotated[list[item], Tag(MANY)]],  # noqa: UP007
-        Discriminator(lambda value: MANY if isinstance(value, list) else ONE),
-    ]
-
-
-def run_config_class(algorithm: Entry, registry: Registry) -> type[RunConfig]:
-    """The algorithm's config with ``backend``, ``data`` and ``loss`` widened to every
-    installed plugin that fits it (its data formats' batch type, its losses' batch type)."""
-    base: type[RunConfig] = algorithm.config  # type: ignore[assignment]
-    meta = algorithm.meta
-    fields: dict[str, Any] = {}
-    backends = list(registry.entries("backend"))
-    if backends:
-        fields["backend"] = (
-            _union_of(backends, "backend"),
-            Field(default={"name": meta.get("default_backend", "hf")}, validate_default=True),
-        )
-    batch = meta.get("batch")
-    formats = registry.matching("data_format", lambda e: e.meta.get("batch") is batch)
-    if formats:
-        fields["data"] = (_union_of(formats, "data_format"), ...)
-    loss_batch = meta.get("loss_batch")
-    if loss_batch is not None:
-        losses = registry.matching("loss", lambda e: e.meta.get("batch") is loss_batch)
-        fields["loss"] = (
-            _one_or_list(_union_of(losses, "loss")),
-            Field(default={"name": meta["default_loss"]}, validate_default=True),
-        )
-    return create_model(f"{base.__name__}Run", __base__=base, __module__=base.__module__, **fields)
 
 
 def _fill_defaults(data: dict[str, Any], algorithm: Entry) -> dict[str, Any]:

@@ -1,8 +1,14 @@
 """What the installed plugins registered: algorithms, losses, engines, rewards, data formats,
-backends. Each entry has a name, a pydantic config class, a factory and its package."""
+backends, callbacks, and the lifecycle plugins that are always on. Each entry has a name, a
+pydantic config class, a factory and its package.
+
+``register(ConfigClass, **options)`` checks its options against ``REGISTRATION_OPTIONS``: a
+misspelt option is an error naming the plugin, never silently ignored.
+"""
 
 from __future__ import annotations
 
+import difflib
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -10,19 +16,71 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
+from align.config import (
+    BackendConfig,
+    CallbackConfig,
+    DataConfig,
+    LossConfig,
+    RewardConfig,
+    RolloutEngineConfig,
+    RunConfig,
+)
 from align.errors import ConfigError, UserError
 
-Kind = Literal["algorithm", "loss", "rollout_engine", "reward", "data_format", "backend"]
+Kind = Literal[
+    "algorithm", "loss", "rollout_engine", "reward", "data_format", "backend", "callback", "lifecycle"
+]
 KINDS: tuple[Kind, ...] = typing.get_args(Kind)
+
+# The base config class of each kind that plugins register: a config field typed with one of
+# these (or with an abstract subclass) is widened to the installed plugins of that kind.
+# "lifecycle" entries are not registered but found: plugins with module-level lifecycle hooks
+# and the built-in metrics sinks. They have no config.
+CONFIG_BASES: dict[str, type[BaseModel]] = {
+    "algorithm": RunConfig,
+    "loss": LossConfig,
+    "rollout_engine": RolloutEngineConfig,
+    "reward": RewardConfig,
+    "data_format": DataConfig,
+    "backend": BackendConfig,
+    "callback": CallbackConfig,
+}
 
 # The config field that carries an entry's name, per kind.
 DISCRIMINATORS: dict[str, str] = {"algorithm": "algo", "data_format": "format"}
+
+# The options ``register(Config, **options)`` accepts per kind, with the type each must have.
+REGISTRATION_OPTIONS: dict[str, dict[str, type | Callable[[Any], bool]]] = {
+    "algorithm": {
+        "batch": type,  # the token batch its loss reads: selects the data formats that fit
+        "data_format": str,  # the default `data.format`
+        "loss_batch": type,  # the log-prob batch its losses read: selects the losses that fit
+        "default_loss": str,
+        "default_backend": str,
+        "build_model": callable,  # build_model(backend, cfg): the model trained instead of the policy
+    },
+    "loss": {"batch": type, "needs_reference": bool},
+    "data_format": {"batch": type},
+    "rollout_engine": {},
+    "reward": {},
+    "backend": {},
+    "callback": {},
+}
 
 Register = Callable[..., Callable[[Any], Any]]
 
 
 class DuplicateRegistration(UserError):
     """Two packages registered the same name for the same kind."""
+
+
+class RegistrationError(TypeError):
+    """A plugin called ``register`` wrongly (an unknown option, a config of the wrong kind):
+    a bug of that plugin, which is then reported as broken."""
+
+
+class NoConfig(BaseModel):
+    """The config of a lifecycle entry: it takes none from the run config."""
 
 
 @dataclass(frozen=True)
@@ -48,16 +106,53 @@ def discriminator(kind: str) -> str:
     return DISCRIMINATORS.get(kind, "name")
 
 
+def kind_of_config(config: type[BaseModel]) -> str | None:
+    """The plugin kind whose base ``config`` subclasses, if any."""
+    for kind, base in CONFIG_BASES.items():
+        if issubclass(config, base):
+            return kind
+    return None
+
+
+def literal_name(config: type[BaseModel], kind: str) -> str | None:
+    """The value of the config's discriminator when it is a one-value ``Literal`` (a concrete,
+    registrable config), else None (an abstract base such as ``align.LossConfig``)."""
+    info = config.model_fields.get(discriminator(kind))
+    if info is None or get_origin(info.annotation) is not Literal:
+        return None
+    values = get_args(info.annotation)
+    return str(values[0]) if len(values) == 1 else None
+
+
 def declared_name(config: type[BaseModel], kind: str) -> str:
     """The single ``Literal`` value of a config's discriminator field."""
-    key = discriminator(kind)
-    info = config.model_fields.get(key)
-    values = get_args(info.annotation) if info is not None else ()
-    if info is None or get_origin(info.annotation) is not Literal or len(values) != 1:
-        raise TypeError(
+    name = literal_name(config, kind)
+    if name is None:
+        key = discriminator(kind)
+        raise RegistrationError(
             f"{config.__name__}.{key} must be a Literal with one value, e.g. {key}: Literal['x'] = 'x'"
         )
-    return str(values[0])
+    return name
+
+
+def check_options(kind: str, name: str, package: str, options: dict[str, Any]) -> None:
+    """Every registration option is known for ``kind`` and has the right type."""
+    allowed = REGISTRATION_OPTIONS[kind]
+    what = f"{kind.replace('_', ' ')} '{name}' of package '{package}'"
+    for option, value in options.items():
+        expected = allowed.get(option)
+        if expected is None:
+            hint = difflib.get_close_matches(option, list(allowed), n=1, cutoff=0.6)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            known = ", ".join(sorted(allowed)) or "none"
+            raise RegistrationError(
+                f"{what}: unknown registration option '{option}'{suggestion}. Options of a "
+                f"{kind.replace('_', ' ')}: {known}"
+            )
+        valid = callable(value) if expected is callable else isinstance(value, expected)  # type: ignore[arg-type]
+        if not valid:
+            wanted = "a callable" if expected is callable else getattr(expected, "__name__", str(expected))
+            raise RegistrationError(f"{what}: option '{option}' must be {wanted}, got {value!r}")
 
 
 class Registry:
@@ -75,16 +170,29 @@ class Registry:
             )
         self._entries[entry.kind][entry.name] = entry
 
-    def register_callable(self, kind: str, package: str, version: str) -> Register:
-        """The ``register`` a plugin's hook receives, bound to its package for attribution."""
+    def register_callable(
+        self, kind: str, package: str, version: str, into: list[Entry] | None = None
+    ) -> Register:
+        """The ``register`` a plugin's hook receives, bound to its package for attribution.
+        Entries go into ``into`` when given (the caller commits them once the plugin's whole
+        hook has succeeded), else straight into the registry."""
 
-        def register(config: type[BaseModel], **meta: Any) -> Callable[[Any], Any]:
-            name = meta.pop("name", None) or declared_name(config, kind)
+        def register(config: type[BaseModel], **options: Any) -> Callable[[Any], Any]:
+            base = CONFIG_BASES[kind]
+            if not (isinstance(config, type) and issubclass(config, base)):
+                raise RegistrationError(
+                    f"package '{package}' registered {config!r} as a {kind.replace('_', ' ')}: its "
+                    f"config must subclass align.{base.__name__}"
+                )
+            name = declared_name(config, kind)
+            check_options(kind, name, package, options)
 
             def decorate(factory: Any) -> Any:
+                meta = dict(options)
                 if kind == "loss" and "batch" not in meta:
                     meta["batch"] = _batch_type_of(factory)
-                self.add(Entry(kind, name, config, factory, package, version, meta))
+                entry = Entry(kind, name, config, factory, package, version, meta)
+                into.append(entry) if into is not None else self.add(entry)
                 return factory
 
             return decorate
@@ -98,8 +206,14 @@ class Registry:
             installed = ", ".join(sorted(self._entries[kind])) or "none"
             raise ConfigError(
                 f"unknown {kind.replace('_', ' ')} '{name}'. Installed: {installed}. "
-                f"Install a plugin that provides it (see `align list`)."
+                f"Install a plugin that provides it (see `align list`).{self._broken_note()}"
             ) from None
+
+    def _broken_note(self) -> str:
+        if not self.broken:
+            return ""
+        names = ", ".join(f"'{b.name}' ({b.package})" for b in self.broken)
+        return f" Broken plugins, not loaded: {names}."
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._entries[kind])
@@ -117,10 +231,10 @@ def _batch_type_of(loss_fn: Callable[..., Any]) -> type:
     try:
         hints = typing.get_type_hints(loss_fn)
     except NameError as exc:
-        raise TypeError(f"cannot resolve the annotations of loss {loss_fn.__name__}: {exc}") from None
+        raise RegistrationError(f"cannot resolve the annotations of loss {loss_fn.__name__}: {exc}") from None
     params = [name for name in hints if name != "return"]
     if len(params) < 2 or not isinstance(hints[params[1]], type):
-        raise TypeError(
+        raise RegistrationError(
             f"loss {loss_fn.__name__} must annotate its batch parameter (e.g. b: align.PreferenceBatch) "
             "or be registered with batch=..."
         )

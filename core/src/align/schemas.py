@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from align.loading import run_config_class
+from align.widening import run_config_class
 from align.plugins import Plugins, load_plugins
 
 # The distributions that live in this repository; their schemas are checked in under schemas/.

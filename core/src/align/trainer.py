@@ -39,6 +39,13 @@ class RunInfo:
     output_dir: Path
     total_steps: int
     resumed_from: Path | None = None
+    stop_reason: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the run to stop cleanly after the current step: it saves, writes final/ and
+        reports ``reason``. The first request wins."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
 
 
 @dataclass
@@ -323,18 +330,12 @@ class Trainer:
 
 def train(cfg: RunConfig, plugins: Plugins | None = None) -> RunResult:
     """Run ``cfg`` to the end with the installed plugins; the library entry point."""
-    from align.plugins import default_plugins
+    from align.plugins import callbacks_for, default_plugins, registered_for_run
 
     plugins = plugins or default_plugins()
-    sinks = [sink for sink in _sinks_for(cfg) if not plugins.manager.is_registered(sink)]
-    for sink in sinks:
-        plugins.manager.register(sink)
-    try:
+    lifecycle = [*_sinks_for(cfg), *callbacks_for(cfg, plugins.registry)]
+    with registered_for_run(plugins.manager, lifecycle):
         return Trainer(cfg, plugins).run()
-    finally:
-        for sink in sinks:
-            sink.close()
-            plugins.manager.unregister(sink)
 
 
 def _sinks_for(cfg: RunConfig) -> list[Any]:

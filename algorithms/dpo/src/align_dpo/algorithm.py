@@ -17,7 +17,9 @@ class DPOConfig(align.RunConfig):
     """``align run --algo dpo``: preference pairs, any loss registered for PreferenceBatch."""
 
     algo: Literal["dpo"] = "dpo"
-    loss: Any = None  # widened at load time to every installed preference loss
+    # Widened at load time to every installed loss that reads this algorithm's loss batch;
+    # a list is a weighted sum of losses.
+    loss: align.LossConfig | list[align.LossConfig]
     reference: ReferenceConfig = ReferenceConfig()
 
 

@@ -4,7 +4,7 @@ reference's log-probs of both, then the configured loss plugin(s)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -17,7 +17,9 @@ class KTOConfig(align.RunConfig):
     for UnpairedBatch."""
 
     algo: Literal["kto"] = "kto"
-    loss: Any = None  # widened at load time to every installed unpaired loss
+    # Widened at load time to every installed loss that reads this algorithm's loss batch;
+    # a list is a weighted sum of losses.
+    loss: align.LossConfig | list[align.LossConfig]
 
 
 class KTO(align.Algorithm):

@@ -77,6 +77,10 @@ class TensorBoardSink:
             self.writer.close()
 
 
+# Listed by `align list` as lifecycle plugins; the trainer registers them per run (sinks_for).
+BUILTIN_SINKS: dict[str, type] = {"metrics_jsonl": JsonlSink, "tensorboard": TensorBoardSink}
+
+
 def _tensorboard_available() -> bool:
     try:
         import tensorboard  # noqa: F401
