@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
 from align.batches import SequenceLogps, TokenBatch
+from align.config import ModelConfig
+
+# What ``Backend.build_model`` builds: causal LMs (the trained policy, the frozen reference) and
+# one-head sequence scorers (the frozen reward model, the trained critic).
+MODEL_ROLES: tuple[str, ...] = ("policy", "reference", "reward", "critic")
 
 
 @runtime_checkable
@@ -16,13 +21,29 @@ class Backend(Protocol):
     """Builds and runs models. ``hf`` (transformers) is the default; Megatron is another."""
 
     tokenizer: Any
+    is_main: bool
+    """Whether this process writes outputs: always for a single process, rank 0 when distributed."""
+
+    def build_model(self, role: str, model: ModelConfig | None = None) -> nn.Module:
+        """A model for ``role`` (one of ``MODEL_ROLES``) from its own model section (default: the
+        run's ``model``), so a reward model and a policy can come from different paths:
+        ``policy`` a trainable causal LM, ``reference`` a frozen one, ``reward`` a frozen sequence
+        scorer with one head (``model.path`` may be a saved reward model), ``critic`` a trainable
+        one-head scorer. Initial weights always come from the model section, never a checkpoint."""
+        ...
 
     def build_policy(self) -> nn.Module:
-        """The trainable model, with the configured initial weights."""
+        """``build_model("policy")``: the trainable model, with the configured initial weights."""
         ...
 
     def build_reference(self) -> nn.Module:
-        """A frozen model with the initial weights (never a checkpoint's)."""
+        """``build_model("reference")``: a frozen model with the initial weights."""
+        ...
+
+    def named_weights(self, model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+        """The model's weights as (name, detached tensor) pairs, named and deduplicated as in the
+        ecosystem's checkpoints (HF names: tied weights once): what a rollout engine's refit takes.
+        Streamed one tensor at a time; a distributed backend gathers each on the main process."""
         ...
 
     def sequence_logps(self, model: nn.Module, batch: TokenBatch) -> SequenceLogps:

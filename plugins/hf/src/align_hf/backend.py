@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,9 +10,15 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
-from align import BackendConfig, RunConfig, SequenceLogps, TokenBatch
+from align import BackendConfig, ModelConfig, RunConfig, SequenceLogps, TokenBatch
 from align_hf.models import load_causal_lm, load_scorer, load_tokenizer
+
+# The one head of a scorer built for a role, by role.
+SCORER_LABELS = {"reward": "reward", "critic": "value"}
+CAUSAL_ROLES = ("policy", "reference")
+FROZEN_ROLES = ("reference", "reward")
 
 
 class HFBackendConfig(BackendConfig):
@@ -29,29 +35,58 @@ class HFBackendConfig(BackendConfig):
 
 
 class HFBackend:
+    is_main = True  # one process: it writes every output
+
     def __init__(self, run: RunConfig) -> None:
         self.run = run
         self.cfg: HFBackendConfig = run.backend  # type: ignore[assignment]
         self.tokenizer = load_tokenizer(run.model)
+        self._tokenizers: dict[str, Any] = {_tokenizer_source(run.model): self.tokenizer}
 
-    def _fresh(self) -> nn.Module:
-        model: Any = load_causal_lm(self.run.model, len(self.tokenizer), self.cfg.attn_implementation)
-        model.config.pad_token_id = self.tokenizer.pad_token_id
-        return model
+    def tokenizer_for(self, model: ModelConfig | None = None) -> Any:
+        """The tokenizer of a model section (the run's own tokenizer when they share one)."""
+        cfg = model or self.run.model
+        source = _tokenizer_source(cfg)
+        if source not in self._tokenizers:
+            self._tokenizers[source] = load_tokenizer(cfg)
+        return self._tokenizers[source]
+
+    def build_model(self, role: str, model: ModelConfig | None = None) -> nn.Module:
+        """Causal LMs for ``policy``/``reference``, one-head sequence classifiers for
+        ``reward``/``critic``; ``reference`` and ``reward`` are frozen and in eval mode. Each is
+        built afresh from its model section (never copied from the policy, which may hold a
+        resumed checkpoint's weights)."""
+        cfg = model or self.run.model
+        tokenizer = self.tokenizer_for(cfg)
+        built: Any
+        if role in CAUSAL_ROLES:
+            built = load_causal_lm(cfg, len(tokenizer), self.cfg.attn_implementation)
+        elif role in SCORER_LABELS:
+            built = load_scorer(cfg, len(tokenizer), 1, self.cfg.attn_implementation, [SCORER_LABELS[role]])
+        else:
+            raise ValueError(
+                f"unknown model role '{role}'; roles: {', '.join((*CAUSAL_ROLES, *SCORER_LABELS))}"
+            )
+        built.config.pad_token_id = tokenizer.pad_token_id
+        if role in FROZEN_ROLES:
+            built.eval()
+            built.requires_grad_(False)
+        elif self.cfg.gradient_checkpointing:
+            built.gradient_checkpointing_enable()
+        return built
 
     def build_policy(self) -> nn.Module:
-        model: Any = self._fresh()
-        if self.cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        return model
+        return self.build_model("policy")
 
     def build_reference(self) -> nn.Module:
-        # Built afresh from model.path (never copied from the policy, which may hold a
-        # resumed checkpoint's weights).
-        model = self._fresh()
-        model.eval()
-        model.requires_grad_(False)
-        return model
+        return self.build_model("reference")
+
+    def named_weights(self, model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+        """The state dict as ``save_pretrained`` writes it: tied weights once (under the name
+        transformers keeps), keys ignored on save dropped, transformers' load-time renames undone.
+        The tensors are the model's own storage, detached: no copy is made."""
+        for name, tensor in saved_state_dict(model).items():
+            yield name, tensor.detach()
 
     def sequence_logps(self, model: nn.Module, batch: TokenBatch) -> SequenceLogps:
         return sequence_logps(model, batch, self.cfg.chunk_tokens)
@@ -83,6 +118,38 @@ class HFBackend:
             raise RuntimeError(
                 f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
             )
+
+
+def _tokenizer_source(cfg: ModelConfig) -> str:
+    return cfg.tokenizer or cfg.path
+
+
+def saved_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with the keys and deduplication of ``save_pretrained``'s files."""
+    state = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
+        state.pop(key, None)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:  # transformers before 5: dedupe shared storage ourselves
+        return _without_shared_storage(state)
+    if not isinstance(model, PreTrainedModel):
+        return _without_shared_storage(state)
+    state = remove_tied_weights_from_state_dict(state, model)
+    converted: dict[str, Tensor] = revert_weight_conversion(model, state)
+    return converted
+
+
+def _without_shared_storage(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    seen: set[tuple[int, int]] = set()
+    kept: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()))
+        if key not in seen:
+            seen.add(key)
+            kept[name] = tensor
+    return kept
 
 
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
