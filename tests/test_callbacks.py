@@ -7,13 +7,14 @@ run never reports, and a real run that stops early with exit 0, final/ and the r
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import assert_user_error, read_metrics, run_cli, sft_config, write_yaml
 
-from align import ConfigError, RunConfig, default_plugins
+from align import ConfigError, RunConfig, default_plugins, load_plugins, train
 from align.builtin.callbacks import EarlyStopping, EarlyStoppingConfig
 from align.loading import validate_run_config
 from align.trainer import RunInfo
@@ -109,7 +110,10 @@ def test_early_stopping_without_evaluations_is_refused_before_training(tmp_path,
 @pytest.mark.parametrize(
     ("callback", "fragment"),
     [
-        ({"name": "early_stopping", "patince": 3}, "callbacks.0.patince: unknown key (did you mean 'patience'?)"),
+        (
+            {"name": "early_stopping", "patince": 3},
+            "callbacks.0.patince: unknown key (did you mean 'patience'?)",
+        ),
         ({"name": "early_stopping", "patience": 0}, "callbacks.0.patience"),
         ({"name": "early_stopping", "mode": "lowest"}, "callbacks.0.mode"),
         ({"name": "early_stoping"}, "'early_stoping'"),
@@ -143,3 +147,58 @@ def test_early_stopping_stops_a_run_cleanly(tmp_path, capsys):
     assert (out / "checkpoints" / "step_4").is_dir()
     assert max(row["step"] for row in read_metrics(out, "train")) == 4
     assert [row["step"] for row in read_metrics(out, "eval")][:3] == [0, 2, 4]
+
+
+RECORDING_CALLBACK = """
+from typing import Literal
+
+import align
+
+EVENTS = []
+
+
+class Record(align.CallbackConfig):
+    name: Literal["record"] = "record"
+    tag: str = "x"
+
+
+class RecordHooks:
+    def __init__(self, cfg, run_config):
+        self.cfg = cfg
+        EVENTS.append(("built", cfg.tag, run_config.algo))
+
+    @align.hookimpl
+    def on_step_end(self, run, step, metrics):
+        EVENTS.append((metrics["split"], step))
+
+    @align.hookimpl
+    def on_train_end(self, run, metrics):
+        EVENTS.append(("end", run.stop_reason))
+
+    def close(self):
+        EVENTS.append(("closed",))
+
+
+@align.hookimpl
+def register_callbacks(register):
+    register(Record)(RecordHooks)
+"""
+
+
+def test_a_third_party_callback_is_built_with_its_config_and_registered_for_one_run(tmp_path, monkeypatch):
+    (tmp_path / "recording_callback.py").write_text(RECORDING_CALLBACK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ALIGN_PLUGIN_MODULES", "recording_callback")
+    try:
+        plugins = load_plugins()
+        data = sft_config(tmp_path / "out", callbacks=[{"name": "record", "tag": "mine"}])
+        train(validate_run_config(data, plugins.registry), plugins)
+        events = sys.modules["recording_callback"].EVENTS
+        assert events[0] == ("built", "mine", "sft")
+        assert ("eval", 0) in events and ("train", 4) in events
+        assert events[-2:] == [("end", None), ("closed",)]
+        before = len(events)
+        plugins.manager.hook.on_step_end(run=None, step=9, metrics={"split": "train"})
+        assert len(events) == before, "the callback's hooks are gone once its run ended"
+    finally:
+        sys.modules.pop("recording_callback", None)
