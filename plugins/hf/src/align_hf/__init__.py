@@ -1,17 +1,32 @@
-"""align-hf: the transformers backend (the default) and the embedded tiny model."""
+"""align-hf: the transformers backend (the default), the embedded tiny model and the ``hf``
+rollout engine (transformers ``generate``)."""
 
 from transformers.utils import logging as hf_logging
 
 from align import Register, hookimpl
 from align_hf.backend import HFBackend, HFBackendConfig, sequence_logps
+from align_hf.engine import HFEngine, HFEngineConfig, build_hf_engine
 from align_hf.models import tiny_llama
 from align_hf.tokenizer import byte_tokenizer
 
 hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars drown the training log
 
-__all__ = ["HFBackend", "HFBackendConfig", "byte_tokenizer", "sequence_logps", "tiny_llama"]
+__all__ = [
+    "HFBackend",
+    "HFBackendConfig",
+    "HFEngine",
+    "HFEngineConfig",
+    "byte_tokenizer",
+    "sequence_logps",
+    "tiny_llama",
+]
 
 
 @hookimpl
 def register_backends(register: Register) -> None:
     register(HFBackendConfig)(HFBackend)
+
+
+@hookimpl
+def register_rollout_engines(register: Register) -> None:
+    register(HFEngineConfig)(build_hf_engine)

