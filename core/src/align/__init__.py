@@ -26,6 +26,7 @@ from align.config import (
     StrictConfig,
     TinyModelConfig,
     TrainerConfig,
+    WritableDir,
 )
 from align.datafiles import row_error, text_or_messages
 from align.errors import ConfigError, DataError, TrainingDiverged, UserError
@@ -45,7 +46,16 @@ from align.plugins import Plugins, default_plugins, load_plugins
 from align.protocols import Backend, DataFormat, RewardSource, ScoringBackend
 from align.registry import Entry, Register, Registry
 from align.rewards import RewardError, build_reward, message_text
-from align.rollout import Completion, EngineError, EngineSpec, NamedWeights, RolloutEngine, SamplingConfig
+from align.rollout import (
+    Completion,
+    EngineError,
+    EngineSpec,
+    EngineUnavailable,
+    NamedWeights,
+    RolloutEngine,
+    SamplingConfig,
+    check_prompts,
+)
 from align.trainer import RunInfo, RunResult, train
 
 __version__ = "0.1.0"
@@ -64,6 +74,7 @@ __all__ = [
     "Encoder",
     "EngineError",
     "EngineSpec",
+    "EngineUnavailable",
     "Entry",
     "LossConfig",
     "LossFn",
@@ -103,9 +114,11 @@ __all__ = [
     "TrainingDiverged",
     "UnpairedBatch",
     "UserError",
+    "WritableDir",
     "build_engine",
-    "build_reward_source",
     "build_reward",
+    "build_reward_source",
+    "check_prompts",
     "combine_losses",
     "default_plugins",
     "hookimpl",

@@ -7,16 +7,36 @@ algorithm is assembled at load time from every installed plugin (see ``registry`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictConfig(BaseModel):
-    """Base of every config: unknown keys are rejected, values are validated on assignment."""
+    """Base of every config: unknown keys are rejected, values are validated on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    A run config loaded by the CLI is validated strictly (``align.loading``): ``true`` is not 1,
+    ``"3"`` is not 3 and ``2.0`` is not an integer; an integer may stand for a float.
+    Infinite and NaN floats are rejected.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+@dataclass(frozen=True)
+class PathRule:
+    """What a path-typed config field must point at. Checked by ``align.loading.check_paths``
+    before any model loads (``align run`` and ``align validate``), not during validation, so
+    that a config can be validated away from its files."""
+
+    kind: Literal["writable_dir"]
+
+
+WritableDir = Annotated[Path, PathRule("writable_dir")]
+"""A folder align writes into: a writable folder, or one that can be created (not a file, not
+below a file, not on a read-only path)."""
 
 
 class PluginConfig(StrictConfig):
@@ -28,7 +48,7 @@ class PluginConfig(StrictConfig):
 class LossConfig(PluginConfig):
     """Base of loss configs. ``weight`` scales the loss inside a weighted sum of losses."""
 
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=0, description="Scale of this loss in a weighted sum (0 switches it off).")
 
 
 class BackendConfig(PluginConfig):
@@ -74,16 +94,40 @@ class DataConfig(StrictConfig):
         "order, then batches shuffled): far less padding, same math per batch.",
     )
 
+    @model_validator(mode="after")
+    def _prompt_leaves_room(self) -> DataConfig:
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be less than data.max_length "
+                f"({self.max_length}): a prompt cut to it must leave room for a completion"
+            )
+        return self
+
 
 class TinyModelConfig(StrictConfig):
     """Size knobs of the embedded default model (``model.path: tiny``): a small Llama."""
 
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
+    # 2 heads: a head size of 32, the smallest every rollout engine accepts (vLLM rejects 16).
+    num_heads: int = Field(2, gt=0)
     intermediate_size: int = Field(176, gt=0)
     max_position_embeddings: int = Field(1024, gt=0)
-    init_seed: int = Field(0, description="Seed of the random initial weights.")
+    init_seed: int = Field(0, ge=0, description="Seed of the random initial weights.")
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.tiny.num_heads ({self.num_heads}) must divide model.tiny.hidden_size "
+                f"({self.hidden_size})"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(
+                f"model.tiny.hidden_size / num_heads ({self.hidden_size // self.num_heads}) must be even "
+                "(rotary position embeddings rotate pairs of dimensions)"
+            )
+        return self
 
 
 class ModelConfig(StrictConfig):
@@ -114,6 +158,16 @@ class TrainerConfig(StrictConfig):
     progress: bool | Literal["auto"] = "auto"
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU.")
 
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainerConfig:
+        # With `epochs` the run's length is known only once the data is loaded.
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"trainer.warmup_steps ({self.warmup_steps}) is longer than the run "
+                f"(trainer.max_steps={self.max_steps}): the learning rate would never reach optim.lr"
+            )
+        return self
+
 
 class OptimConfig(StrictConfig):
     """Optimizer (torch.optim)."""
@@ -121,8 +175,15 @@ class OptimConfig(StrictConfig):
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's decay rates, each in [0, 1).")
     eps: float = Field(1e-8, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError(f"each of optim.betas must be in [0, 1), got {list(value)}")
+        return value
 
 
 class RunConfig(StrictConfig):
@@ -134,10 +195,13 @@ class RunConfig(StrictConfig):
     """
 
     algo: str
-    output_dir: Path = Path("runs/latest")
-    seed: int = 0
+    output_dir: WritableDir = Path("runs/latest")
+    seed: int = Field(0, ge=0)
     resume: bool | Literal["auto"] | Path = Field(
-        False, description="true/'auto': continue from the newest checkpoint in output_dir."
+        False,
+        description="true (--resume): continue from the newest usable checkpoint in output_dir, an "
+        "error if there is none; 'auto': resume when possible, else start a new run (an earlier "
+        "run's outputs still need overwrite=true); or the path of a checkpoint folder.",
     )
     overwrite: bool = Field(
         False, description="Start over in an output_dir that holds an earlier run (deletes its outputs)."
@@ -152,3 +216,19 @@ class RunConfig(StrictConfig):
         description="Lifecycle plugins this run enables, each with its own config, e.g. "
         "[{name: early_stopping, metric: loss, patience: 3}].",
     )
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _a_folder_of_its_own(cls, value: object) -> object:
+        """A run writes checkpoints/, final/, metrics.jsonl into output_dir (and overwrite=true
+        deletes them): never into the working directory or above it. An absolute path that is
+        the working directory is refused when the run starts (``align.trainer``)."""
+        text = str(value).strip() if isinstance(value, (str, Path)) else None
+        if text == "":
+            raise ValueError("is empty: name a folder for this run's outputs, e.g. runs/my-run")
+        if text is not None and not Path(text).is_absolute() and set(Path(text).parts) <= {".", ".."}:
+            raise ValueError(
+                f"{text!r} is the working directory or a folder above it: a run needs a folder of its "
+                f"own, e.g. runs/my-run"
+            )
+        return value
