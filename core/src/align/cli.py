@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from typing import Any
 
 from rich.console import Console
@@ -14,8 +16,8 @@ from rich.table import Table
 
 from align.config import RunConfig
 from align.errors import UserError
-from align.loading import apply_overrides, read_yaml, validate_run_config
-from align.plugins import Plugins, default_plugins
+from align.loading import apply_overrides, check_paths, read_yaml, validate_run_config
+from align.plugins import GROUP, Plugins, default_plugins
 from align.registry import KINDS
 from align.schemas import render, schema_for
 from align.trainer import RunResult, train
@@ -24,8 +26,17 @@ console = Console()
 errors = Console(stderr=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags: `--resum` must be an error, not silently `--resume`. Subcommand
+    parsers are made with the same class, so every one of them inherits this."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align", description="LLM alignment algorithms as plugins.")
+    parser = _Parser(prog="align", description="LLM alignment algorithms as plugins.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("run", "train with a YAML config"),
@@ -57,8 +68,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_config(path: str, overrides: Sequence[str], algo: str | None, plugins: Plugins) -> RunConfig:
+    """The validated config, with its paths checked (before any model loads)."""
     data = apply_overrides(read_yaml(path), list(overrides))
-    return validate_run_config(data, plugins.registry, algo=algo, source=path)
+    cfg = validate_run_config(data, plugins.registry, algo=algo, source=path)
+    check_paths(cfg)
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace, plugins: Plugins) -> None:
@@ -162,9 +176,23 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_plugin_env() -> None:
+    """``ALIGN_PLUGINS`` loads only the entry points it names: a name that matches none is a typo
+    that would otherwise surface as a puzzling 'unknown algorithm'."""
+    wanted = [name.strip() for name in os.environ.get("ALIGN_PLUGINS", "").split(",") if name.strip()]
+    installed = sorted({ep.name for ep in entry_points(group=GROUP)})
+    unknown = [name for name in wanted if name not in installed]
+    if unknown:
+        raise UserError(
+            f"ALIGN_PLUGINS names {', '.join(unknown)}, which no installed package provides "
+            f"(installed: {', '.join(installed) or 'none'})"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
+        check_plugin_env()
         COMMANDS[args.command](args, default_plugins())
     except UserError as exc:
         errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -3,43 +3,146 @@
 from __future__ import annotations
 
 import difflib
+import json
+import re
+import tempfile
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from align.config import RunConfig
+from align.config import PathRule, RunConfig
+from align.datafiles import source_problem
 from align.errors import ConfigError
 from align.registry import Entry, Registry
 from align.widening import MANY, ONE, run_config_class
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """Safe YAML with two fixes for configs: a key given twice in one mapping is an error
+    (PyYAML silently keeps the last), and ``1e-5`` is a number, as in YAML 1.2 (YAML 1.1, which
+    PyYAML follows, reads it as a string)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys merged in with `<<: *base` may be overridden by the mapping's own
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base constructor reports it
+            if earlier is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key '{key}' (first given on line {earlier}; YAML would silently keep "
+                    "only the last)",
+                    key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem or exc.context}"
+    return str(exc)
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` as config YAML (see ``ConfigLoader``); raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: builds plain data only
+
+
+def _read_config_text(path: Path) -> str:
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder, not a YAML config file")
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}, line {line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8"
+        ) from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(_read_config_text(path))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys, not {type(data).__name__}")
     data.pop("_provenance", None)  # written beside outputs; lets a run's config.yaml be rerun
     return data
 
 
+_KEY_PART = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _override_parts(item: str) -> tuple[list[str], str]:
+    """``a.b.c=value`` -> (["a", "b", "c"], "value"), or a ``ConfigError`` saying what is wrong."""
+    key, sep, raw = item.partition("=")
+    example = "write key.path=value, e.g. trainer.max_steps=20"
+    if not sep:
+        raise ConfigError(f"override '{item}' has no '=': {example}")
+    if not key:
+        raise ConfigError(f"override '{item}' has no key before '=': {example}")
+    parts = key.split(".")
+    if "" in parts:
+        raise ConfigError(
+            f"override '{item}': the key '{key}' has an empty part (a leading, trailing or doubled "
+            f"'.'): {example}"
+        )
+    odd = next((part for part in parts if not _KEY_PART.match(part)), None)
+    if odd is not None:
+        raise ConfigError(
+            f"override '{item}': '{odd}' is not a key (keys are letters, digits, '_' and '-', without spaces)"
+        )
+    return parts, raw
+
+
+def _override_value(item: str, raw: str) -> Any:
+    if not raw:
+        return ""
+    try:
+        return parse_yaml(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override '{item}': the value {raw!r} is not valid YAML ({_yaml_problem(exc)}); "
+            "quote it to pass it as text"
+        ) from None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides; values are parsed as YAML (numbers, bools, lists)."""
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override '{item}' must look like key.path=value")
-        value = yaml.safe_load(raw) if raw else ""
+        parts, raw = _override_parts(item)
+        value = _override_value(item, raw)
         node: Any = data
-        parts = key.split(".")
         for part in parts[:-1]:
             node = _child(node, part, item)
         _assign(node, parts[-1], value, item)
@@ -87,15 +190,133 @@ def validate_run_config(
     name = algo or data.get("algo")
     if not name:
         raise ConfigError(f"{source}: no algorithm given: pass --algo NAME or set `algo:` in the YAML")
-    if algo and data.get("algo") not in (None, algo):
-        data = {**data, "algo": algo}
     algorithm = registry.get("algorithm", str(name))
+    if algo and data.get("algo") not in (None, algo):
+        raise ConfigError(
+            f"{source}: --algo {algo} contradicts `algo: {data['algo']}` in the config; "
+            "drop one of them or make them agree"
+        )
     cls = run_config_class(algorithm, registry)
     data = _fill_defaults(data, algorithm)
     try:
-        return cls.model_validate(data)
+        return cls.model_validate_json(_as_json(data, source), strict=True)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, cls, data, source)) from None
+
+
+def _as_json(data: dict[str, Any], source: str) -> str:
+    """The config as JSON, so that it validates strictly as plain data would (``true`` is not 1,
+    ``"3"`` is not 3, ``2.0`` is not an integer) while a string still makes a path and a list a
+    tuple. Values YAML has beyond JSON (dates) become strings."""
+    try:
+        return json.dumps(data, default=str)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: holds a value that is not plain data ({exc})") from None
+
+
+# ---- paths: checked before any model loads -------------------------------------------------------
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Stop with one ``ConfigError`` listing every path of the wrong kind or permission: the
+    folders the run writes (``output_dir`` and every plugin field typed ``align.WritableDir``),
+    the data files, a local model folder. Run after validation, before any model is loaded or
+    any pair scored (``align run``, ``align validate``). Creates nothing but a probe file, removed
+    at once."""
+    problems = [*_folder_problems(cfg), *_data_problems(cfg), *_model_problems(cfg)]
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        lines = ["paths in the config that cannot work:", *(f"  - {p}" for p in problems)]
+        raise ConfigError("\n".join(lines))
+
+
+def _folder_problems(cfg: RunConfig) -> Iterator[str]:
+    for key, path in _writable_dirs(cfg):
+        problem = writable_dir_problem(path)
+        if problem:
+            yield f"{key}: {problem}"
+
+
+def writable_dir_problem(path: Path) -> str | None:
+    """Why align could not write into the folder ``path`` (``None``: it could)."""
+    path = path.expanduser()
+    try:
+        if path.exists() and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if path.is_symlink() and not path.exists():
+            return f"{path} is a broken link"
+        existing = path
+        while not existing.exists():  # the nearest existing folder: where mkdir would start
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{path} cannot be created: {existing} is a file"
+        if not can_write(existing):
+            if existing == path:
+                return f"{path} is read-only"
+            return f"{path} cannot be created: {existing} is read-only"
+    except OSError as exc:
+        return f"{path} cannot be checked: {exc.strerror}"
+    return None
+
+
+def can_write(folder: Path) -> bool:
+    """Probe by creating a file: ``os.access`` answers yes to root on a read-only folder it may
+    not write to, and knows nothing of quotas or some network file systems."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".align-write-probe-"):
+            return True
+    except OSError:
+        return False
+
+
+def _writable_dirs(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, Path]]:
+    """(dotted key, path) of every field typed ``align.WritableDir`` that is set, at any depth."""
+    for name, info in type(model).model_fields.items():
+        value, key = getattr(model, name, None), f"{prefix}{name}"
+        if isinstance(value, Path) and _has_rule(info.annotation, info.metadata, "writable_dir"):
+            yield key, value
+        children = value if isinstance(value, list) else [value]
+        for index, child in enumerate(children):
+            if isinstance(child, BaseModel):
+                yield from _writable_dirs(child, f"{key}.{index}." if isinstance(value, list) else f"{key}.")
+
+
+def _has_rule(annotation: Any, metadata: list[Any], kind: str) -> bool:
+    if any(isinstance(item, PathRule) and item.kind == kind for item in metadata):
+        return True
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _has_rule(args[0], list(annotation.__metadata__), kind)
+    if origin in (Union, types.UnionType):
+        return any(_has_rule(arg, [], kind) for arg in args)
+    return False
+
+
+def _data_problems(cfg: RunConfig) -> Iterator[str]:
+    for split in ("train", "eval"):
+        spec = getattr(cfg.data, split, None)
+        sources = [spec] if isinstance(spec, str) else spec
+        if sources is not None and (not sources or not all(source.strip() for source in sources)):
+            yield f"data.{split}: {spec!r} names no data (give a file, a saved dataset or a list of them)"
+            continue
+        for source in sources or []:
+            problem = source_problem(source)
+            if problem:
+                yield f"data.{split}: {problem}"
+
+
+def _model_problems(cfg: RunConfig) -> Iterator[str]:
+    """A local model or tokenizer path that does not exist (a hub id cannot be checked offline)."""
+    for key in ("path", "tokenizer"):
+        spec = getattr(cfg.model, key, None)
+        if isinstance(spec, str) and spec.startswith((".", "/", "~")):
+            try:
+                found = Path(spec).expanduser().exists()
+            except OSError:
+                found = False
+            if not found:
+                yield f"model.{key}: no such file or folder: {spec}"
 
 
 def format_validation_error(
@@ -120,6 +341,8 @@ def _user_path(loc: tuple[Any, ...], data: Any) -> list[Any]:
             node = node[seg]
         elif seg in (ONE, MANY) or (not is_last and isinstance(node, dict) and seg in _tags(node)):
             continue
+        elif isinstance(seg, str) and node is not None and not isinstance(node, (dict, list)):
+            continue  # a plain value has no keys: `str` or `list[str]`, the member of a union tried
         else:
             node = None
         path.append(seg)
@@ -139,7 +362,8 @@ def _describe(err: Any, cls: type[BaseModel], data: dict[str, Any], path: list[A
         return f"unknown key{suggestion}. Allowed keys here: {', '.join(sorted(allowed))}"
     if kind == "union_tag_invalid":
         key = ctx.get("discriminator", "name").strip("'")
-        what = " ".join(str(p) for p in path[-1:]) + ("" if key == "name" else f" {key}")
+        named = [str(p) for p in path if isinstance(p, str)]  # `loss`, not the `1` of loss.1
+        what = " ".join(named[-1:]) + ("" if key == "name" else f" {key}")
         return (
             f"unknown {what} {ctx.get('tag')!r}; installed choices: {ctx.get('expected_tags', '')}. "
             f"Install a plugin that provides it (see `align list`)."
@@ -151,7 +375,41 @@ def _describe(err: Any, cls: type[BaseModel], data: dict[str, Any], path: list[A
             f"unknown choice {err.get('input')!r}; installed choices: {ctx.get('expected')}. "
             f"Install a plugin that provides it (see `align list`)."
         )
-    return f"{err['msg']} (got {err.get('input')!r})"
+    if kind == "value_error":  # our validators' messages name the keys and values themselves
+        return str(ctx.get("error", err["msg"]))
+    message = str(err["msg"]).replace("an object", "a mapping of keys").replace("a valid array", "a list")
+    return f"{message}{_type_hint(kind, err.get('input'))} (got {_shown(err.get('input'))})"
+
+
+_NUMBER_ERRORS = ("int_type", "int_from_float", "float_type", "int_parsing", "float_parsing")
+
+
+def _type_hint(kind: str, value: Any) -> str:
+    """Why a value that lax parsing would have taken is refused."""
+    if kind in _NUMBER_ERRORS and isinstance(value, bool):
+        return ": true/false is not a number"
+    if kind in _NUMBER_ERRORS and isinstance(value, str) and _is_number(value):
+        return ": a quoted value is text, write the number without quotes"
+    if kind in ("int_type", "int_from_float") and isinstance(value, float):
+        return ": write a whole number without a decimal point"
+    if kind == "bool_type" and value is not None:
+        return ": write true or false"
+    return ""
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in YAML (``true``, ``null``), Python's repr otherwise."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return repr(value)
 
 
 def _allowed_keys(cls: type[BaseModel], data: Any, path: list[Any]) -> list[str]:

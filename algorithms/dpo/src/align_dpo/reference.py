@@ -49,7 +49,7 @@ class ReferenceConfig(align.StrictConfig):
         description="precompute: score the data once before training and cache it (the reference is "
         "freed: faster steps, less memory); live: keep the reference and score every batch.",
     )
-    cache_dir: Path | None = Field(
+    cache_dir: align.WritableDir | None = Field(
         None,
         description="Folder of precomputed log-probs; default <output_dir>/reference_cache. Point runs "
         "on the same model and data at one folder to compute once.",

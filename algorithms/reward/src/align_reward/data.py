@@ -3,7 +3,9 @@
 
 A missing (``null``) attribute value is left out of the loss; a row with no attribute value
 at all is skipped (counted in the log); a value that is not a number is an error naming the
-file and row. Length rules are those of the other formats.
+file and row; an attribute that no row of a split has a value for is an error (a typo in
+``data.attributes`` would otherwise train a head on nothing). Length rules are those of the
+other formats.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import datasets
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
@@ -88,6 +91,18 @@ class AttributeFormat(align.TokenizedFormat):
             "labelled": labelled,
             "status": status,
         }
+
+    def check_loaded(self, split: str, rows: datasets.Dataset, sources: list[str]) -> None:
+        labelled = torch.tensor(list(rows["labelled"]), dtype=torch.bool).reshape(len(rows), -1)
+        counts = labelled.sum(dim=0).tolist() if len(rows) else [0] * len(self.cfg.attributes)
+        absent = [name for name, count in zip(self.cfg.attributes, counts, strict=True) if count == 0]
+        if absent:
+            names = ", ".join(f"'{name}'" for name in absent)
+            columns = sorted({column for source in sources for column in self.columns_of.get(source, [])})
+            raise align.DataError(
+                f"data.attributes: no row of data.{split} ({', '.join(sources)}) has a value for {names}; "
+                f"its columns: {', '.join(columns)}"
+            )
 
     def collate(self, rows: list[dict[str, Any]]) -> ScoredTokens:
         return ScoredTokens(

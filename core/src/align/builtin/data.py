@@ -19,7 +19,8 @@ from pydantic import Field
 
 from align.batches import PairedTokens, SFTTokens
 from align.config import DataConfig, StrictConfig
-from align.datafiles import load_table, row_error, text_or_messages
+from align.datafiles import load_table, row_error, text_or_messages, undecodable_row
+from align.errors import DataError
 from align.hookspecs import hookimpl
 from align.layout import lay_out
 from align.registry import Register
@@ -117,6 +118,7 @@ class TokenizedFormat:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.encoder = Encoder(tokenizer, cfg)
         self.counts: dict[str, int] = {}
+        self.columns_of: dict[str, list[str]] = {}  # each file's columns, for error messages
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def tokenize_row(self, row: dict[str, Any], source: str, index: int) -> dict[str, Any]:
@@ -128,29 +130,57 @@ class TokenizedFormat:
             return None
         parts = []
         offset = 0
-        for source in [spec] if isinstance(spec, str) else spec:
+        sources = [spec] if isinstance(spec, str) else spec
+        for source in sources:
             table = load_table(source)
-            parts.append(
-                table.map(
-                    lambda row, i, src=source, off=offset: {
-                        **self.tokenize_row(row, src, i),
-                        "example_id": off + i,
-                    },
-                    with_indices=True,
-                    remove_columns=table.column_names,
-                    load_from_cache_file=False,
-                    keep_in_memory=True,
-                )
-            )
+            parts.append(self._tokenize(table, source, offset))
             offset += len(table)
         merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        self.check_loaded(split, merged, sources)
         statuses = merged["status"]
         for status in set(statuses) - {"ok"}:
             self.counts[f"{split}_{status}"] = statuses.count(status)
         kept = merged.filter(
             lambda row: not row["status"].startswith(("dropped", "skipped")), keep_in_memory=True
         )
+        if len(kept) == 0:
+            raise self._nothing_left(split, sources, statuses)
         return kept.remove_columns("status").with_format(None)
+
+    def _tokenize(self, table: datasets.Dataset, source: str, offset: int) -> datasets.Dataset:
+        self.columns_of[source] = list(table.column_names)
+        try:
+            return table.map(
+                lambda row, i: {**self.tokenize_row(row, source, i), "example_id": offset + i},
+                with_indices=True,
+                remove_columns=table.column_names,
+                load_from_cache_file=False,
+                keep_in_memory=True,
+            )
+        except UnicodeDecodeError:  # a Parquet/Arrow file may hold bytes that are not UTF-8
+            raise DataError(undecodable_row(table, source)) from None
+
+    def check_loaded(self, split: str, rows: datasets.Dataset, sources: list[str]) -> None:
+        """For formats to check a whole split once it is tokenized, before the rows that are
+        dropped or skipped are filtered out (``status`` column); raise ``align.DataError``."""
+
+    def _nothing_left(self, split: str, sources: list[str], statuses: list[str]) -> DataError:
+        """No row survived the length rules: say why, with the counts, naming the key to change."""
+        limit = self.cfg.max_length
+        reasons = {
+            "dropped_long_prompt": f"dropped: the prompt leaves no room within data.max_length={limit}",
+            "dropped_overlong": f"dropped: longer than data.max_length={limit} (data.overlong: drop)",
+            "skipped_identical_pair": "skipped: chosen equals rejected",
+            "skipped_unlabelled": "skipped: no label",
+        }
+        counts = ", ".join(
+            f"{statuses.count(status)} {reasons.get(status, status)}" for status in sorted(set(statuses))
+        )
+        advice = " Raise data.max_length." if any(s.startswith("dropped") for s in statuses) else ""
+        return DataError(
+            f"data.{split}: no usable rows: none of the {len(statuses)} rows of {', '.join(sources)} "
+            f"is left (0 kept; {counts}).{advice}"
+        )
 
     def stats(self) -> dict[str, int]:
         return dict(self.counts)
