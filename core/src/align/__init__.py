@@ -115,7 +115,6 @@ __all__ = [
     "UnpairedBatch",
     "UserError",
     "WritableDir",
-    "WritableDir",
     "build_engine",
     "build_reward",
     "build_reward_source",

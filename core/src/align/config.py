@@ -103,15 +103,6 @@ class DataConfig(StrictConfig):
             )
         return self
 
-    @model_validator(mode="after")
-    def _prompt_leaves_room(self) -> DataConfig:
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"data.max_prompt_length ({self.max_prompt_length}) must be less than data.max_length "
-                f"({self.max_length}): a prompt cut to it must leave room for a completion"
-            )
-        return self
-
 
 class TinyModelConfig(StrictConfig):
     """Size knobs of the embedded default model (``model.path: tiny``): a small Llama."""
@@ -166,16 +157,6 @@ class TrainerConfig(StrictConfig):
     tensorboard: bool | Literal["auto"] = "auto"
     progress: bool | Literal["auto"] = "auto"
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU.")
-
-    @model_validator(mode="after")
-    def _warmup_fits(self) -> TrainerConfig:
-        # With `epochs` the run's length is known only once the data is loaded.
-        if self.max_steps is not None and self.warmup_steps > self.max_steps:
-            raise ValueError(
-                f"trainer.warmup_steps ({self.warmup_steps}) is longer than the run "
-                f"(trainer.max_steps={self.max_steps}): the learning rate would never reach optim.lr"
-            )
-        return self
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainerConfig:
