@@ -208,7 +208,7 @@ def test_overrides_may_come_before_or_after_the_flags(capsys, dpo_yaml, no_model
     argv = ["run", dpo_yaml, "optim.lr=1e-5", "--resume", "trainer.max_steps=20", "seed=3"]
     assert run_cli(capsys, *argv).code == 0
     cfg = seen[-1]
-    assert (cfg.optim.lr, cfg.trainer.max_steps, cfg.seed, cfg.resume) == (1e-5, 20, 3, "auto")
+    assert (cfg.optim.lr, cfg.trainer.max_steps, cfg.seed, cfg.resume) == (1e-5, 20, 3, True)
     # Anything else after the flags is still a usage error.
     assert run_cli(capsys, "validate", dpo_yaml, "--algo", "dpo", "--bogus").code == 2
     assert run_cli(capsys, "validate", dpo_yaml, "--algo", "dpo", "not-an-override").code == 2

@@ -298,10 +298,12 @@ def test_huge_learning_rate_diverges_with_a_clear_message(tmp_path, capsys):
         optim={"lr": 1e30},
     )
     result = run_cli(capsys, "run", write_yaml(tmp_path / "lr.yaml", config))
-    assert_user_error(result, "training stopped: the loss became", "Lower optim.lr")
-    assert "nan" in result.err or "inf" in result.err
+    # The first update moves every weight by about the lr: caught before any checkpoint holds it.
+    assert_user_error(
+        result, "training stopped: the largest parameter jumped", "at step 1", "no checkpoint", "Lower optim.lr"
+    )
     assert not (out / "final").exists()
-    assert (out / "checkpoints").is_dir() and list((out / "checkpoints").glob("step_*"))
+    assert not list((out / "checkpoints").glob("step_*"))
 
 
 # ---- resume after SIGKILL ---------------------------------------------------------------------

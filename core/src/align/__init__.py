@@ -29,9 +29,10 @@ from align.config import (
     WritableDir,
 )
 from align.datafiles import row_error, text_or_messages
-from align.errors import ConfigError, DataError, TrainingDiverged, UserError
+from align.errors import ConfigError, DataError, OutputWriteError, TrainingDiverged, UserError
 from align.hookspecs import hookimpl
 from align.layout import lay_out, pack_sequences, pad_sequences, row_lengths
+from align.lock import OutputDirLocked
 from align.losses import LossFn, combine_losses, pairwise_accuracy, resolve_losses
 from align.online import (
     RolloutResult,
@@ -82,6 +83,8 @@ __all__ = [
     "ModelConfig",
     "NamedWeights",
     "OptimConfig",
+    "OutputDirLocked",
+    "OutputWriteError",
     "PairedTokens",
     "PluginConfig",
     "Plugins",

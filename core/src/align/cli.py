@@ -76,7 +76,7 @@ def load_config(path: str, overrides: Sequence[str], algo: str | None, plugins: 
 
 
 def cmd_run(args: argparse.Namespace, plugins: Plugins) -> None:
-    overrides = [*args.overrides, *(["resume=auto"] if args.resume else [])]
+    overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
     cfg = load_config(args.config, overrides, args.algo, plugins)
     result = train(cfg, plugins)
     _print_result(result)

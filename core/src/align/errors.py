@@ -19,4 +19,10 @@ class DataError(UserError):
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, the gradients or the weights became non-finite (or the weights exploded): the
+    update is not saved; the last verified checkpoint is named and kept."""
+
+
+class OutputWriteError(UserError):
+    """Writing a run's outputs failed (a full disk, a quota, a read-only folder): the message says
+    what and where; the partial write is removed and the last complete checkpoint kept."""

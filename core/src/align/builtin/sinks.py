@@ -8,6 +8,7 @@ which), each with ``step`` and ``loss``. TensorBoard event files are written whe
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -28,14 +29,14 @@ class JsonlSink:
     def on_train_start(self, run: RunInfo) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if run.resumed_from is not None:
-            self._drop_after(int(run.resumed_from.name.removeprefix("step_")))
+            self._drop_after(run.resumed_step)
         self.file = self.path.open("a")
 
     def _drop_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: forget their old lines."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     @hookimpl
@@ -48,6 +49,15 @@ class JsonlSink:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a line cut short (a killed run, a full disk) counts as after
+    every checkpoint, so a resumed run drops it."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class TensorBoardSink:
