@@ -8,13 +8,14 @@ import math
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 import align
+from align.loading import validate_run_config
 from align_rewards import (
     ExactMatchConfig,
     FunctionRewardConfig,
@@ -367,3 +368,56 @@ def test_build_reward_wraps_any_plugin_and_math_is_float32(registry: align.Regis
     reward = align.build_reward(ExactMatchConfig(), registry)
     assert isinstance(reward, align.RewardSource)
     assert math.isclose(float(reward(["p"], ["3"], [{"answer": 3}])[0]), 1.0)
+
+
+# ---- rewards in a run config ------------------------------------------------------------
+
+
+class RewardProbeConfig(align.RunConfig):
+    algo: Literal["reward_probe"] = "reward_probe"
+    reward: align.RewardConfig
+
+
+def probe(reward: Any) -> align.RunConfig:
+    registry = align.load_plugins().registry
+    registry.add(align.Entry("algorithm", "reward_probe", RewardProbeConfig, object, "tests", "0", {}))
+    data = {"algo": "reward_probe", "data": {"format": "sft", "train": "x.jsonl"}, "reward": reward}
+    return validate_run_config(data, registry)
+
+
+def test_a_sum_in_a_run_config_validates_every_term_by_its_own_class(registry: align.Registry) -> None:
+    cfg: Any = probe(
+        {
+            "name": "sum",
+            "terms": [
+                {"reward": {"name": "exact_match", "marker": "####"}, "weight": 2},
+                {"reward": {"name": "function", "path": "align_rewards:length", "kwargs": {"band": [1, 3]}}},
+            ],
+        }
+    )
+    assert (
+        isinstance(cfg.reward.terms[0].reward, ExactMatchConfig)
+        and cfg.reward.terms[0].reward.marker == "####"
+    )
+    reward = align.build_reward(cfg.reward, registry)
+    # "#### 7": 2 * 1 + 0 (6 chars: outside the band); "#### 8" -> 0; "7": no marker -> 0, + 1 (in band)
+    assert reward(["a", "b", "c"], ["#### 7", "#### 8", "7"], [{"answer": 7}] * 3).tolist() == [2, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("reward", "fragments"),
+    [
+        (
+            {"name": "sum", "terms": [{"reward": {"name": "exact_match", "answer_kye": "a"}}]},
+            ["reward.terms.0.reward.answer_kye", "did you mean 'answer_key'"],
+        ),
+        ({"name": "sum", "terms": [{"reward": {"name": "nope"}}]}, ["'nope'", "exact_match"]),
+        ({"name": "regex", "pattern": "("}, ["reward.pattern", "not a valid regular expression"]),
+        ({"name": "length"}, ["reward", "exactly one of target"]),
+    ],
+)
+def test_bad_reward_configs_name_the_key(reward: dict[str, Any], fragments: list[str]) -> None:
+    with pytest.raises(align.ConfigError) as caught:
+        probe(reward)
+    for fragment in fragments:
+        assert fragment in str(caught.value), str(caught.value)
