@@ -58,7 +58,7 @@ class PromptFormat(TokenizedFormat):
         prompt = text_or_messages(row.get(column), column, source, index)
         prompt_ids = self.encoder.encode_prompt(prompt)
         status, prompt_ids, _ = self.encoder.fit(prompt_ids, [])
-        return {"prompt_ids": prompt_ids, "row_json": json.dumps(row), "status": status}
+        return {"prompt_ids": prompt_ids, "row_json": json.dumps(dict(row)), "status": status}
 
     def collate(self, rows: list[dict[str, Any]]) -> PromptBatch:
         return PromptBatch(prompt_rows(rows, self.cfg.columns.prompt))
