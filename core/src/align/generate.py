@@ -99,7 +99,7 @@ def generate(cfg: GenerateConfig, plugins: Plugins) -> int:
     reward_cfg = _plugin_config("reward", "reward", cfg.reward, plugins) if cfg.reward else None
     _check_out(cfg)
     data_cfg = PromptData(train=cfg.prompts, max_length=cfg.max_length, columns={"prompt": cfg.prompt_column})
-    run = RunConfig(algo="generate", model=cfg.model, backend=backend_cfg, data=data_cfg, seed=cfg.seed)  # type: ignore[arg-type]
+    run = RunConfig(algo="generate", model=cfg.model, backend=backend_cfg, data=data_cfg, seed=cfg.seed)
     backend = registry.get("backend", backend_cfg.name).factory(run)  # type: ignore[attr-defined]
     data_format = registry.get("data_format", "prompts").factory(data_cfg, backend.tokenizer)
     rows = data_format.load("train")

@@ -194,7 +194,8 @@ class RejectionSampling(align.Algorithm):
             epoch, index = divmod(position, len(data))
             indices.append(self._prompt_order(epoch)[index])
         self.prompt_position += count
-        return align.prompt_rows([data[i] for i in indices], self.config.data.columns.prompt)
+        data_cfg: align.PromptData = self.config.data  # type: ignore[assignment]
+        return align.prompt_rows([data[i] for i in indices], data_cfg.columns.prompt)
 
     def _prompt_order(self, epoch: int) -> list[int]:
         if self._order_epoch != epoch:
