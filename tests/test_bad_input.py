@@ -420,6 +420,15 @@ CONFIG_MISTAKES = [
     ("foo=1", ("foo", "unknown key")),
     ("trainer.max_step=3", ("trainer.max_step", "did you mean 'max_steps'")),
     ("algo=nosuch", ("unknown algorithm 'nosuch'",)),
+    ("trainer=null", ("trainer", "mapping of keys", "got null")),
+    ("trainer.max_steps=1e3", ("trainer.max_steps", "whole number (1000)")),
+    ("trainer.max_steps.x=1", ("override 'trainer.max_steps.x=1'", "'max_steps' holds a value (4)")),
+    ("trainer.tensorboard=maybe", ("trainer.tensorboard", "'maybe'")),
+    ("trainer.save_every=-5", ("trainer.save_every", "greater than or equal to 0")),
+    ("data.group_by_length=1", ("data.group_by_length", "true or false")),
+    ("data.eval=[]", ("data.eval", "names no data")),
+    ("data.columns.prompt=5", ("data.columns.prompt", "valid string")),
+    ("callbacks=[{name: nosuch}]", ("callbacks.0.name", "'nosuch'")),
 ]
 
 
@@ -437,13 +446,31 @@ def test_config_mistakes(capsys, tmp_path, no_model_loading, override, fragments
         ("algo: dpo\ntrainer: [\n", ("not valid YAML", "line 3")),
         ("algo: dpo\ntrainer:\n\tmax_steps: 1\n", ("not valid YAML", "line 3", "'\\t'")),
         ("algo: 5\n", ("--algo dpo contradicts `algo: 5`",)),
+        ("algo: dpo\n---\nalgo: sft\n", ("not valid YAML", "line 2", "another document")),
+        ("algo: dpo\nloss: *base\n", ("not valid YAML", "line 2", "undefined alias 'base'")),
+        ("algo: dpo\x00\n", ("not valid YAML", "character 10", "not allowed")),
     ],
-    ids=["empty", "list", "scalar", "unclosed", "tab", "algo-number"],
+    ids=["empty", "list", "scalar", "unclosed", "tab", "algo-number", "two-documents", "alias", "nul"],
 )
 def test_config_files_that_are_not_configs(capsys, tmp_path, no_model_loading, text, fragments):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     assert_user_error(run_cli(capsys, "validate", str(path), "--algo", "dpo"), *fragments)
+
+
+def test_two_config_files(capsys, tmp_path, no_model_loading):
+    first = dpo_yaml(tmp_path)
+    assert_user_error(run_cli(capsys, "validate", first, first), f"override '{first}' has no '='")
+
+
+def test_kto_label_that_is_not_a_boolean(capsys, tmp_path):
+    rows = [{"prompt": "a", "completion": "b", "label": 1}] * 2
+    train = write_jsonl(tmp_path / "unpaired.jsonl", rows)
+    config = sft_config(
+        tmp_path / "out", algo="kto", data={"format": "unpaired", "train": train, "eval": None}
+    )
+    result = run_cli(capsys, "run", write_yaml(tmp_path / "run.yaml", config))
+    assert_user_error(result, "unpaired.jsonl, row 1", "'label' must be true or false, got 1")
 
 
 def test_config_path_that_is_a_folder(capsys, tmp_path, no_model_loading):

@@ -60,6 +60,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem or exc.context}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"character {exc.position + 1}: {exc.character!r} is not allowed in YAML"
     return str(exc)
 
 
@@ -154,7 +156,11 @@ def _child(node: Any, part: str, item: str) -> Any:
         return node[_index(node, part, item)]
     if not isinstance(node, dict):
         raise ConfigError(f"override '{item}': '{part}' is inside a value that is not a mapping")
-    if not isinstance(node.get(part), (dict, list)):
+    if node.get(part) is not None and not isinstance(node[part], (dict, list)):
+        raise ConfigError(
+            f"override '{item}': '{part}' holds a value ({_shown(node[part])}), not a mapping of keys"
+        )
+    if node.get(part) is None:
         node[part] = {}
     return node[part]
 
@@ -391,7 +397,7 @@ def _type_hint(kind: str, value: Any) -> str:
     if kind in _NUMBER_ERRORS and isinstance(value, str) and _is_number(value):
         return ": a quoted value is text, write the number without quotes"
     if kind in ("int_type", "int_from_float") and isinstance(value, float):
-        return ": write a whole number without a decimal point"
+        return f": write it as a whole number{f' ({int(value)})' if value.is_integer() else ''}"
     if kind == "bool_type" and value is not None:
         return ": write true or false"
     return ""
