@@ -51,7 +51,8 @@ class HFEngine:
     def __init__(self, cfg: HFEngineConfig, spec: EngineSpec) -> None:
         self.cfg, self.spec = cfg, spec
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model: Any = _load(spec, cfg.attn_implementation).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # loading may initialise (then overwrite) weights
+            self.model: Any = _load(spec, cfg.attn_implementation).to(self.device)
         self.eos_token_id = _first(spec.eos_token_id, self.model.config.eos_token_id)
         self.pad_token_id = _first(spec.pad_token_id, self.model.config.pad_token_id, self.eos_token_id, 0)
         # Unseeded calls draw their seed here, so an engine's samples depend only on spec.seed

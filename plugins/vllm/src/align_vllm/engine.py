@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -64,6 +66,47 @@ class VLLMEngineConfig(RolloutEngineConfig):
     )
 
 
+class _ProcessGroups:
+    """vLLM keeps its process groups in module globals that every engine in a process shares:
+    the first engine to start makes them, the last one to close removes them (removing them
+    earlier breaks the engines still open). A group the trainer made (a torch.distributed run)
+    is the trainer's, and stays."""
+
+    open_engines = 0
+    made_by_vllm = False
+
+    @classmethod
+    def starting(cls) -> None:
+        if cls.open_engines == 0:
+            cls.made_by_vllm = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+    @classmethod
+    def started(cls) -> None:
+        cls.open_engines += 1
+
+    @classmethod
+    def failed(cls) -> None:
+        """A start that failed may have made groups: remove them so that a later start can."""
+        if cls.open_engines == 0:
+            with contextlib.suppress(Exception):
+                cls._remove()
+
+    @classmethod
+    def closed(cls) -> None:
+        cls.open_engines -= 1
+        if cls.open_engines == 0:
+            cls._remove()
+
+    @classmethod
+    def _remove(cls) -> None:
+        from vllm.distributed import parallel_state
+
+        if cls.made_by_vllm:
+            parallel_state.cleanup_dist_env_and_memory()
+        else:
+            parallel_state.destroy_model_parallel()
+
+
 class VLLMEngine:
     """``align.RolloutEngine`` on vLLM (see the module docstring)."""
 
@@ -72,12 +115,13 @@ class VLLMEngine:
         check_head_size(spec.model_dir)
         self.cfg, self.spec = cfg, spec
         self.sleep_mode = cfg.sleep_mode and vllm.platforms.current_platform.is_sleep_mode_available()
-        self.owns_process_group = not (
-            torch.distributed.is_available() and torch.distributed.is_initialized()
-        )
         self.dtype = getattr(torch, spec.dtype)
         self.asleep = False
-        with _trainer_threads_kept():
+        # Unseeded calls draw their seed here: vLLM then samples with per-request generators
+        # and never advances (or depends on) the trainer's global RNG.
+        self.seeds = torch.Generator().manual_seed(spec.seed)
+        _ProcessGroups.starting()
+        with _trainer_state_kept():
             try:
                 self.llm = vllm.LLM(
                     model=str(spec.model_dir),
@@ -92,17 +136,24 @@ class VLLMEngine:
                     enable_sleep_mode=self.sleep_mode,
                 )
             except Exception as exc:
+                _ProcessGroups.failed()
                 raise EngineError(
                     f"engine 'vllm' could not start on the model in '{spec.model_dir}': {_describe(exc)}"
                 ) from exc
+        _ProcessGroups.started()
+        self.closed = False
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         check_prompts("vllm", prompts, self.spec.max_model_len)
         self.wake_up()
         requests: Any = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
-        params = [self._sampling_params(sampling, index) for index in range(len(prompts))]
+        seed = sampling.seed if sampling.seed is not None else _draw_seed(self.seeds)
+        params = [self._sampling_params(sampling, seed, index) for index in range(len(prompts))]
         try:
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            # vLLM's sampler advances the global RNG even when every request has its own
+            # seed: keep the trainer's RNG as it was.
+            with torch.random.fork_rng(devices=_accelerators()):
+                outputs = self.llm.generate(requests, params, use_tqdm=False)
         except Exception as exc:
             raise EngineError(f"engine 'vllm' failed while generating: {_describe(exc)}") from exc
         return [[_completion(o) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
@@ -129,33 +180,30 @@ class VLLMEngine:
         self.asleep = False
 
     def close(self) -> None:
-        from vllm.distributed import parallel_state
-
-        with contextlib.suppress(Exception):
-            self.llm.llm_engine.engine_core.shutdown()
+        if self.closed:
+            return
+        self.closed = True
+        _shut_down(self.llm)
         del self.llm
-        # vLLM made a one-process group for itself; a second engine in this process makes its
-        # own. A group the trainer made (torch.distributed run) is the trainer's to destroy.
-        if self.owns_process_group:
-            parallel_state.cleanup_dist_env_and_memory()
-        else:
-            parallel_state.destroy_model_parallel()
+        _ProcessGroups.closed()
 
-    def _sampling_params(self, sampling: SamplingConfig, prompt_index: int) -> Any:
+    def _sampling_params(self, sampling: SamplingConfig, seed: int, prompt_index: int) -> Any:
         from vllm import SamplingParams
 
         # vLLM gives the i-th of a request's n samples the seed `seed + i`; spacing the prompts'
         # seeds by n keeps every sample's seed distinct (equal prompts still differ).
-        seed = None if sampling.seed is None else sampling.seed + prompt_index * sampling.n
+        stops = list(sampling.stop_token_ids)
+        if self.spec.eos_token_id is not None and not sampling.ignore_eos:
+            stops.append(self.spec.eos_token_id)  # the trainer's EOS, whatever the checkpoint says
         return SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
             max_tokens=sampling.max_tokens,
-            stop_token_ids=list(sampling.stop_token_ids),
+            stop_token_ids=stops,
             ignore_eos=sampling.ignore_eos,
-            seed=seed,
+            seed=seed + prompt_index * sampling.n,
             logprobs=0,  # the sampled token's own log-prob only
             detokenize=False,
         )
@@ -238,13 +286,42 @@ def _supported_head_sizes() -> list[int] | None:
 
 
 @contextlib.contextmanager
-def _trainer_threads_kept() -> Iterator[None]:
+def _trainer_state_kept() -> Iterator[None]:
+    """Undo what starting vLLM does to the process the trainer shares: it seeds the global
+    RNGs, lowers torch's threads and disables ``torch.set_num_threads``."""
     threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
     try:
-        yield
+        with torch.random.fork_rng(devices=_accelerators()):
+            yield
     finally:
         torch.set_num_threads = set_threads
         set_threads(threads)
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+
+
+def _shut_down(llm: Any) -> None:
+    """Stop the in-process engine core without its own teardown of the process groups (it
+    removes them, and the torch.distributed group with them, even while other engines or the
+    trainer still use them): ``_ProcessGroups`` does that when it is time."""
+    import vllm.v1.engine.core as engine_core
+
+    teardown = engine_core.cleanup_dist_env_and_memory
+    engine_core.cleanup_dist_env_and_memory = lambda *args, **kwargs: None
+    try:
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+    finally:
+        engine_core.cleanup_dist_env_and_memory = teardown
+
+
+def _accelerators() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
 
 
 def _completion(output: Any) -> Completion:
