@@ -225,7 +225,7 @@ def test_one_forward_pass_scores_real_and_mismatched_pairs(plugins: align.Plugin
         "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows))},
     }
     trainer = Trainer(validate_run_config(config, plugins.registry), plugins)
-    trainer._build()
+    trainer.build()
     algo, policy = trainer.algorithm, trainer.context.policy
     data = trainer.train_data
     batch = trainer.data_format.collate([data[i] for i in range(4)])

@@ -58,8 +58,8 @@ def pairs(tmp_path: Path, rows: int) -> str:
 # ---- one DPO run, inspected by several tests -----------------------------------------------
 
 
-class RecordingTrainer(align.trainer.Trainer):
-    """The trainer, keeping a handle on itself so a test can look at the in-memory policy."""
+class RecordingTrainer(align.trainer.Learner):
+    """The learner, keeping a handle on itself so a test can look at the in-memory policy."""
 
     last: RecordingTrainer | None = None
 
@@ -82,7 +82,7 @@ def dpo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     )
     path = write_yaml(tmp / "dpo.yaml", config)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(align.trainer, "Trainer", RecordingTrainer)
+        patch.setattr(align.trainer, "Learner", RecordingTrainer)
         patch.setenv("COLUMNS", "500")
         code = align.cli.main(["run", path])
     assert code == 0
@@ -146,7 +146,8 @@ def test_outputs_checkpoints(dpo_run):
         assert (folder / "model" / "config.json").is_file()
         state = torch.load(folder / STATE_FILE, weights_only=True)
         assert state["step"] == step
-        assert {"optimizer", "scheduler", "rng", "epoch", "batch"} <= state.keys()
+        assert {"optimizer", "scheduler", "rng", "algorithm", "config"} <= state.keys()
+        assert {"epoch", "batch"} <= state["algorithm"].keys()  # the offline driver's data position
     assert_same_weights(load_weights(root / "step_8" / "model"), load_weights(dpo_run["out"] / "final"))
     step_4, step_8 = load_weights(root / "step_4" / "model"), load_weights(root / "step_8" / "model")
     assert max_weight_diff(step_4, step_8) > 0
@@ -299,9 +300,13 @@ def test_huge_learning_rate_diverges_with_a_clear_message(tmp_path, capsys):
     )
     result = run_cli(capsys, "run", write_yaml(tmp_path / "lr.yaml", config))
     # The first update moves every weight by about the lr: caught before any checkpoint holds it.
-    assert_user_error(
-        result, "training stopped: the largest parameter jumped", "at step 1", "no checkpoint", "Lower optim.lr"
+    fragments = (
+        "training stopped: the largest parameter jumped",
+        "at step 1",
+        "no checkpoint",
+        "Lower optim.lr",
     )
+    assert_user_error(result, *fragments)
     assert not (out / "final").exists()
     assert not list((out / "checkpoints").glob("step_*"))
 
@@ -398,7 +403,8 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, capsys):
     # The resumed run's optimizer state matches too.
     s1 = torch.load(killed / "checkpoints" / f"step_{RESUME_STEPS}" / STATE_FILE, weights_only=True)
     s2 = torch.load(straight / "checkpoints" / f"step_{RESUME_STEPS}" / STATE_FILE, weights_only=True)
-    assert (s1["epoch"], s1["batch"]) == (s2["epoch"], s2["batch"]) == (1, 1)
+    position = [(s["algorithm"]["epoch"], s["algorithm"]["batch"]) for s in (s1, s2)]
+    assert position[0] == position[1] == (1, 1)
     for key, value in s1["optimizer"]["state"].items():
         assert torch.allclose(value["exp_avg"], s2["optimizer"]["state"][key]["exp_avg"], atol=1e-7)
 

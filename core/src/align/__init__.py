@@ -32,6 +32,7 @@ from align.datafiles import row_error, text_or_messages
 from align.errors import ConfigError, DataError, OutputWriteError, TrainingDiverged, UserError
 from align.hookspecs import hookimpl
 from align.layout import lay_out, pack_sequences, pad_sequences, row_lengths
+from align.learner import Learner, RunInfo, RunResult
 from align.lock import OutputDirLocked
 from align.losses import LossFn, combine_losses, pairwise_accuracy, resolve_losses
 from align.online import (
@@ -57,7 +58,7 @@ from align.rollout import (
     SamplingConfig,
     check_prompts,
 )
-from align.trainer import RunInfo, RunResult, train
+from align.trainer import train
 
 __version__ = "0.1.0"
 
@@ -77,6 +78,7 @@ __all__ = [
     "EngineSpec",
     "EngineUnavailable",
     "Entry",
+    "Learner",
     "LossConfig",
     "LossFn",
     "LossOutput",

@@ -1,28 +1,36 @@
-"""What an algorithm is: its models, its loss over a batch, its evaluation metrics.
+"""What an algorithm is: its models, its loss over a batch, its evaluation metrics, and how it
+drives the learner.
 
-Offline methods (SFT, DPO family, KTO, RM) implement ``loss`` and let the shared trainer
-loop do the rest.
+Offline methods (SFT, DPO family, KTO, RM) implement only ``loss``: the default ``drive`` walks
+the training data in a seeded order and hands the learner one optimizer step of micro-batches
+at a time. Online methods override ``drive`` with their own phases (generate, score, train,
+refit) over the same learner.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from align.batches import LossOutput
+from align.batching import BatchStream, DataPosition
 from align.config import RunConfig
 from align.protocols import Backend
 from align.registry import Registry
 
+if TYPE_CHECKING:
+    from align.learner import Learner
+
 
 @dataclass
 class Context:
-    """What the trainer hands an algorithm.
+    """What the learner hands an algorithm.
 
     ``policy`` is the model the run trains, checkpoints and saves as ``final/``: the backend's
     ``build_policy()``, or what the algorithm's registration meta ``build_model(backend, cfg)``
@@ -36,15 +44,58 @@ class Context:
     output_dir: Path
     train_data: Any = None
     eval_data: Any = None
+    data_format: Any = None
 
 
 class Algorithm:
-    """Base of offline algorithms. Subclasses implement ``loss``; ``evaluate`` defaults to
-    averaging the loss and its metrics over the eval batches."""
+    """Base of every algorithm. Offline ones implement ``loss``; ``evaluate`` defaults to
+    averaging the loss and its metrics over the eval batches; ``drive`` to the offline loop."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.config = ctx.config
+        self.position = DataPosition()  # the default driver's place in the training data
+
+    # ---- driving the learner -----------------------------------------------------------
+    def setup(self, learner: Learner) -> None:
+        """Called once before a resume restores state and before ``drive``: add the models this
+        algorithm trains besides the policy here (``learner.add_trainable("critic", ...)``) so
+        that a resume restores them too."""
+
+    def planned_steps(self) -> int:
+        """Policy optimizer steps the run is laid out over (the LR schedule's length) when
+        ``trainer.max_steps`` is unset: ``trainer.epochs`` over the training data here."""
+        t = self.config.trainer
+        per_epoch = math.ceil(len(self.ctx.train_data) / t.batch_size)
+        return t.epochs * math.ceil(per_epoch / t.grad_accum)
+
+    def drive(self, learner: Learner) -> None:
+        """The offline driver: one optimizer step per ``trainer.grad_accum`` micro-batches of the
+        seeded, resumable order, until the learner should stop (last step, or a stop request)."""
+        cfg, t = self.config, self.config.trainer
+        stream = BatchStream(
+            self.ctx.train_data,
+            self.ctx.data_format.collate,
+            t.batch_size,
+            cfg.seed,
+            group_by_length=cfg.data.group_by_length,
+        )
+        batches = stream.iterate(self.position)
+        while not learner.should_stop:
+            micro = []
+            for _ in range(t.grad_accum):
+                self.position, batch = next(batches)
+                micro.append(batch)
+            epoch = self.position.epoch + self.position.batch / stream.per_epoch
+            learner.train_step(micro, self.loss, extra_metrics={"epoch": epoch})
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume this algorithm exactly (plain numbers, strings,
+        lists, dicts and tensors only): here the default driver's data position."""
+        return {"epoch": self.position.epoch, "batch": self.position.batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = DataPosition(int(state.get("epoch", 0)), int(state.get("batch", 0)))
 
     def trainable(self) -> nn.Module:
         """The module whose parameters the optimizer updates."""
