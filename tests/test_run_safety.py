@@ -395,6 +395,19 @@ def test_resume_with_only_damaged_checkpoints_is_an_error_naming_them(tmp_path, 
     assert_user_error(result, f"resume: {explicit}", "0 bytes")
 
 
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
+    out = tmp_path / "out"
+    path = sft_run(tmp_path, out)
+    assert run_cli(capsys, "run", path).code == 0
+    newer = snapshot(out / "checkpoints" / "step_4")
+    result = run_cli(capsys, "run", path, f"resume={out / 'checkpoints' / 'step_2'}", "optim.lr=5e-4")
+    assert result.code == 0, result.err
+    assert "moved step_4 aside to step_4.superseded" in result.err
+    assert snapshot(out / "checkpoints" / "step_4.superseded") == newer  # kept as it was
+    assert [r["lr"] for r in read_metrics(out, "train")] == [1e-3, 1e-3, 5e-4, 5e-4]
+    assert checkpoint.verify(out / "checkpoints" / "step_4") is None
+
+
 def test_a_checkpoint_without_a_manifest_is_trusted_only_if_it_loads(tmp_path, capsys):
     out = tmp_path / "out"
     path = sft_run(tmp_path, out, trainer={"max_steps": 2})

@@ -441,11 +441,11 @@ class Learner:
         if source is None or not self._is_ours(source):
             self._claim_for_a_new_run()
         if source is not None:
-            self._set_aside_newer_than(source)
             self._resume_state = checkpoint.load_state(source)
             self._resume_changes = resume.check_changes(
                 self._resume_state.get("config"), self.config.model_dump(mode="json"), str(source)
             )
+            self._set_aside_newer_than(source, int(self._resume_state["step"]))
         return source
 
     def _resume_source(self) -> Path | None:
@@ -490,13 +490,13 @@ class Learner:
         for path in earlier:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-    def _set_aside_newer_than(self, source: Path) -> None:
+    def _set_aside_newer_than(self, source: Path, step: int) -> None:
         """Checkpoints newer than the one resumed belong to a future this run rewrites (or are
         unusable): renamed, never deleted, so they neither get picked up nor rotate ours away."""
         if not self._is_ours(source):
             return
         for path in checkpoint.list_checkpoints(self.output_dir):
-            if checkpoint.step_of(path) > checkpoint.step_of(source):
+            if checkpoint.step_of(path) > step:
                 reason = "corrupt" if checkpoint.verify(path) else "superseded"
                 moved = checkpoint.move_aside(path, reason)
                 note(f"resuming from {source.name}: moved {path.name} aside to {moved.name}")
