@@ -40,7 +40,6 @@ from align.online import (
     Rollouts,
     Sample,
     build_engine,
-    build_reward_source,
     policy_weights,
     start_rollouts,
 )
@@ -122,7 +121,6 @@ __all__ = [
     "WritableDir",
     "build_engine",
     "build_reward",
-    "build_reward_source",
     "check_prompts",
     "combine_losses",
     "default_plugins",

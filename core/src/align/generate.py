@@ -25,8 +25,9 @@ from align.builtin.prompts import PromptData, PromptRow, prompt_rows
 from align.config import ModelConfig, RunConfig, StrictConfig
 from align.errors import ConfigError, UserError
 from align.loading import apply_overrides, format_validation_error
-from align.online import Rollouts, build_reward_source
+from align.online import Rollouts
 from align.plugins import Plugins
+from align.rewards import build_reward
 from align.rollout import SamplingConfig
 
 SAMPLING_KEYS = set(SamplingConfig.model_fields)
@@ -105,7 +106,7 @@ def generate(cfg: GenerateConfig, plugins: Plugins) -> int:
     rows = data_format.load("train")
     if rows is None or len(rows) == 0:
         raise ConfigError(f"--prompts {cfg.prompts}: no usable prompts")
-    reward = build_reward_source(reward_cfg, registry) if reward_cfg is not None else None  # type: ignore[arg-type]
+    reward = build_reward(reward_cfg, registry) if reward_cfg is not None else None  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="align-generate-") as folder:
         model_dir = Path(folder) / "model"
         backend.save_pretrained(backend.build_policy(), model_dir)

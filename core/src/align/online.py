@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from align.builtin.prompts import PromptRow
-from align.config import RewardConfig, RolloutEngineConfig
+from align.config import RolloutEngineConfig
 from align.errors import UserError
 from align.registry import Registry
 from align.rollout import EngineError, EngineSpec, RolloutEngine, SamplingConfig
@@ -65,18 +65,6 @@ def build_engine(cfg: RolloutEngineConfig, registry: Registry, spec: EngineSpec)
             f"rollout engine '{cfg.name}' ({entry.package}) could not start: {type(exc).__name__}: {exc}"
         ) from exc
     return engine
-
-
-def build_reward_source(cfg: RewardConfig, registry: Registry) -> RewardSource:
-    """The configured reward, wrapped with the core's checks when the core offers them."""
-    import align
-
-    checked = getattr(align, "build_reward", None)
-    if checked is not None:
-        source: RewardSource = checked(cfg, registry)
-        return source
-    made: RewardSource = registry.get("reward", cfg.name).factory(cfg)
-    return made
 
 
 class Rollouts:

@@ -49,7 +49,7 @@ class RejectionSampling(align.Algorithm):
     def __init__(self, ctx: align.Context) -> None:
         super().__init__(ctx)
         cfg = self.config
-        self.reward = align.build_reward_source(cfg.reward, ctx.registry)
+        self.reward = align.build_reward(cfg.reward, ctx.registry)
         self.iteration = 0
         self.prompt_position = 0  # prompts consumed, over epochs of the seeded prompt order
         self.rollouts: align.Rollouts | None = None
