@@ -158,7 +158,9 @@ def test_killed_rs_run_resumes_to_the_same_weights(warm_model, tmp_path, capsys)
 
     resumed = run_cli(capsys, "run", killed_config, "--resume")
     assert resumed.code == 0, resumed.err
-    result = run_cli(capsys, "run", write_yaml(tmp_path / "straight.yaml", rs_config(straight, warm_model, **sections)))
+    result = run_cli(
+        capsys, "run", write_yaml(tmp_path / "straight.yaml", rs_config(straight, warm_model, **sections))
+    )
     assert result.code == 0, result.err
     assert_same_weights(load_weights(killed / "final"), load_weights(straight / "final"))
     resumed_rollouts = [row["iteration"] for row in read_metrics(killed, "rollout")]

@@ -106,6 +106,12 @@ def generate(cfg: GenerateConfig, plugins: Plugins) -> int:
     rows = data_format.load("train")
     if rows is None or len(rows) == 0:
         raise ConfigError(f"--prompts {cfg.prompts}: no usable prompts")
+    dropped = sum(count for status, count in data_format.stats().items() if "dropped" in status)
+    if dropped:  # generate answers every prompt it is given, or says which it cannot
+        raise ConfigError(
+            f"--prompts {cfg.prompts}: {dropped} of {len(rows) + dropped} prompts leave no room for a "
+            f"completion within max_length={cfg.max_length} tokens; raise max_length=... or shorten them"
+        )
     reward = build_reward(reward_cfg, registry) if reward_cfg is not None else None  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="align-generate-") as folder:
         model_dir = Path(folder) / "model"
