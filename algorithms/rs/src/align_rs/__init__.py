@@ -14,6 +14,7 @@ are a function of (seed, iteration), so a resumed run samples what the uninterru
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import torch
@@ -90,7 +91,9 @@ class RejectionSampling(align.Algorithm):
         if kept:
             metrics["kept_reward_mean"] = sum(s.reward for s in kept) / len(kept)
             metrics["logprob_mismatch"] = self.logprob_mismatch(kept)
+            started = time.perf_counter()
             self._train_on(learner, kept)
+            metrics["train_s"] = time.perf_counter() - started
         metrics["refit_s"] = self._sync_engine()
         self.iteration += 1
         learner.log(metrics, split="rollout")
