@@ -103,7 +103,10 @@ def test_mixed_type_column_keeps_strings_that_look_like_json(tmp_path):
         ({"prompt": "x"}, "row 2: missing 'completion'"),
         ({"prompt": "x", "completion": ""}, "row 2: the completion is empty"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "row 2: 'messages' must end with an assistant"),
-        ({"messages": [{"role": "user"}]}, "row 2: 'messages', message 1: a message needs 'role' and 'content'"),
+        (
+            {"messages": [{"role": "user"}]},
+            "row 2: 'messages', message 1: a message needs 'role' and 'content'",
+        ),
     ],
     ids=["missing", "empty", "no-assistant", "bad-message"],
 )
