@@ -329,6 +329,8 @@ def test_vllm_refuses_a_head_size_it_lacks_before_starting(tmp_path: Path):
     for fragment in ("engine 'vllm'", "head size 16", "hidden_size 64 / num_attention_heads 4"):
         assert fragment in message
     assert "num_attention_heads 2 (head size 32)" in message and "model.tiny.num_heads" in message
+    with pytest.raises(EngineError, match="head size 16"):  # the factory checks before starting
+        build("vllm", tmp_path)
 
 
 def test_vllm_without_vllm_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, weights_dir: Path):
