@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -121,7 +122,9 @@ class VLLMEngine:
         # and never advances (or depends on) the trainer's global RNG.
         self.seeds = torch.Generator().manual_seed(spec.seed)
         _ProcessGroups.starting()
-        with _trainer_state_kept():
+        with _trainer_state_kept(), warnings.catch_warnings():
+            # vLLM's own deprecation notices about torch APIs: nothing a user can act on.
+            warnings.simplefilter("ignore", FutureWarning)
             try:
                 self.llm = vllm.LLM(
                     model=str(spec.model_dir),
@@ -246,8 +249,11 @@ def check_head_size(model_dir: Path) -> None:
 
 
 def _import_vllm() -> Any:
-    # Before the first import: vLLM reads it when the module loads.
+    # Before the first import: vLLM reads these when its modules load. Its log (dozens of INFO
+    # lines per start, and warnings with tracebacks about the tokenizer it is told not to
+    # load) would drown the training log; VLLM_LOGGING_LEVEL=INFO brings it back.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         import vllm
         import vllm.platforms
