@@ -297,6 +297,7 @@ def test_prompts_that_leave_no_room_are_engine_errors(engine_name: str, engine: 
         engine.generate([[5], [7] * MAX_MODEL_LEN], greedy(4))
     with pytest.raises(EngineError, match="prompt 0 is empty"):
         engine.generate([[]], greedy(4))
+    assert engine.generate([], greedy(4)) == []
     # A prompt near the limit gets what room is left, and says it was cut.
     ((completion,),) = engine.generate([[7] * (MAX_MODEL_LEN - 3)], greedy(8))
     assert (len(completion.token_ids), completion.finish_reason) == (3, "length")

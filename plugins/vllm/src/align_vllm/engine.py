@@ -148,6 +148,8 @@ class VLLMEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         check_prompts("vllm", prompts, self.spec.max_model_len)
+        if not prompts:
+            return []
         self.wake_up()
         requests: Any = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
         seed = sampling.seed if sampling.seed is not None else _draw_seed(self.seeds)
