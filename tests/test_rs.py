@@ -176,3 +176,58 @@ def test_unknown_reward_is_a_user_error(warm_model, tmp_path, capsys):
     config = rs_config(tmp_path / "rs", warm_model, reward={"name": "no_such_reward", "answer_key": None})
     result = run_cli(capsys, "validate", write_yaml(tmp_path / "rs.yaml", config))
     assert_user_error(result, "no_such_reward")
+
+
+# An engine that answers the evaluation before training and the first iteration, then dies.
+DYING_ENGINE = """
+from typing import Literal
+
+import align
+
+
+class DyingConfig(align.RolloutEngineConfig):
+    name: Literal["dying"] = "dying"
+
+
+class Dying:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def generate(self, prompts, sampling):
+        self.calls += 1
+        if self.calls > 2:
+            raise RuntimeError("engine worker died")
+        return self.inner.generate(prompts, sampling)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@align.hookimpl
+def register_rollout_engines(register):
+    @register(DyingConfig)
+    def dying(cfg, spec):
+        hf = align.default_plugins().registry.get("rollout_engine", "hf")
+        return Dying(hf.factory(hf.config(name="hf"), spec))
+"""
+
+
+def test_an_engine_that_dies_is_a_user_error_and_the_checkpoint_stays(
+    warm_model, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "dying_engine_for_tests.py").write_text(textwrap.dedent(DYING_ENGINE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ALIGN_PLUGIN_MODULES", "dying_engine_for_tests")
+    monkeypatch.setattr(align.cli, "default_plugins", align.load_plugins)
+    out = tmp_path / "rs"
+    config = rs_config(
+        out,
+        warm_model,
+        rollout={"name": "dying"},
+        prompts_per_iteration=8,
+        trainer={"save_every": 1, "eval_batch_size": 64},  # one engine call per evaluation
+    )
+    result = run_cli(capsys, "run", write_yaml(tmp_path / "rs.yaml", config))
+    assert_user_error(result, "rollout engine 'dying' failed while generating", "engine worker died")
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")] == ["step_1"]
+    assert not (out / "final").exists()

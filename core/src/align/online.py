@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,11 +95,13 @@ class Rollouts:
             seed=seed,
         )
         self.engine = build_engine(engine_cfg, registry, spec)
+        self.engine_name = engine_cfg.name
 
     def generate(self, rows: Sequence[PromptRow], sampling: SamplingConfig) -> RolloutResult:
         """``sampling.n`` completions per row, decoded and (with a reward) scored."""
         started = time.perf_counter()
-        outputs = self.engine.generate([r.prompt_ids for r in rows], sampling)
+        with self._engine_errors("generating"):
+            outputs = self.engine.generate([r.prompt_ids for r in rows], sampling)
         generated = time.perf_counter() - started
         groups = [
             [
@@ -135,12 +138,27 @@ class Rollouts:
     def refit(self, weights: Any) -> float:
         """Swap new weights into the engine in place; returns the seconds it took."""
         started = time.perf_counter()
-        self.engine.refit(weights)
+        with self._engine_errors("taking new weights (refit)"):
+            self.engine.refit(weights)
         self.version += 1
         return time.perf_counter() - started
 
     def close(self) -> None:
         self.engine.close()
+
+    @contextmanager
+    def _engine_errors(self, doing: str) -> Iterator[None]:
+        """An engine that dies mid-run is named, with what it was doing; the run stops with exit
+        code 2 and its last checkpoint is kept."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as exc:
+            raise EngineError(
+                f"rollout engine '{self.engine_name}' failed while {doing}: {type(exc).__name__}: {exc}. "
+                "The last checkpoint is kept; rerun with --resume once the engine works."
+            ) from exc
 
     def _decode(self, token_ids: Sequence[int]) -> str:
         text: str = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
