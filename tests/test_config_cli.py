@@ -27,7 +27,17 @@ from align import ConfigError, default_plugins
 from align.cli import load_config
 from align.loading import apply_overrides
 
-KINDS = {"algorithm", "loss", "rollout_engine", "reward", "data_format", "backend", "callback", "lifecycle"}
+KINDS = {
+    "algorithm",
+    "loss",
+    "rollout_engine",
+    "reward",
+    "advantage_estimator",
+    "data_format",
+    "backend",
+    "callback",
+    "lifecycle",
+}
 
 
 @pytest.fixture

@@ -8,11 +8,13 @@ from align.batches import (
     SequenceLogps,
     SFTTokens,
     TokenBatch,
+    TokenLogps,
     UnpairedBatch,
 )
 from align.builtin.data import Encoder, TokenizedFormat
 from align.builtin.prompts import PromptBatch, PromptData, PromptRow, prompt_rows
 from align.config import (
+    AdvantageConfig,
     BackendConfig,
     CallbackConfig,
     DataConfig,
@@ -62,6 +64,7 @@ from align.trainer import train
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdvantageConfig",
     "Algorithm",
     "Backend",
     "BackendConfig",
@@ -113,6 +116,7 @@ __all__ = [
     "StrictConfig",
     "TinyModelConfig",
     "TokenBatch",
+    "TokenLogps",
     "TokenizedFormat",
     "TrainerConfig",
     "TrainingDiverged",

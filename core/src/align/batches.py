@@ -50,6 +50,19 @@ class TokenBatch:
 
 
 @dataclass
+class TokenLogps:
+    """Per-token log-probs of each sequence's scored tokens (those under ``loss_mask``), one row
+    per sequence, left-aligned: ``values[s, j]`` is the log-prob of sequence ``s``'s ``j``-th
+    scored token, ``mask[s, j]`` whether that token exists (rows of shorter sequences end in
+    zeros). ``entropy`` (same layout, when asked for) is the entropy of the model's next-token
+    distribution at each of those positions."""
+
+    values: Tensor
+    mask: Tensor
+    entropy: Tensor | None = None
+
+
+@dataclass
 class SequenceLogps:
     """Per-sequence sums of token log-probs over the loss mask, and the token counts."""
 
@@ -175,7 +188,22 @@ def _required(ref: Tensor | None) -> Tensor:
 
 @dataclass
 class LossOutput:
-    """A scalar loss to minimise and metrics to log (tensors are detached by the trainer)."""
+    """A scalar loss to minimise and metrics to log (tensors are detached by the learner, so a
+    metric computed from the graph needs no ``.detach()``).
+
+    ``weight`` is how much this batch counts when the default ``Algorithm.evaluate`` averages
+    the loss and metrics over a split: the mean's denominator (the token count of a token-mean
+    loss), so the result is the mean over every token of the split, not a mean of batch means.
+    ``None`` counts the batch once. Training is unaffected: each micro-batch's loss is divided
+    by the number of micro-batches, as in TRL and torchtune's defaults.
+    """
 
     loss: Tensor
     metrics: dict[str, Any] = field(default_factory=dict)
+    weight: Tensor | float | None = None
+
+
+def as_number(value: Any) -> float:
+    """A metric as a float; a tensor is detached first (one computed from the graph, such as a
+    margin, still requires grad, and ``float`` of it warns)."""
+    return float(value.detach()) if isinstance(value, Tensor) else float(value)

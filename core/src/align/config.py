@@ -67,6 +67,11 @@ class CallbackConfig(PluginConfig):
     """Base of lifecycle-plugin (callback) configs: one entry of a run's ``callbacks:`` list."""
 
 
+class AdvantageConfig(PluginConfig):
+    """Base of advantage-estimator configs (online methods: rewards of each prompt's group of
+    samples -> advantages)."""
+
+
 class DataConfig(StrictConfig):
     """Base of data-format configs, discriminated by ``format``.
 

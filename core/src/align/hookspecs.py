@@ -44,6 +44,14 @@ def register_rewards(register: Register) -> None:
 
 
 @hookspec
+def register_advantage_estimators(register: Register) -> None:
+    """Register advantage estimators for online methods:
+    ``register(MyAdvantageConfig)(estimate)``, where ``estimate(cfg, rewards)`` turns the
+    rewards of ``G`` prompts x ``n`` samples (a ``[G, n]`` tensor) into advantages of the same
+    shape."""
+
+
+@hookspec
 def register_data_formats(register: Register) -> None:
     """Register data formats: ``register(MyDataConfig)(MyFormat)``."""
 

@@ -31,6 +31,7 @@ HOOK_OF_KIND = {
     "loss": "register_losses",
     "rollout_engine": "register_rollout_engines",
     "reward": "register_rewards",
+    "advantage_estimator": "register_advantage_estimators",
     "data_format": "register_data_formats",
     "backend": "register_backends",
     "callback": "register_callbacks",

@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from align.batches import SequenceLogps, TokenBatch
+from align.batches import SequenceLogps, TokenBatch, TokenLogps
 from align.config import ModelConfig
 
 # What ``Backend.build_model`` builds: causal LMs (the trained policy, the frozen reference) and
@@ -48,6 +48,12 @@ class Backend(Protocol):
 
     def sequence_logps(self, model: nn.Module, batch: TokenBatch) -> SequenceLogps:
         """Per-sequence sums of log-probs of the tokens under ``batch.loss_mask``."""
+        ...
+
+    def token_logps(self, model: nn.Module, batch: TokenBatch, *, with_entropy: bool = False) -> TokenLogps:
+        """The log-prob of each token under ``batch.loss_mask``, ``[num_sequences, longest]``,
+        one row per sequence, left-aligned, with its mask (and with ``with_entropy`` the entropy
+        of each position's next-token distribution): what per-token policy losses read."""
         ...
 
     def save_pretrained(self, model: nn.Module, path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel
 
 from align.config import (
+    AdvantageConfig,
     BackendConfig,
     CallbackConfig,
     DataConfig,
@@ -28,7 +29,15 @@ from align.config import (
 from align.errors import ConfigError, UserError
 
 Kind = Literal[
-    "algorithm", "loss", "rollout_engine", "reward", "data_format", "backend", "callback", "lifecycle"
+    "algorithm",
+    "loss",
+    "rollout_engine",
+    "reward",
+    "advantage_estimator",
+    "data_format",
+    "backend",
+    "callback",
+    "lifecycle",
 ]
 KINDS: tuple[Kind, ...] = typing.get_args(Kind)
 
@@ -41,6 +50,7 @@ CONFIG_BASES: dict[str, type[BaseModel]] = {
     "loss": LossConfig,
     "rollout_engine": RolloutEngineConfig,
     "reward": RewardConfig,
+    "advantage_estimator": AdvantageConfig,
     "data_format": DataConfig,
     "backend": BackendConfig,
     "callback": CallbackConfig,
@@ -63,6 +73,7 @@ REGISTRATION_OPTIONS: dict[str, dict[str, type | Callable[[Any], bool]]] = {
     "data_format": {"batch": type},
     "rollout_engine": {},
     "reward": {},
+    "advantage_estimator": {},
     "backend": {},
     "callback": {},
 }

@@ -1,7 +1,8 @@
 """An algorithm's run config, widened to the installed plugins.
 
 Every field typed with a plugin kind's base config (``align.BackendConfig``, ``DataConfig``,
-``LossConfig``, ``RewardConfig``, ``RolloutEngineConfig``, ``CallbackConfig``), or with an
+``LossConfig``, ``RewardConfig``, ``RolloutEngineConfig``, ``CallbackConfig``,
+``AdvantageConfig``), or with an
 abstract subclass of one (its discriminator is not a one-value ``Literal``), becomes the
 discriminated union of the installed plugins of that kind whose configs subclass it. This
 holds at any depth: inside nested configs, lists, dicts, optionals and ``X | list[X]``, and

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from align import BackendConfig, ModelConfig, RunConfig, SequenceLogps, TokenBatch
+from align import BackendConfig, ModelConfig, RunConfig, SequenceLogps, TokenBatch, TokenLogps
 from align_hf.models import load_causal_lm, load_scorer, load_tokenizer
 
 # The one head of a scorer built for a role, by role.
@@ -90,6 +90,9 @@ class HFBackend:
 
     def sequence_logps(self, model: nn.Module, batch: TokenBatch) -> SequenceLogps:
         return sequence_logps(model, batch, self.cfg.chunk_tokens)
+
+    def token_logps(self, model: nn.Module, batch: TokenBatch, *, with_entropy: bool = False) -> TokenLogps:
+        return token_logps(model, batch, self.cfg.chunk_tokens, with_entropy=with_entropy)
 
     def build_scorer(self, num_labels: int, label_names: Sequence[str] | None = None) -> nn.Module:
         """A sequence classifier (``AutoModelForSequenceClassification``) for reward models."""
@@ -171,37 +174,90 @@ def sequence_logps(model: nn.Module, batch: TokenBatch, chunk_tokens: int | None
     operation's tensors small enough to stay in the CPU caches (elementwise ops on activations
     larger than the caches run several times slower). The autograd graph spans all chunks, so
     any loss over the whole batch backpropagates as usual."""
+    sums = counts = None
+    for piece in _pieces(batch, chunk_tokens):
+        part = _logps(model, piece)
+        sums = part.sum if sums is None else sums + part.sum
+        counts = part.count if counts is None else counts + part.count
+    assert sums is not None and counts is not None
+    return SequenceLogps(sums, counts)
+
+
+def token_logps(
+    model: nn.Module, batch: TokenBatch, chunk_tokens: int | None = None, *, with_entropy: bool = False
+) -> TokenLogps:
+    """The log-prob of every scored token (under ``loss_mask``), one row per sequence, left-aligned:
+    ``values[s, j]`` belongs to sequence ``s``'s ``j``-th scored token, ``mask`` marks the real
+    ones (a padded sequence ends in zeros). The same forward passes as ``sequence_logps`` (chunks
+    included), so ``values.sum(1)`` equals its sums. ``with_entropy`` adds the entropy of the
+    next-token distribution at each scored position, differentiable (an entropy bonus)."""
+    scored = batch.loss_mask[:, 1:]
+    counts = torch.bincount(batch.sequence_ids[:, 1:][scored], minlength=batch.num_sequences)
+    width = int(counts.max()) if counts.numel() else 0
+    mask = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
+    parts = [_scored_logps(model, piece, with_entropy) for piece in _pieces(batch, chunk_tokens)]
+    owners = torch.cat([owner for _, owner, _ in parts])
+    positions = torch.cat([_positions_in_sequence(owner, batch.num_sequences) for _, owner, _ in parts])
+
+    def laid_out(flat: list[Tensor]) -> Tensor:
+        values = torch.cat(flat)
+        return values.new_zeros(batch.num_sequences, width).index_put((owners, positions), values)
+
+    entropy = laid_out([e for _, _, e in parts if e is not None]) if with_entropy else None
+    return TokenLogps(laid_out([v for v, _, _ in parts]), mask, entropy)
+
+
+def _positions_in_sequence(owners: Tensor, num_sequences: int) -> Tensor:
+    """Each scored token's index within its sequence. A sequence's tokens are contiguous in the
+    flat (row-major) order of one piece, so the index is the distance to its first token."""
+    order = torch.arange(owners.numel(), device=owners.device)
+    first = torch.full((num_sequences,), owners.numel(), dtype=order.dtype, device=owners.device)
+    first = first.scatter_reduce(0, owners, order, reduce="amin")
+    return order - first[owners]
+
+
+def _pieces(batch: TokenBatch, chunk_tokens: int | None) -> Iterable[TokenBatch]:
+    """The batch as the forward passes take it: length-sorted row chunks on CPU (see
+    ``sequence_logps``), else whole."""
     if chunk_tokens and batch.input_ids.device.type == "cpu" and _right_padded(batch):
-        return _chunked_logps(model, batch, chunk_tokens)
-    return _logps(model, batch)
+        return _length_sorted_chunks(batch, chunk_tokens)
+    return [batch]
 
 
-def _chunked_logps(model: nn.Module, batch: TokenBatch, chunk_tokens: int) -> SequenceLogps:
+def _length_sorted_chunks(batch: TokenBatch, chunk_tokens: int) -> Iterator[TokenBatch]:
     lengths = batch.attention_mask.sum(dim=1)
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
-    total: SequenceLogps | None = None
     start = 0
     while start < len(order):
         width = int(lengths[order[start]])
         rows = torch.tensor(order[start : start + max(1, chunk_tokens // max(1, width))])
         start += len(rows)
-        part = _logps(
-            model,
-            TokenBatch(
-                input_ids=batch.input_ids[rows, :width],
-                attention_mask=batch.attention_mask[rows, :width],
-                loss_mask=batch.loss_mask[rows, :width],
-                sequence_ids=batch.sequence_ids[rows, :width],
-                num_sequences=batch.num_sequences,
-            ),
+        yield TokenBatch(
+            input_ids=batch.input_ids[rows, :width],
+            attention_mask=batch.attention_mask[rows, :width],
+            loss_mask=batch.loss_mask[rows, :width],
+            sequence_ids=batch.sequence_ids[rows, :width],
+            num_sequences=batch.num_sequences,
         )
-        total = part if total is None else SequenceLogps(total.sum + part.sum, total.count + part.count)
-    assert total is not None
-    return total
 
 
 def _logps(model: nn.Module, batch: TokenBatch) -> SequenceLogps:
-    """One forward pass over the whole batch."""
+    """One forward pass over the whole batch, summed per sequence."""
+    token_logps, owners, _ = _scored_logps(model, batch)
+    sums = torch.zeros(batch.num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, owners, token_logps
+    )
+    counts = torch.zeros(batch.num_sequences, dtype=torch.long, device=owners.device).index_add(
+        0, owners, torch.ones_like(owners)
+    )
+    return SequenceLogps(sums, counts)
+
+
+def _scored_logps(
+    model: nn.Module, batch: TokenBatch, with_entropy: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One forward pass: the log-prob of each scored token (flat, row-major), the sequence each
+    belongs to, and (``with_entropy``) the entropy of the distribution it was drawn from."""
     inputs = {
         "input_ids": batch.input_ids,
         "attention_mask": None if batch.packed or _right_padded(batch) else batch.attention_mask,
@@ -214,19 +270,24 @@ def _logps(model: nn.Module, batch: TokenBatch) -> SequenceLogps:
     targets = batch.input_ids[:, 1:][scored]
     owners = batch.sequence_ids[:, 1:][scored]
     parts = _decoder_and_head(model)
-    if parts is not None:
+    if parts is not None and not with_entropy:
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state[:, :-1][scored]
-        token_logps = head_token_logps(head, hidden, targets)
+        return head_token_logps(head, hidden, targets), owners, None
+    if parts is not None:
+        decoder, head = parts
+        logits = head(decoder(**inputs).last_hidden_state[:, :-1][scored])
     else:
-        token_logps = token_logps_of(model(**inputs).logits[:, :-1][scored], targets)
-    sums = torch.zeros(batch.num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(
-        0, owners, token_logps
-    )
-    counts = torch.zeros(batch.num_sequences, dtype=torch.long, device=owners.device).index_add(
-        0, owners, torch.ones_like(owners)
-    )
-    return SequenceLogps(sums, counts)
+        logits = model(**inputs).logits[:, :-1][scored]
+    entropy = entropy_of(logits) if with_entropy else None
+    return token_logps_of(logits, targets), owners, entropy
+
+
+def entropy_of(logits: Tensor) -> Tensor:
+    """Entropy (nats, float32 at least) of each row's softmax over ``[tokens, vocab]`` logits."""
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    rows = [torch.log_softmax(logits[r].to(wide), dim=-1) for r in _row_chunks(*logits.shape)]
+    return torch.cat([-(log_probs.exp() * log_probs).sum(-1) for log_probs in rows])
 
 
 def _right_padded(batch: TokenBatch) -> bool:
