@@ -21,6 +21,15 @@ from align_dpo.losses.paired import (
     SPPOHardLoss,
     dpo,
 )
+from align_dpo.losses.paired_variants import (
+    PAIRED_VARIANTS,
+    AOTUnpairedLoss,
+    DiscoPOPLoss,
+    DPOPLoss,
+    FDPOLoss,
+    SigmoidNormLoss,
+    WPOLoss,
+)
 from align_dpo.losses.reference_free import REFERENCE_FREE, CPOLoss, ORPOLoss, SFTLoss
 from align_dpo.losses.reward_aware import (
     REWARD_AWARE,
@@ -31,13 +40,17 @@ from align_dpo.losses.reward_aware import (
 
 __all__ = [
     "AOTLoss",
+    "AOTUnpairedLoss",
     "APODownLoss",
     "APOZeroLoss",
     "BCOPairLoss",
     "CDPOLoss",
     "CPOLoss",
     "DPOLoss",
+    "DPOPLoss",
+    "DiscoPOPLoss",
     "EXOPairLoss",
+    "FDPOLoss",
     "HingeLoss",
     "IPOLoss",
     "NCAPairLoss",
@@ -48,6 +61,8 @@ __all__ = [
     "RobustLoss",
     "SFTLoss",
     "SPPOHardLoss",
+    "SigmoidNormLoss",
+    "WPOLoss",
     "dpo",
     "register_losses",
 ]
@@ -55,7 +70,7 @@ __all__ = [
 
 @align.hookimpl
 def register_losses(register: align.Register) -> None:
-    for config, fn in PAIRED + REWARD_AWARE:
+    for config, fn in PAIRED + PAIRED_VARIANTS + REWARD_AWARE:
         register(config, needs_reference=True)(fn)
     for config, fn in REFERENCE_FREE:
         register(config, needs_reference=False)(fn)

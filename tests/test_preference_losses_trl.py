@@ -1,0 +1,189 @@
+"""The preference losses that make align's zoo a superset of TRL's (DiscoPOP, length-normalised
+DPO, f-DPO, DPO-Positive, WPO, AOT unpaired; APO-zero unpaired and unpaired BCO on the KTO
+side), each against a hand computation on fixed log-probs with ``math``.
+
+The fixed paired batch is the one of test_preference_losses.py:
+  chosen    -10, -8   (lengths 5, 4)     ref chosen   -11, -8.5
+  rejected  -12, -7   (lengths 6, 2)     ref rejected -11.5, -7.5
+so h_w = (1, 0.5), h_l = (-0.5, 0.5), z = h_w - h_l = (1.5, 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+import align
+
+PAIRED_VARIANTS = ("discopop", "sigmoid_norm", "f_dpo", "dpop", "wpo", "aot_unpaired")
+UNPAIRED = ("apo_zero_unpaired", "bco")
+
+
+def s(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def log_s(x: float) -> float:
+    return math.log(s(x))
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+H_W, H_L = [1.0, 0.5], [-0.5, 0.5]
+Z = [w - lo for w, lo in zip(H_W, H_L, strict=True)]
+
+
+def registry() -> align.Registry:
+    return align.load_plugins().registry
+
+
+def paired(**values: Any) -> align.PreferenceBatch:
+    fields: dict[str, Any] = {
+        "chosen_logps": [-10.0, -8.0],
+        "rejected_logps": [-12.0, -7.0],
+        "chosen_lengths": [5, 4],
+        "rejected_lengths": [6, 2],
+        "ref_chosen_logps": [-11.0, -8.5],
+        "ref_rejected_logps": [-11.5, -7.5],
+    } | values
+    tensors = {k: torch.tensor(v) for k, v in fields.items()}
+    for key in ("chosen_logps", "rejected_logps"):
+        tensors[key] = tensors[key].requires_grad_()
+    return align.PreferenceBatch(**tensors)
+
+
+def run(name: str, b: Any, **params: Any) -> tuple[float, align.LossOutput]:
+    entry = registry().get("loss", name)
+    out: align.LossOutput = entry.factory(entry.config(name=name, **params), b)
+    return float(out.loss.detach()), out
+
+
+def discopop_term(rho: float, tau: float) -> float:
+    m = s(rho / tau)
+    return (1 - m) * -log_s(rho) + m * math.exp(-rho)
+
+
+PAIRED_CASES = [
+    ("discopop", {"beta": 0.5, "tau": 0.05}, mean([discopop_term(0.5 * z, 0.05) for z in Z])),
+    ("discopop", {"beta": 0.5, "tau": 1.0}, mean([discopop_term(0.5 * z, 1.0) for z in Z])),
+    # -log s(0.5 (h_w/|y_w| - h_l/|y_l|)) = -log s(0.5 (1/5 + 0.5/6)), -log s(0.5 (0.5/4 - 0.5/2))
+    ("sigmoid_norm", {"beta": 0.5}, mean([-log_s(0.5 * (0.2 + 0.5 / 6)), -log_s(0.5 * (0.125 - 0.25))])),
+    ("f_dpo", {"beta": 0.5}, mean([-log_s(0.5 * z) for z in Z])),
+    (
+        "f_dpo",
+        {"beta": 0.5, "f_divergence_type": "forward_kl"},
+        mean([-log_s(0.5 * (math.exp(-lo) - math.exp(-w))) for w, lo in zip(H_W, H_L, strict=True)]),
+    ),
+    (
+        "f_dpo",
+        {"beta": 0.5, "f_divergence_type": "js_divergence"},
+        mean([-log_s(0.5 * (log_s(w) - log_s(lo))) for w, lo in zip(H_W, H_L, strict=True)]),
+    ),
+    (
+        "f_dpo",
+        {"beta": 0.5, "f_divergence_type": "alpha_divergence"},  # alpha 0.5: exp(-h/2) / -0.5
+        mean(
+            [
+                -log_s(0.5 * (math.exp(-w / 2) - math.exp(-lo / 2)) / -0.5)
+                for w, lo in zip(H_W, H_L, strict=True)
+            ]
+        ),
+    ),
+    # both chosen log-ratios are positive: no penalty, plain DPO
+    ("dpop", {"beta": 0.5}, mean([-log_s(0.5 * z) for z in Z])),
+    # w = exp(-10/5 - 12/6), exp(-8/4 - 7/2)
+    ("wpo", {"beta": 0.5}, mean([math.exp(-4.0) * -log_s(0.75), math.exp(-5.5) * -log_s(0.0)])),
+    # sorted h_w (0.5, 1), sorted h_l (-0.5, 0.5): gaps (1, 0.5)
+    ("aot_unpaired", {"beta": 0.5}, mean([-log_s(0.5), -log_s(0.25)])),
+    (
+        "aot_unpaired",
+        {"beta": 0.5, "label_smoothing": 0.2},
+        mean([-0.8 * log_s(0.5 * g) - 0.2 * log_s(-0.5 * g) for g in (1.0, 0.5)]),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "expected"), PAIRED_CASES)
+def test_paired_variant_matches_hand_computation(name: str, params: dict[str, Any], expected: float) -> None:
+    value, out = run(name, paired(), **params)
+    assert value == pytest.approx(expected, rel=1e-6)
+    assert all(
+        torch.as_tensor(v).numel() == 1 and not torch.as_tensor(v).requires_grad for v in out.metrics.values()
+    )
+
+
+def test_dpop_penalises_a_chosen_likelihood_below_the_reference() -> None:
+    # ref chosen (-9.5, -7.5): h_w = (-0.5, -0.5), z = (0, -1), penalty 2 * 0.5 on each logit
+    b = paired(ref_chosen_logps=[-9.5, -7.5])
+    value, out = run("dpop", b, beta=0.5, dpop_lambda=2.0)
+    assert value == pytest.approx(mean([-log_s(0.5 * (0 - 1)), -log_s(0.5 * (-1 - 1))]), rel=1e-6)
+    assert float(out.metrics["chosen_drop"]) == pytest.approx(0.5)
+    (d_chosen,) = torch.autograd.grad(run("dpop", b, beta=0.5, dpop_lambda=2.0)[1].loss, [b.chosen_logps])
+    (d_chosen_dpo,) = torch.autograd.grad(run("dpop", b, beta=0.5, dpop_lambda=0.0)[1].loss, [b.chosen_logps])
+    assert (d_chosen < d_chosen_dpo).all()  # descent raises the chosen harder
+
+
+def test_f_dpo_alpha_one_is_reverse_kl_and_alpha_zero_forward_kl() -> None:
+    def f_dpo(**params: Any) -> float:
+        return run("f_dpo", paired(), beta=0.5, **params)[0]
+
+    assert f_dpo(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0) == pytest.approx(f_dpo())
+    assert f_dpo(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.0) == pytest.approx(
+        f_dpo(f_divergence_type="forward_kl")
+    )
+
+
+def test_discopop_is_logistic_for_wrong_pairs_and_exponential_for_right_ones() -> None:
+    # tau -> 0: the mixing weight is a step at rho = 0
+    wrong = paired(chosen_logps=[-13.0, -13.0])  # h_w = (-2, -4.5), z < 0
+    assert run("discopop", wrong, beta=0.5, tau=1e-3)[0] == pytest.approx(
+        mean([-log_s(0.5 * (-2 + 0.5)), -log_s(0.5 * (-4.5 - 0.5))]), rel=1e-6
+    )
+    right = paired(chosen_logps=[-5.0, -5.0])  # h_w = (6, 3.5)
+    assert run("discopop", right, beta=0.5, tau=1e-3)[0] == pytest.approx(
+        mean([math.exp(-0.5 * 6.5), math.exp(-0.5 * 3.0)]), rel=1e-6
+    )
+
+
+def test_discopop_slope_at_a_tie() -> None:
+    b = paired(chosen_logps=[-11.5, -8.0])  # z = 0 in both pairs
+    (d_chosen,) = torch.autograd.grad(run("discopop", b, beta=0.5, tau=0.05)[1].loss, [b.chosen_logps])
+    slope = (1 - math.log(2)) / (4 * 0.05) - 0.75  # d loss / d rho at rho = 0
+    assert d_chosen.tolist() == pytest.approx([0.5 * slope / 2] * 2, rel=1e-5)
+
+
+# DiscoPOP is not monotonic near a tie (above)
+@pytest.mark.parametrize("name", [n for n in PAIRED_VARIANTS if n != "discopop"])
+def test_descent_raises_chosen_and_lowers_rejected(name: str) -> None:
+    b = paired()
+    d_chosen, d_rejected = torch.autograd.grad(
+        run(name, b, beta=0.5)[1].loss, [b.chosen_logps, b.rejected_logps]
+    )
+    assert (d_chosen <= 0).all() and (d_chosen < 0).any()
+    assert (d_rejected >= 0).all() and (d_rejected > 0).any()
+
+
+@pytest.mark.parametrize("name", PAIRED_VARIANTS)
+def test_paired_variants_need_reference_logps(name: str) -> None:
+    b = paired()
+    b.ref_chosen_logps = b.ref_rejected_logps = None
+    with pytest.raises(ValueError, match="reference"):
+        run(name, b)
+
+
+def test_registered_once_for_the_right_batch() -> None:
+    reg = registry()
+    assert not reg.broken
+    for entry in reg.entries("loss"):
+        if entry.name in PAIRED_VARIANTS:
+            assert (entry.package, entry.meta["batch"]) == ("align-dpo", align.PreferenceBatch)
+            assert entry.meta["needs_reference"] is True
+        if entry.name in UNPAIRED:
+            assert (entry.package, entry.meta["batch"]) == ("align-kto", align.UnpairedBatch)
+            assert entry.meta["needs_reference"] is True
+    assert set(PAIRED_VARIANTS + UNPAIRED) <= set(reg.names("loss"))
