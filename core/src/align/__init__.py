@@ -11,7 +11,7 @@ from align.batches import (
     TokenLogps,
     UnpairedBatch,
 )
-from align.builtin.data import Encoder, TokenizedFormat
+from align.builtin.data import Encoder, PreferenceColumns, SFTColumns, TokenizedFormat
 from align.builtin.prompts import PromptBatch, PromptData, PromptRow, prompt_rows
 from align.config import (
     AdvantageConfig,
@@ -36,7 +36,7 @@ from align.hookspecs import hookimpl
 from align.layout import lay_out, pack_sequences, pad_sequences, row_lengths
 from align.learner import Learner, RunInfo, RunResult
 from align.lock import OutputDirLocked
-from align.losses import LossFn, combine_losses, pairwise_accuracy, resolve_losses
+from align.losses import LossFn, combine_losses, loss_function, pairwise_accuracy, resolve_losses
 from align.online import (
     RolloutResult,
     Rollouts,
@@ -93,6 +93,7 @@ __all__ = [
     "PluginConfig",
     "Plugins",
     "PreferenceBatch",
+    "PreferenceColumns",
     "PromptBatch",
     "PromptData",
     "PromptRow",
@@ -108,6 +109,7 @@ __all__ = [
     "RunConfig",
     "RunInfo",
     "RunResult",
+    "SFTColumns",
     "SFTTokens",
     "Sample",
     "SamplingConfig",
@@ -131,6 +133,7 @@ __all__ = [
     "hookimpl",
     "lay_out",
     "load_plugins",
+    "loss_function",
     "message_text",
     "pack_sequences",
     "pad_sequences",

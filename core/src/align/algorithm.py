@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from align.batches import LossOutput
+from align.batches import LossOutput, as_number
 from align.batching import BatchStream, DataPosition
 from align.config import RunConfig
 from align.protocols import Backend
@@ -49,7 +49,8 @@ class Context:
 
 class Algorithm:
     """Base of every algorithm. Offline ones implement ``loss``; ``evaluate`` defaults to
-    averaging the loss and its metrics over the eval batches; ``drive`` to the offline loop."""
+    averaging the loss and its metrics over the eval split (weighted by ``LossOutput.weight``);
+    ``drive`` to the offline loop."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -106,11 +107,16 @@ class Algorithm:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Any]) -> dict[str, float]:
+        """The loss and its metrics averaged over the whole eval split, without gradients (the
+        learner also puts the models in eval mode). Each batch counts by its
+        ``LossOutput.weight`` (a token-mean loss's token count: the mean over every token of the
+        split), once when it gives none."""
         totals: dict[str, float] = {}
-        count = 0
+        total_weight = 0.0
         for batch in batches:
             out = self.loss(batch)
+            weight = 1.0 if out.weight is None else as_number(out.weight)
             for key, value in {"loss": out.loss, **out.metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-            count += 1
-        return {key: value / max(1, count) for key, value in totals.items()}
+                totals[key] = totals.get(key, 0.0) + weight * as_number(value)
+            total_weight += weight
+        return {key: value / (total_weight or 1.0) for key, value in totals.items()}

@@ -69,7 +69,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_config(path: str, overrides: Sequence[str], algo: str | None, plugins: Plugins) -> RunConfig:
     """The validated config, with its paths checked (before any model loads)."""
-    data = apply_overrides(read_yaml(path), list(overrides))
+    notes: list[str] = []
+    data = apply_overrides(read_yaml(path), list(overrides), notes)
+    for text in notes:
+        errors.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True)
     cfg = validate_run_config(data, plugins.registry, algo=algo, source=path)
     check_paths(cfg)
     return cfg

@@ -27,7 +27,7 @@ def source_problem(spec: str) -> str | None:
         if path.is_dir():
             return _saved_dataset_problem(path)
         if not path.exists():
-            return f"data file not found: {spec}" if _looks_local(spec) else None
+            return _not_found(spec, path) if _looks_local(spec) else None
         if path.suffix not in (*_LOADERS, ".arrow"):
             return f"{path}: unsupported file type '{path.suffix}' ({SUPPORTED})"
         with path.open("rb") as handle:
@@ -36,6 +36,16 @@ def source_problem(spec: str) -> str | None:
     except OSError as exc:
         return f"{path} cannot be read: {exc.strerror}"
     return None
+
+
+def _not_found(spec: str, path: Path) -> str:
+    if path.is_absolute():
+        return f"data file not found: {spec}"
+    # Relative paths are read from where align runs, not from the config file's folder.
+    return (
+        f"data file not found: {spec} (a relative path is read from the current working "
+        f"directory, {Path.cwd()}, not from the config file's folder)"
+    )
 
 
 def _saved_dataset_problem(path: Path) -> str | None:

@@ -30,7 +30,7 @@ from transformers import get_scheduler
 
 from align import checkpoint, resume
 from align.algorithm import Algorithm, Context
-from align.batches import LossOutput, TokenBatch
+from align.batches import LossOutput, TokenBatch, as_number
 from align.batching import eval_batches
 from align.config import OptimConfig, RunConfig
 from align.errors import ConfigError, OutputWriteError, TrainingDiverged
@@ -294,8 +294,8 @@ class Learner:
             tokens += int(getattr(batch, "num_tokens", 0))
             laid_out = getattr(batch, "tokens", None)
             slots += laid_out.input_ids.numel() if isinstance(laid_out, TokenBatch) else 0
-            for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value) / len(batches)
+            for key, value in {"loss": out.loss, **out.metrics}.items():
+                totals[key] = totals.get(key, 0.0) + as_number(value) / len(batches)
         totals["tokens"] = tokens
         if slots:  # share of the computed token positions that were padding
             totals["pad_fraction"] = 1.0 - tokens / slots

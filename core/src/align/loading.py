@@ -9,6 +9,7 @@ import tempfile
 import types
 import typing
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from align.config import PathRule, RunConfig
 from align.datafiles import source_problem
 from align.errors import ConfigError
-from align.registry import Entry, Registry
+from align.registry import KINDS, Entry, Registry
 from align.widening import MANY, ONE, run_config_class
 
 
@@ -139,16 +140,52 @@ def _override_value(item: str, raw: str) -> Any:
         ) from None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (numbers, bools, lists)."""
-    for item in overrides:
-        parts, raw = _override_parts(item)
+# What a plugin section keeps when an override switches it to another plugin: the rest of its
+# settings were the old plugin's.
+KEPT_ON_SWITCH = ("name", "weight")
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], notes: list[str] | None = None
+) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (numbers, bools, lists).
+
+    An override that switches a section to another plugin (``loss.name=simpo`` where the YAML
+    has ``loss: {name: dpo, beta: 0.1}``) drops the settings the YAML gave the old plugin, so
+    the new one starts from its own defaults (SimPO's ``beta`` is 2.0, not DPO's 0.1); settings
+    given as overrides (``loss.beta=2.5``) and ``weight`` are kept. What was dropped is told in
+    ``notes``."""
+    parsed = [(item, *_override_parts(item)) for item in overrides]
+    given = {tuple(parts) for _, parts, _ in parsed}
+    for item, parts, raw in parsed:
         value = _override_value(item, raw)
         node: Any = data
         for part in parts[:-1]:
             node = _child(node, part, item)
+        if parts[-1] == "name" and isinstance(node, dict):
+            _forget_old_plugin(node, parts[:-1], value, given, notes)
         _assign(node, parts[-1], value, item)
     return data
+
+
+def _forget_old_plugin(
+    section: dict[str, Any], where: list[str], name: Any, given: set[tuple[str, ...]], notes: list[str] | None
+) -> None:
+    old = section.get("name")
+    if old is None or old == name:
+        return
+    dropped = {
+        key: section.pop(key)
+        for key in list(section)
+        if key not in KEPT_ON_SWITCH and (*where, key) not in given
+    }
+    if dropped and notes is not None:
+        key = ".".join(where)
+        settings = ", ".join(f"{k}: {_shown(v)}" for k, v in dropped.items())
+        notes.append(
+            f"{key}.name={name}: the config's settings for '{old}' ({settings}) are not carried "
+            f"over; '{name}' starts from its own defaults (set them with {key}.KEY=VALUE)"
+        )
 
 
 def _child(node: Any, part: str, item: str) -> Any:
@@ -207,7 +244,9 @@ def validate_run_config(
     try:
         return cls.model_validate_json(_as_json(data, source), strict=True)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, cls, data, source)) from None
+        raise ConfigError(
+            format_validation_error(exc, cls, data, source, fits=PluginFit(registry, algorithm))
+        ) from None
 
 
 def _as_json(data: dict[str, Any], source: str) -> str:
@@ -325,13 +364,55 @@ def _model_problems(cfg: RunConfig) -> Iterator[str]:
                 yield f"model.{key}: no such file or folder: {spec}"
 
 
+@dataclass(frozen=True)
+class PluginFit:
+    """What tells an unknown plugin name from an installed one that does not fit the algorithm
+    (a data format yielding another batch type, a loss reading another)."""
+
+    registry: Registry
+    algorithm: Entry
+
+    def note(self, tag: str, choices: list[str]) -> str | None:
+        """Why the installed ``tag`` is not among ``choices``; None when it is not installed."""
+        kind = self._kind_of(tag, choices)
+        if kind is None:
+            return None
+        entry = self.registry.get(kind, tag)
+        what, algo = kind.replace("_", " "), self.algorithm.name
+        wanted = {"data_format": "batch", "loss": "loss_batch"}.get(kind)
+        theirs, ours = entry.meta.get("batch"), self.algorithm.meta.get(wanted or "")
+        verb, reads = ("yields", " reads") if kind == "data_format" else ("reads", "'s losses read")
+        why = (
+            f": it {verb} {theirs.__name__} and {algo}{reads} {ours.__name__}"
+            if isinstance(theirs, type) and isinstance(ours, type)
+            else ""
+        )
+        return (
+            f"{what} {tag!r} is installed ({entry.package} {entry.version}) but does not fit "
+            f"--algo {algo}{why}. Choices that fit: {', '.join(map(repr, choices)) or 'none'}"
+        )
+
+    def _kind_of(self, tag: str, choices: list[str]) -> str | None:
+        for kind in KINDS:
+            names = {entry.name for entry in self.registry.entries(kind)}
+            if kind not in ("algorithm", "lifecycle") and tag in names and set(choices) <= names:
+                return kind
+        return None
+
+
 def format_validation_error(
-    exc: ValidationError, cls: type[BaseModel], data: dict[str, Any], source: str
+    exc: ValidationError,
+    cls: type[BaseModel],
+    data: dict[str, Any],
+    source: str,
+    fits: PluginFit | None = None,
 ) -> str:
+    """One line per error, each at the key path the user wrote; with ``fits``, a plugin name
+    that is installed but does not fit the algorithm is told apart from an unknown one."""
     lines = [f"invalid config ({source}):"]
     for err in exc.errors():
         path = _user_path(err["loc"], data)
-        lines.append(f"  - {'.'.join(map(str, path)) or '<root>'}: {_describe(err, cls, data, path)}")
+        lines.append(f"  - {'.'.join(map(str, path)) or '<root>'}: {_describe(err, cls, data, path, fits)}")
     return "\n".join(lines)
 
 
@@ -359,13 +440,18 @@ def _tags(node: dict[str, Any]) -> set[str]:
     return {str(node.get("name")), str(node.get("format")), str(node.get("algo"))}
 
 
-def _describe(err: Any, cls: type[BaseModel], data: dict[str, Any], path: list[Any]) -> str:
+def _describe(
+    err: Any, cls: type[BaseModel], data: dict[str, Any], path: list[Any], fits: PluginFit | None = None
+) -> str:
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "extra_forbidden":
         allowed = _allowed_keys(cls, data, path[:-1])
         hint = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.5)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
         return f"unknown key{suggestion}. Allowed keys here: {', '.join(sorted(allowed))}"
+    unfit = _unfit_plugin(err, path, fits)
+    if unfit:
+        return unfit
     if kind == "union_tag_invalid":
         key = ctx.get("discriminator", "name").strip("'")
         named = [str(p) for p in path if isinstance(p, str)]  # `loss`, not the `1` of loss.1
@@ -385,6 +471,20 @@ def _describe(err: Any, cls: type[BaseModel], data: dict[str, Any], path: list[A
         return str(ctx.get("error", err["msg"]))
     message = str(err["msg"]).replace("an object", "a mapping of keys").replace("a valid array", "a list")
     return f"{message}{_type_hint(kind, err.get('input'))} (got {_shown(err.get('input'))})"
+
+
+def _unfit_plugin(err: Any, path: list[Any], fits: PluginFit | None) -> str | None:
+    """The note for a plugin name that is installed but not a choice here (None otherwise)."""
+    kind, ctx = err["type"], err.get("ctx", {})
+    if fits is None:
+        return None
+    if kind == "union_tag_invalid":
+        tag, choices = str(ctx.get("tag")), str(ctx.get("expected_tags", ""))
+    elif kind == "literal_error" and path and path[-1] in ("name", "format"):
+        tag, choices = str(err.get("input")), str(ctx.get("expected", ""))
+    else:
+        return None
+    return fits.note(tag, re.findall(r"'([^']*)'", choices))
 
 
 _NUMBER_ERRORS = ("int_type", "int_from_float", "float_type", "int_parsing", "float_parsing")
