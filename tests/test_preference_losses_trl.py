@@ -187,3 +187,98 @@ def test_registered_once_for_the_right_batch() -> None:
             assert (entry.package, entry.meta["batch"]) == ("align-kto", align.UnpairedBatch)
             assert entry.meta["needs_reference"] is True
     assert set(PAIRED_VARIANTS + UNPAIRED) <= set(reg.names("loss"))
+
+
+# ---- the unpaired side (KTO's batch) ------------------------------------------------------
+# r = beta * (logps - ref_logps) = 0.5 * (1, -1, 0.5); labels desirable, undesirable, desirable
+
+
+def unpaired(running_logratio_mean: float | None = 0.2) -> align.UnpairedBatch:
+    return align.UnpairedBatch(
+        logps=torch.tensor([-10.0, -12.0, -9.0], requires_grad=True),
+        labels=torch.tensor([True, False, True]),
+        lengths=torch.tensor([5, 6, 4]),
+        ref_logps=torch.tensor([-11.0, -11.0, -9.5]),
+        kl_logps=torch.tensor([-20.0, -19.0, -21.0]),
+        ref_kl_logps=torch.tensor([-20.6, -19.2, -21.1]),
+        running_logratio_mean=None if running_logratio_mean is None else torch.tensor(running_logratio_mean),
+    )
+
+
+def test_apo_zero_unpaired_matches_hand_computation() -> None:
+    # desirable: 1 - s(r), undesirable: s(r), weighted 1 and 2
+    value, _ = run("apo_zero_unpaired", unpaired(), beta=0.5, undesirable_weight=2.0)
+    assert value == pytest.approx(mean([1 - s(0.5), 2 * s(-0.5), 1 - s(0.25)]), rel=1e-6)
+
+
+def test_bco_matches_hand_computation_around_the_running_shift() -> None:
+    # delta = beta * running mean = 0.1: -log s(r - delta) if desirable, -log s(delta - r) if not
+    value, out = run("bco", unpaired(0.2), beta=0.5, undesirable_weight=2.0)
+    assert value == pytest.approx(mean([-log_s(0.4), -2 * log_s(0.1 + 0.5), -log_s(0.15)]), rel=1e-6)
+    assert float(out.metrics["delta"]) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="running"):
+        run("bco", unpaired(None))
+
+
+def kto_config(tmp_path: Any, loss: dict[str, Any], **trainer: Any) -> align.RunConfig:
+    import json
+
+    from align.loading import validate_run_config
+
+    rows = [{"prompt": f"Q{i}: ", "completion": "answer " * (i + 1), "label": i % 2 == 0} for i in range(8)]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = {
+        "algo": "kto",
+        "output_dir": str(tmp_path / "run"),
+        "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
+        "data": {"train": str(path), "eval": str(path)},
+        "loss": loss,
+        "trainer": {"num_threads": 1, "progress": False, "tensorboard": False, **trainer},
+    }
+    return validate_run_config(config, registry())
+
+
+def kto_trainer(tmp_path: Any, loss: dict[str, Any]) -> Any:
+    from align.trainer import Trainer
+
+    trainer = Trainer(kto_config(tmp_path, loss), align.load_plugins())
+    trainer.build()
+    return trainer
+
+
+def test_kto_keeps_the_running_logratio_mean_across_steps_and_checkpoints(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    trainer = kto_trainer(tmp_path, {"name": "bco", "beta": 0.5})
+    algo, data, collate = trainer.algorithm, trainer.train_data, trainer.data_format.collate
+    first, second = collate([data[i] for i in range(4)]), collate([data[i] for i in range(4, 8)])
+    with torch.no_grad():  # move the policy off the reference so the log-ratios are not all 0
+        for p in trainer.context.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seen = []
+    for batch in (first, second):
+        b = algo.unpaired_batch(batch)
+        seen.append(b.logratios.detach())
+        out = algo.loss(batch)
+    all_seen = torch.cat(seen).double()
+    assert float(all_seen.abs().max()) > 1e-3
+    assert algo.logratio_mean.value == pytest.approx(float(all_seen.mean()), rel=1e-6)
+    assert float(out.metrics["delta"]) == pytest.approx(0.5 * float(all_seen.mean()), rel=1e-5)
+    algo.evaluate([first])  # evaluation reads the shift, never updates it
+    assert algo.logratio_mean.count == 8
+    state = algo.state_dict()
+    assert state["logratio_mean"] == {"total": pytest.approx(float(all_seen.sum())), "count": 8}
+    fresh = kto_trainer(tmp_path / "again", {"name": "bco", "beta": 0.5}).algorithm
+    fresh.load_state_dict(state)
+    assert fresh.logratio_mean.value == algo.logratio_mean.value
+
+
+@pytest.mark.parametrize("name", UNPAIRED)
+def test_unpaired_losses_learn_to_separate_the_labels(tmp_path: Any, name: str) -> None:
+    config = kto_config(tmp_path, {"name": name, "beta": 0.5}, max_steps=15, batch_size=8)
+    config.optim.lr = 3e-3
+    result = align.train(config, align.load_plugins())
+    assert result.eval_before["reward_gap"] == pytest.approx(0.0, abs=1e-6)
+    assert result.eval_after["reward_gap"] > 0.5
+    assert result.eval_after["reward_accuracy"] > 0.9

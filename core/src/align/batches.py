@@ -156,6 +156,10 @@ class UnpairedBatch:
     ``logps`` are sums over completion tokens of (prompt_i, completion_i); ``kl_logps`` the same
     for mismatched pairs (prompt_i, completion_j), the sample a KL(pi || pi_ref) estimate is
     taken from; ``ref_*`` are the reference model's (``None`` for reference-free losses).
+    ``running_logratio_mean`` (a detached scalar, with a reference only) is the mean of
+    ``logratios`` over every example trained on so far, this batch included: state across steps
+    that a stateless loss cannot keep (BCO's running reward shift is ``beta`` times it). The
+    algorithm keeps it in its checkpoints; evaluation reads it without updating it.
     """
 
     logps: Tensor
@@ -164,6 +168,7 @@ class UnpairedBatch:
     ref_logps: Tensor | None = None
     kl_logps: Tensor | None = None
     ref_kl_logps: Tensor | None = None
+    running_logratio_mean: Tensor | None = None
 
     @property
     def logratios(self) -> Tensor:

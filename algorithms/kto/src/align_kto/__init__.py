@@ -1,7 +1,8 @@
 """align-kto: KTO (Ethayarajh et al., 2024) on unpaired desirable/undesirable examples.
 
-Registers the ``kto`` algorithm, the ``kto`` loss (over ``align.UnpairedBatch``, so other
-KTO-like losses plug in the same way) and the ``unpaired`` data format.
+Registers the ``kto`` algorithm, the ``kto``, ``apo_zero_unpaired`` and ``bco`` losses (over
+``align.UnpairedBatch``, so other KTO-like losses plug in the same way) and the ``unpaired`` data
+format.
 """
 
 import align
@@ -9,15 +10,20 @@ from align_kto.algorithm import KTO, KTOConfig, reward_auc, reward_metrics
 from align_kto.data import UnpairedColumns, UnpairedData, UnpairedFormat, UnpairedTokens
 from align_kto.losses import KTOLoss, kl_estimate, kto
 from align_kto.losses import register_losses as register_losses
+from align_kto.unpaired_losses import APOZeroUnpairedLoss, BCOLoss, apo_zero_unpaired, bco
 
 __all__ = [
     "KTO",
+    "APOZeroUnpairedLoss",
+    "BCOLoss",
     "KTOConfig",
     "KTOLoss",
     "UnpairedColumns",
     "UnpairedData",
     "UnpairedFormat",
     "UnpairedTokens",
+    "apo_zero_unpaired",
+    "bco",
     "kl_estimate",
     "kto",
     "reward_auc",

@@ -4,9 +4,10 @@ reference's log-probs of both, then the configured loss plugin(s)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 import align
 from align_kto.data import UnpairedTokens
@@ -22,6 +23,34 @@ class KTOConfig(align.RunConfig):
     loss: align.LossConfig | list[align.LossConfig]
 
 
+class RunningMean:
+    """The mean of every value seen so far (all ranks' when distributed), in float64: BCO's
+    running reward shift (TRL's ``RunningMoments.mean``), kept across steps and checkpoints."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, values: torch.Tensor) -> None:
+        total = values.detach().double().sum()
+        stats = torch.stack([total, total.new_tensor(float(values.numel()))])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        self.total += float(stats[0])
+        self.count += int(stats[1])
+
+    @property
+    def value(self) -> float:
+        """0 before any value, as TRL's running mean starts."""
+        return self.total / self.count if self.count else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total, self.count = float(state.get("total", 0.0)), int(state.get("count", 0))
+
+
 class KTO(align.Algorithm):
     def __init__(self, ctx: align.Context) -> None:
         super().__init__(ctx)
@@ -29,8 +58,17 @@ class KTO(align.Algorithm):
         self.needs_reference = any(term.needs_reference for term in self.losses)
         self.reference = ctx.backend.build_reference() if self.needs_reference else None
         self.beta = float(getattr(self.losses[0].config, "beta", 0.1))
+        self.logratio_mean = RunningMean()
 
-    def unpaired_batch(self, batch: UnpairedTokens) -> align.UnpairedBatch:
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"logratio_mean": self.logratio_mean.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.logratio_mean.load_state_dict(state.get("logratio_mean", {}))
+
+    def unpaired_batch(self, batch: UnpairedTokens, *, training: bool = False) -> align.UnpairedBatch:
+        """The batch's log-probs; ``training`` also counts its log-ratios into the running mean."""
         backend, n = self.ctx.backend, batch.num_examples
         real, mismatched = backend.sequence_logps(self.ctx.policy, batch.tokens).split(n)
         ref_real = ref_mismatched = None
@@ -38,6 +76,11 @@ class KTO(align.Algorithm):
             with torch.no_grad():
                 ref = backend.sequence_logps(self.reference, batch.tokens).split(n)
             ref_real, ref_mismatched = ref[0].sum, ref[1].sum
+        running_mean = None
+        if ref_real is not None:
+            if training:
+                self.logratio_mean.update(real.sum.detach() - ref_real)
+            running_mean = torch.tensor(self.logratio_mean.value, device=real.sum.device)
         return align.UnpairedBatch(
             logps=real.sum,
             labels=batch.labels.to(real.sum.device),
@@ -45,6 +88,7 @@ class KTO(align.Algorithm):
             ref_logps=ref_real,
             kl_logps=mismatched.sum,
             ref_kl_logps=ref_mismatched,
+            running_logratio_mean=running_mean,
         )
 
     def rewards(self, b: align.UnpairedBatch) -> torch.Tensor:
@@ -55,7 +99,7 @@ class KTO(align.Algorithm):
             return b.logps / b.lengths.clamp(min=1)
 
     def loss(self, batch: UnpairedTokens) -> align.LossOutput:
-        b = self.unpaired_batch(batch)
+        b = self.unpaired_batch(batch, training=True)
         out = align.combine_losses(self.losses, b)
         out.metrics |= reward_metrics(self.rewards(b), b.desirable)
         return out

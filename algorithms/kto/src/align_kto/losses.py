@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 
 import align
+from align_kto.unpaired_losses import UNPAIRED_LOSSES
 
 
 class KTOLoss(align.LossConfig):
@@ -50,3 +51,5 @@ def kto(cfg: KTOLoss, b: align.UnpairedBatch) -> align.LossOutput:
 @align.hookimpl
 def register_losses(register: align.Register) -> None:
     register(KTOLoss, needs_reference=True)(kto)
+    for config, fn in UNPAIRED_LOSSES:
+        register(config, needs_reference=True)(fn)
