@@ -26,6 +26,7 @@ from helpers import (
     head_jsonl,
     read_metrics,
     run_cli,
+    sft_config,
     write_jsonl,
     write_yaml,
 )
@@ -139,6 +140,28 @@ def test_evaluate_weights_each_batch_by_its_loss_weight_and_runs_without_gradien
 
 def test_evaluate_counts_each_batch_once_without_a_weight():
     assert FixedLosses().evaluate([(1.0, None, 0.0), (4.0, None, 0.0)])["loss"] == pytest.approx(2.5)
+
+
+def test_the_learner_evaluates_without_gradients_and_in_eval_mode(tmp_path, monkeypatch):
+    """An algorithm's own ``evaluate`` (here a wrapper without ``torch.no_grad``) still runs
+    without gradients, with the policy in eval mode."""
+    seen: list[tuple[bool, bool]] = []
+    original = SFT.evaluate
+
+    def recording_evaluate(self: SFT, batches: Any) -> dict[str, float]:
+        seen.append((torch.is_grad_enabled(), self.ctx.policy.training))
+        return original(self, batches)
+
+    monkeypatch.setattr(SFT, "evaluate", recording_evaluate)
+    eval_rows = head_jsonl(DATA / "sft_eval.jsonl", tmp_path / "eval.jsonl", 4)
+    config = sft_config(
+        tmp_path / "out",
+        data={"train": head_jsonl(DATA / "sft_train.jsonl", tmp_path / "train.jsonl", 4), "eval": eval_rows},
+        trainer={"max_steps": 1, "batch_size": 4},
+    )
+    plugins = align.load_plugins()
+    align.train(validate_run_config(config, plugins.registry), plugins)
+    assert seen == [(False, False), (False, False)]  # before and after training
 
 
 def test_sft_evaluation_is_the_token_mean_over_the_whole_split():

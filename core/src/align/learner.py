@@ -352,16 +352,19 @@ class Learner:
 
     # ---- evaluation, logging, checkpoints -----------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """The algorithm's evaluation over the eval split (nothing without one), reported to the
-        lifecycle hooks as ``split: eval``."""
+        """The algorithm's evaluation over the eval split in order (nothing without one), with
+        the models in eval mode and without gradients, reported to the lifecycle hooks as
+        ``split: eval``."""
         if self.eval_data is None or len(self.eval_data) == 0:
             return {}
         t = self.config.trainer
         size = t.eval_batch_size or t.batch_size
         for trainable in self.trainables.values():
             trainable.module.eval()
+        batches = eval_batches(self.eval_data, self.data_format.collate, size)
         try:
-            metrics = self.algorithm.evaluate(eval_batches(self.eval_data, self.data_format.collate, size))
+            with torch.no_grad():  # an algorithm's own evaluate need not remember it
+                metrics = self.algorithm.evaluate(batches)
         finally:
             for trainable in self.trainables.values():
                 trainable.module.train()
