@@ -38,6 +38,7 @@ from align.learner import Learner, RunInfo, RunResult
 from align.lock import OutputDirLocked
 from align.losses import LossFn, combine_losses, loss_function, pairwise_accuracy, resolve_losses
 from align.online import (
+    PromptStream,
     RolloutResult,
     Rollouts,
     Sample,
@@ -97,6 +98,7 @@ __all__ = [
     "PromptBatch",
     "PromptData",
     "PromptRow",
+    "PromptStream",
     "Register",
     "Registry",
     "RewardConfig",

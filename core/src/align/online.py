@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from align.builtin.prompts import PromptRow
+from align.builtin.prompts import PromptRow, prompt_rows
 from align.config import RolloutEngineConfig
 from align.errors import UserError
 from align.registry import Registry
@@ -196,3 +196,31 @@ def start_rollouts(
             seed=cfg.seed,
             reward=reward,
         )
+
+
+class PromptStream:
+    """The training prompts in a seeded order, one shuffle per pass over the data, read from
+    ``position`` on: an online method's place in its prompts, which its checkpoints hold so that
+    a resumed run takes the prompts the uninterrupted one would have."""
+
+    def __init__(self, data: Any, seed: int, prompt_column: str = "prompt", position: int = 0) -> None:
+        self.data, self.seed, self.prompt_column = data, seed, prompt_column
+        self.position = position  # prompts taken so far, over all passes
+        self._order: list[int] = []
+        self._order_pass = -1
+
+    def take(self, count: int) -> list[PromptRow]:
+        """The next ``count`` prompts (passing into the next shuffled pass when one runs out)."""
+        indices = []
+        for position in range(self.position, self.position + count):
+            data_pass, index = divmod(position, len(self.data))
+            indices.append(self._order_of(data_pass)[index])
+        self.position += count
+        return prompt_rows([self.data[i] for i in indices], self.prompt_column)
+
+    def _order_of(self, data_pass: int) -> list[int]:
+        if self._order_pass != data_pass:
+            generator = torch.Generator().manual_seed(self.seed + data_pass)
+            self._order = torch.randperm(len(self.data), generator=generator).tolist()
+            self._order_pass = data_pass
+        return self._order
