@@ -98,8 +98,8 @@ def test_clip_higher_lets_a_positive_token_grow_further() -> None:
     advantage = torch.tensor([1.0])
     symmetric, _ = policy_loss(logp, old, advantage, ones_mask(logp), clip_low=0.2, clip_high=0.2)
     dapo, _ = policy_loss(logp, old, advantage, ones_mask(logp), clip_low=0.2, clip_high=0.28)
-    assert float(symmetric) == pytest.approx(-1.2)  # clipped at 1.2
-    assert float(dapo) == pytest.approx(-1.25)  # 1.25 < 1.28: not clipped
+    assert symmetric.item() == pytest.approx(-1.2)  # clipped at 1.2
+    assert dapo.item() == pytest.approx(-1.25)  # 1.25 < 1.28: not clipped
 
 
 def test_dual_clip_bounds_negative_advantage_losses_only() -> None:
@@ -393,3 +393,14 @@ def test_groups_of_one_sample_give_zeros_not_nan(estimator: Estimator) -> None:
 def test_batch_whiten_of_a_single_reward_is_zero_and_integer_rewards_are_accepted() -> None:
     assert values_of(batch_whiten(torch.tensor([[3.0]]))) == [0.0]
     assert values_of(group_mean(torch.tensor([[1, 0]]))) == [0.5, -0.5]
+
+
+def test_half_precision_log_probs_are_compared_in_float32() -> None:
+    # bf16 cannot hold the clip bound 1.2 (its nearest value is 1.1953): computed in bf16, -1.1953
+    logp = torch.tensor([[math.log(1.25)]], dtype=torch.bfloat16)
+    old = torch.zeros_like(logp)
+    loss, metrics = policy_loss(logp, old, torch.tensor([1.0]), ones_mask(logp))
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(-1.2)
+    assert float(metrics["clip_fraction_high"]) == 1.0
+    assert kl_penalty(logp, old).dtype == torch.float32

@@ -153,7 +153,9 @@ def policy_loss(
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     mask = _bool_mask(mask)
-    log_ratio = _masked(logp - old_logp, mask)
+    # exp of a bf16/fp16 log-ratio is too coarse to see a 0.2 clip; compute in at least float32
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    log_ratio = _masked(logp.to(dtype) - old_logp.to(dtype), mask)
     ratio = torch.exp(log_ratio)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
@@ -221,7 +223,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
 
     Used in the loss (``beta * aggregate(kl_penalty(...))``) or subtracted from the reward.
     """
-    log_ratio = logp - ref_logp
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    log_ratio = logp.to(dtype) - ref_logp.to(dtype)
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
