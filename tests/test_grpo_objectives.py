@@ -220,7 +220,7 @@ def test_micro_batches_with_the_global_normalizer_sum_to_the_full_batch_loss_and
         )
         accumulated = accumulated + part
     (accumulated_grad,) = torch.autograd.grad(accumulated, logp)
-    assert float(accumulated) == pytest.approx(float(full), rel=1e-12)
+    assert accumulated.item() == pytest.approx(full.item(), rel=1e-12)
     assert torch.allclose(accumulated_grad, full_grad, rtol=1e-12, atol=1e-15)
 
 
