@@ -70,13 +70,11 @@ def aggregate(
     ``global_normalizer(all ranks' masks) / W``.
     """
     mask = _bool_mask(mask)
-    if mode == "token_mean":
+    if mode in ("token_mean", "seq_mean_token_sum"):
         numerator = _masked(values, mask).sum()
     elif mode == "seq_mean_token_mean":
         tokens_per_sequence = mask.sum(-1).clamp(min=1)
         numerator = (_masked(values, mask).sum(-1) / tokens_per_sequence).sum()
-    elif mode == "seq_mean_token_sum":
-        numerator = _masked(values, mask).sum()
     else:
         raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
     if normalizer is None:
