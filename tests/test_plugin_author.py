@@ -14,6 +14,7 @@ import math
 import sys
 import types
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -269,7 +270,9 @@ def test_an_unknown_name_still_says_install_a_plugin(tmp_path, capsys):
 
 def test_switching_loss_name_starts_from_the_new_loss_defaults(simpo_plugins):
     notes: list[str] = []
-    data = apply_overrides(read_yaml(EXAMPLES / "dpo.yaml"), ["loss.name=simpo"], notes)
+    data = apply_overrides(
+        read_yaml(EXAMPLES / "dpo.yaml"), ["loss.name=simpo"], notes, simpo_plugins.registry
+    )
     cfg = validate_run_config(data, simpo_plugins.registry)
     assert cfg.loss.model_dump() == {"name": "simpo", "weight": 1.0, "beta": 2.0, "gamma": 0.5}  # type: ignore[union-attr]
     assert notes == [
@@ -280,15 +283,24 @@ def test_switching_loss_name_starts_from_the_new_loss_defaults(simpo_plugins):
 
 def test_settings_given_with_the_switch_are_kept_in_any_order(simpo_plugins):
     for overrides in (["loss.name=simpo", "loss.beta=2.5"], ["loss.beta=2.5", "loss.name=simpo"]):
-        data = apply_overrides(read_yaml(EXAMPLES / "dpo.yaml"), overrides)
+        data = apply_overrides(read_yaml(EXAMPLES / "dpo.yaml"), overrides, registry=simpo_plugins.registry)
         assert validate_run_config(data, simpo_plugins.registry).loss.beta == 2.5  # type: ignore[union-attr]
 
 
-def test_the_same_name_or_a_whole_section_keeps_what_is_written():
-    same = apply_overrides(read_yaml(EXAMPLES / "dpo.yaml"), ["loss.name=dpo"])
-    assert same["loss"] == {"name": "dpo", "beta": 0.1}
-    whole = apply_overrides(read_yaml(EXAMPLES / "dpo.yaml"), ["loss={name: ipo, beta: 0.3}"])
-    assert whole["loss"] == {"name": "ipo", "beta": 0.3}
+def test_the_same_name_a_whole_section_or_a_section_that_is_no_plugin_keeps_what_is_written():
+    registry = align.load_plugins().registry
+    notes: list[str] = []
+
+    def overridden(*overrides: str) -> dict[str, Any]:
+        config = dpo_config(Path("out"), optim={"name": "adamw", "lr": 1e-3})
+        return apply_overrides(config, list(overrides), notes, registry)
+
+    assert overridden("loss.name=dpo")["loss"] == {"name": "dpo", "beta": 0.1}
+    assert overridden("loss={name: ipo, beta: 0.3}")["loss"] == {"name": "ipo", "beta": 0.3}
+    assert overridden("optim.name=sgd")["optim"] == {"name": "sgd", "lr": 1e-3}
+    assert overridden("loss.name=nope")["loss"] == {"name": "nope", "beta": 0.1}  # then refused as unknown
+    assert overridden("data.format=sft")["data"]["train"] == str(DATA / "preference_train.jsonl")
+    assert notes == []
 
 
 def test_the_cli_prints_the_note(tmp_path, capsys):

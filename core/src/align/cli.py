@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 def load_config(path: str, overrides: Sequence[str], algo: str | None, plugins: Plugins) -> RunConfig:
     """The validated config, with its paths checked (before any model loads)."""
     notes: list[str] = []
-    data = apply_overrides(read_yaml(path), list(overrides), notes)
+    data = apply_overrides(read_yaml(path), list(overrides), notes, plugins.registry)
     for text in notes:
         errors.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True)
     cfg = validate_run_config(data, plugins.registry, algo=algo, source=path)

@@ -146,15 +146,19 @@ KEPT_ON_SWITCH = ("name", "weight")
 
 
 def apply_overrides(
-    data: dict[str, Any], overrides: list[str], notes: list[str] | None = None
+    data: dict[str, Any],
+    overrides: list[str],
+    notes: list[str] | None = None,
+    registry: Registry | None = None,
 ) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides; values are parsed as YAML (numbers, bools, lists).
 
-    An override that switches a section to another plugin (``loss.name=simpo`` where the YAML
-    has ``loss: {name: dpo, beta: 0.1}``) drops the settings the YAML gave the old plugin, so
-    the new one starts from its own defaults (SimPO's ``beta`` is 2.0, not DPO's 0.1); settings
-    given as overrides (``loss.beta=2.5``) and ``weight`` are kept. What was dropped is told in
-    ``notes``."""
+    With ``registry``, an override that switches a section to another installed plugin of the
+    same kind (``loss.name=simpo`` where the YAML has ``loss: {name: dpo, beta: 0.1}``) drops
+    the settings the YAML gave the old plugin, so the new one starts from its own defaults
+    (SimPO's ``beta`` is 2.0, not DPO's 0.1); settings given as overrides (``loss.beta=2.5``)
+    and ``weight`` are kept. What was dropped is told in ``notes``. A section that is no plugin
+    (``optim.name=sgd``) keeps its settings."""
     parsed = [(item, *_override_parts(item)) for item in overrides]
     given = {tuple(parts) for _, parts, _ in parsed}
     for item, parts, raw in parsed:
@@ -162,18 +166,28 @@ def apply_overrides(
         node: Any = data
         for part in parts[:-1]:
             node = _child(node, part, item)
-        if parts[-1] == "name" and isinstance(node, dict):
+        if parts[-1] == "name" and isinstance(node, dict) and _switches_plugin(registry, node, value):
             _forget_old_plugin(node, parts[:-1], value, given, notes)
         _assign(node, parts[-1], value, item)
     return data
+
+
+def _switches_plugin(registry: Registry | None, section: dict[str, Any], name: Any) -> bool:
+    old = section.get("name")
+    if registry is None or not isinstance(old, str) or not isinstance(name, str) or old == name:
+        return False
+    return any({old, name} <= {entry.name for entry in registry.entries(kind)} for kind in _SWITCHABLE)
+
+
+# Plugin kinds whose config a run names with ``name:`` (data formats switch by ``format``, whose
+# section holds the files: never dropped).
+_SWITCHABLE = ("loss", "reward", "rollout_engine", "backend", "callback", "advantage_estimator")
 
 
 def _forget_old_plugin(
     section: dict[str, Any], where: list[str], name: Any, given: set[tuple[str, ...]], notes: list[str] | None
 ) -> None:
     old = section.get("name")
-    if old is None or old == name:
-        return
     dropped = {
         key: section.pop(key)
         for key in list(section)
