@@ -18,7 +18,7 @@ import torch
 
 import align
 
-PAIRED_VARIANTS = ("discopop", "sigmoid_norm", "f_dpo", "dpop", "wpo", "aot_unpaired")
+PAIRED_VARIANTS = ("discopop", "sigmoid_norm", "f_dpo", "dpop", "wpo", "aot_unpaired", "ld_dpo")
 UNPAIRED = ("apo_zero_unpaired", "bco")
 
 
@@ -51,7 +51,7 @@ def paired(**values: Any) -> align.PreferenceBatch:
         "ref_chosen_logps": [-11.0, -8.5],
         "ref_rejected_logps": [-11.5, -7.5],
     } | values
-    tensors = {k: torch.tensor(v) for k, v in fields.items()}
+    tensors: dict[str, Any] = {k: torch.tensor(v) for k, v in fields.items()}
     for key in ("chosen_logps", "rejected_logps"):
         tensors[key] = tensors[key].requires_grad_()
     return align.PreferenceBatch(**tensors)
@@ -157,8 +157,8 @@ def test_discopop_slope_at_a_tie() -> None:
     assert d_chosen.tolist() == pytest.approx([0.5 * slope / 2] * 2, rel=1e-5)
 
 
-# DiscoPOP is not monotonic near a tie (above)
-@pytest.mark.parametrize("name", [n for n in PAIRED_VARIANTS if n != "discopop"])
+# DiscoPOP is not monotonic near a tie (above); LD-DPO reads per-token log-probs (below)
+@pytest.mark.parametrize("name", [n for n in PAIRED_VARIANTS if n not in ("discopop", "ld_dpo")])
 def test_descent_raises_chosen_and_lowers_rejected(name: str) -> None:
     b = paired()
     d_chosen, d_rejected = torch.autograd.grad(
@@ -187,6 +187,62 @@ def test_registered_once_for_the_right_batch() -> None:
             assert (entry.package, entry.meta["batch"]) == ("align-kto", align.UnpairedBatch)
             assert entry.meta["needs_reference"] is True
     assert set(PAIRED_VARIANTS + UNPAIRED) <= set(reg.names("loss"))
+
+
+# ---- LD-DPO: per-token log-probs ------------------------------------------------------------
+
+
+def with_tokens(b: align.PreferenceBatch) -> align.PreferenceBatch:
+    """Per-token log-probs consistent with the fixed batch's sums and lengths (5, 4 | 6, 2)."""
+    policy = [[-2.0] * 5, [-1.0, -1.0, -3.0, -3.0], [-1.0, -1.0, -1.0, -3.0, -3.0, -3.0], [-3.0, -4.0]]
+    reference = [[-3.0, -2.0, -2.0, -2.0, -2.0], [-2.0, -2.0, -2.0, -2.5], [-2.0] * 5 + [-1.5], [-4.0, -3.5]]
+
+    def table(rows: list[list[float]]) -> align.TokenLogps:
+        values = torch.zeros(4, 6)
+        mask = torch.zeros(4, 6, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            values[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), True
+        return align.TokenLogps(values.requires_grad_(), mask)
+
+    b.token_logps, b.ref_token_logps = table(policy), table(reference)
+    return b
+
+
+def test_ld_dpo_matches_hand_computation() -> None:
+    # shared lengths: min(5, 6) = 5 and min(4, 2) = 2; tokens past them weighted 0.25
+    alpha = 0.25
+    pair_1 = (-10 - (-11)) - ((-9 - 3 * alpha) - (-10 - 1.5 * alpha))
+    pair_2 = ((-2 - 6 * alpha) - (-4 - 4.5 * alpha)) - (-7 - (-7.5))
+    value, _ = run("ld_dpo", with_tokens(paired()), beta=0.5, ld_alpha=alpha)
+    assert value == pytest.approx(mean([-log_s(0.5 * pair_1), -log_s(0.5 * pair_2)]), rel=1e-6)
+    assert run("ld_dpo", with_tokens(paired()), beta=0.5, ld_alpha=1.0)[0] == pytest.approx(
+        mean([-log_s(0.5 * z) for z in Z]), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="per-token"):
+        run("ld_dpo", paired())
+
+
+def test_dpo_algorithm_fills_token_logps_for_ld_dpo(tmp_path: Any) -> None:
+    from helpers import dpo_config
+
+    from align.loading import validate_run_config
+    from align.trainer import Trainer
+
+    config = dpo_config(tmp_path, loss={"name": "ld_dpo", "beta": 0.5, "ld_alpha": 0.5})
+    trainer = Trainer(validate_run_config(config, registry()), align.load_plugins())
+    trainer.build()
+    algo: Any = trainer.algorithm
+    assert algo.live is not None and algo.cached is None  # per-token reference scores are live
+    batch = trainer.data_format.collate([trainer.train_data[i] for i in range(4)])
+    with torch.no_grad():
+        for p in trainer.context.policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    b = algo.preference_batch(batch)
+    assert b.token_logps is not None and b.ref_token_logps is not None
+    sums = trainer.backend.sequence_logps(trainer.context.policy, batch.tokens).sum
+    torch.testing.assert_close(torch.cat([b.chosen_logps, b.rejected_logps]), sums, rtol=1e-4, atol=1e-4)
+    assert algo.loss(batch).loss.requires_grad
+    assert run("ld_dpo", b, beta=0.5, ld_alpha=1.0)[0] == pytest.approx(run("dpo", b, beta=0.5)[0], rel=1e-5)
 
 
 # ---- the unpaired side (KTO's batch) ------------------------------------------------------

@@ -114,7 +114,10 @@ class PreferenceBatch:
 
     ``*_logps`` are sums over completion tokens; ``ref_*`` are the reference model's (``None``
     for reference-free losses); ``reward_gap`` is a reward model's score of chosen minus
-    rejected when the data has one (the RPO losses need it).
+    rejected when the data has one (the RPO losses need it). ``token_logps`` and
+    ``ref_token_logps`` are the per-token log-probs of the chosen (rows ``0..n-1``) and rejected
+    (rows ``n..2n-1``) completions, filled only for a loss registered with
+    ``needs_token_logps=True`` (they cost the reference's per-token scores on every batch).
     """
 
     chosen_logps: Tensor
@@ -124,6 +127,8 @@ class PreferenceBatch:
     ref_chosen_logps: Tensor | None = None
     ref_rejected_logps: Tensor | None = None
     reward_gap: Tensor | None = None
+    token_logps: TokenLogps | None = None
+    ref_token_logps: TokenLogps | None = None
 
     @property
     def chosen_logps_mean(self) -> Tensor:

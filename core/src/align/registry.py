@@ -69,7 +69,8 @@ REGISTRATION_OPTIONS: dict[str, dict[str, type | Callable[[Any], bool]]] = {
         "default_backend": str,
         "build_model": callable,  # build_model(backend, cfg): the model trained instead of the policy
     },
-    "loss": {"batch": type, "needs_reference": bool},
+    # needs_token_logps: the algorithm fills the batch's per-token log-probs (LD-DPO)
+    "loss": {"batch": type, "needs_reference": bool, "needs_token_logps": bool},
     "data_format": {"batch": type},
     "rollout_engine": {},
     "reward": {},

@@ -28,6 +28,10 @@ class DPO(align.Algorithm):
         super().__init__(ctx)
         self.losses = align.resolve_losses(self.config.loss, ctx.registry)  # type: ignore[attr-defined]
         self.needs_reference = any(term.needs_reference for term in self.losses)
+        self.needs_token_logps = any(
+            ctx.registry.get("loss", term.config.name).meta.get("needs_token_logps", False)
+            for term in self.losses
+        )
         # Implicit rewards use the beta of the first reference-based loss (an `sft` term first in
         # a weighted list has none).
         with_beta = [t.config for t in self.losses if t.needs_reference and hasattr(t.config, "beta")]
@@ -39,7 +43,8 @@ class DPO(align.Algorithm):
         ref: ReferenceConfig = self.config.reference  # type: ignore[attr-defined]
         if not self.needs_reference:
             return
-        if ref.mode == "live":
+        if ref.mode == "live" or self.needs_token_logps:
+            # The cache holds sequence sums only, so per-token reference scores are taken live.
             self.live = LiveReference(ctx.backend, ctx.policy)
         else:
             self.cached = precompute(self.config, ref, ctx.backend, ctx.policy, *self._splits())
@@ -79,11 +84,25 @@ class DPO(align.Algorithm):
             return self.live.logps(batch)
         return None
 
+    def policy_logps(self, batch: align.PairedTokens) -> tuple[align.SequenceLogps, align.TokenLogps | None]:
+        """The policy's sums per sequence and, when a loss needs them, its per-token log-probs
+        (the sums then come from the same forward pass)."""
+        backend = self.ctx.backend
+        if not self.needs_token_logps:
+            return backend.sequence_logps(self.ctx.policy, batch.tokens), None
+        tokens = backend.token_logps(self.ctx.policy, batch.tokens)
+        return summed(tokens), tokens
+
     def preference_batch(self, batch: align.PairedTokens) -> align.PreferenceBatch:
-        chosen, rejected = self.ctx.backend.sequence_logps(self.ctx.policy, batch.tokens).split(
-            batch.num_pairs
-        )
-        ref = self.reference_logps(batch)
+        logps, token_logps = self.policy_logps(batch)
+        chosen, rejected = logps.split(batch.num_pairs)
+        ref_token_logps = None
+        if token_logps is not None and self.live is not None:
+            ref_token_logps = self.live.token_logps(batch)
+            ref_sums = summed(ref_token_logps).split(batch.num_pairs)
+            ref: tuple[Tensor, Tensor] | None = (ref_sums[0].sum, ref_sums[1].sum)
+        else:
+            ref = self.reference_logps(batch)
         return align.PreferenceBatch(
             chosen_logps=chosen.sum,
             rejected_logps=rejected.sum,
@@ -92,6 +111,8 @@ class DPO(align.Algorithm):
             ref_chosen_logps=None if ref is None else ref[0],
             ref_rejected_logps=None if ref is None else ref[1],
             reward_gap=batch.reward_gap,
+            token_logps=token_logps,
+            ref_token_logps=ref_token_logps,
         )
 
     def loss(self, batch: align.PairedTokens) -> align.LossOutput:
@@ -106,6 +127,11 @@ class DPO(align.Algorithm):
             return super().evaluate(batches)
         finally:
             self.split = "train"
+
+
+def summed(tokens: align.TokenLogps) -> align.SequenceLogps:
+    """Per-sequence sums and counts of per-token log-probs."""
+    return align.SequenceLogps((tokens.values * tokens.mask).sum(dim=1), tokens.mask.sum(dim=1))
 
 
 def reward_metrics(b: align.PreferenceBatch, beta: float) -> dict[str, torch.Tensor]:

@@ -85,14 +85,22 @@ class LiveReference:
         self.backend, self.policy = backend, policy
         self.model = None if reference_scope(backend, policy) is not None else backend.build_reference()
 
-    def logps(self, batch: align.PairedTokens) -> tuple[Tensor, Tensor]:
-        scope = (
+    def _scope(self) -> AbstractContextManager[nn.Module]:
+        return (
             nullcontext(self.model) if self.model is not None else open_reference(self.backend, self.policy)
         )
-        with torch.inference_mode(), scope as model:
+
+    def logps(self, batch: align.PairedTokens) -> tuple[Tensor, Tensor]:
+        with torch.inference_mode(), self._scope() as model:
             chosen, rejected = self.backend.sequence_logps(model, batch.tokens).split(batch.num_pairs)
         # Inference tensors cannot enter autograd; clones made outside inference mode can.
         return chosen.sum.clone(), rejected.sum.clone()
+
+    def token_logps(self, batch: align.PairedTokens) -> align.TokenLogps:
+        """Per-token log-probs of the chosen and rejected completions (losses that need them)."""
+        with torch.inference_mode(), self._scope() as model:
+            scores = self.backend.token_logps(model, batch.tokens)
+        return align.TokenLogps(scores.values.clone(), scores.mask.clone())
 
 
 @dataclass

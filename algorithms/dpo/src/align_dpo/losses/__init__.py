@@ -27,8 +27,10 @@ from align_dpo.losses.paired_variants import (
     DiscoPOPLoss,
     DPOPLoss,
     FDPOLoss,
+    LDDPOLoss,
     SigmoidNormLoss,
     WPOLoss,
+    ld_dpo,
 )
 from align_dpo.losses.reference_free import REFERENCE_FREE, CPOLoss, ORPOLoss, SFTLoss
 from align_dpo.losses.reward_aware import (
@@ -53,6 +55,7 @@ __all__ = [
     "FDPOLoss",
     "HingeLoss",
     "IPOLoss",
+    "LDDPOLoss",
     "NCAPairLoss",
     "ORPOLoss",
     "RPOBackwardKLLoss",
@@ -72,5 +75,6 @@ __all__ = [
 def register_losses(register: align.Register) -> None:
     for config, fn in PAIRED + PAIRED_VARIANTS + REWARD_AWARE:
         register(config, needs_reference=True)(fn)
+    register(LDDPOLoss, needs_reference=True, needs_token_logps=True)(ld_dpo)
     for config, fn in REFERENCE_FREE:
         register(config, needs_reference=False)(fn)

@@ -1,5 +1,5 @@
 """Paired, reference-based DPO variants that reshape DPO's logit or weight its pairs: DiscoPOP,
-length-normalised DPO, f-DPO, DPO-Positive, WPO and AOT on unpaired quantiles.
+length-normalised DPO, f-DPO, DPO-Positive, WPO, AOT on unpaired quantiles and LD-DPO.
 
 Notation as in ``paired.py``: log-probs are sums over completion tokens, ``h_w``/``h_l`` the
 chosen/rejected log-ratios against the reference, ``z = h_w - h_l``, ``|y|`` a completion's token
@@ -170,6 +170,46 @@ def aot_unpaired(cfg: AOTUnpairedLoss, b: align.PreferenceBatch) -> align.LossOu
     eps = cfg.label_smoothing
     loss = -(1 - eps) * F.logsigmoid(gap) - eps * F.logsigmoid(-gap)
     return align.LossOutput(loss.mean(), {"dominance_violation": mean((gap < 0).float())})
+
+
+class LDDPOLoss(BetaLoss):
+    """LD-DPO (Liu et al., 2024, "Length desensitization in directed preference optimization"):
+    DPO on length-desensitised likelihoods. With the pair's shared length
+    ``l_p = min(|y_w|, |y_l|)``, each completion's log-likelihood becomes
+    ``sum_{t <= l_p} log pi(y_t) + alpha * sum_{t > l_p} log pi(y_t)``: the tokens past the shorter
+    completion count ``alpha`` times. Then ``-log s(beta * (h^_w - h^_l))`` with ``h^`` the
+    difference of the policy's and the reference's desensitised log-likelihoods (TRL 1.x's
+    ``ld_alpha`` desensitises both; its first version, 0.19, the policy only). ``alpha = 1`` is
+    DPO. Reads per-token log-probs (``needs_token_logps``), so the reference is scored live on
+    every batch even with ``reference.mode: precompute``."""
+
+    name: Literal["ld_dpo"] = "ld_dpo"
+    ld_alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Weight of the tokens past the shared length (the paper tunes it in (0, 1)).",
+    )
+
+
+def desensitised(tokens: align.TokenLogps, shared: Tensor, alpha: float) -> Tensor:
+    """Per-sequence sums of token log-probs, those past ``shared`` tokens weighted ``alpha``."""
+    position = torch.arange(tokens.values.shape[1], device=tokens.values.device)[None, :]
+    weight = torch.where(position < shared[:, None].to(position.device), 1.0, alpha)
+    return (tokens.values * tokens.mask * weight).sum(dim=1)
+
+
+def ld_dpo(cfg: LDDPOLoss, b: align.PreferenceBatch) -> align.LossOutput:
+    if b.token_logps is None or b.ref_token_logps is None:
+        raise ValueError(
+            "ld_dpo needs per-token log-probs (policy and reference); register it with needs_token_logps=True"
+        )
+    n = b.chosen_logps.shape[0]
+    shared = torch.minimum(b.chosen_lengths, b.rejected_lengths).repeat(2)
+    logratios = desensitised(b.token_logps, shared, cfg.ld_alpha) - desensitised(
+        b.ref_token_logps, shared, cfg.ld_alpha
+    )
+    return _dpo_output(cfg.beta * (logratios[:n] - logratios[n:]))
 
 
 PAIRED_VARIANTS: list[tuple[type[align.LossConfig], align.LossFn]] = [
