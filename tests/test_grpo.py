@@ -1,0 +1,341 @@
+"""The critic-free online family (grpo, dr_grpo, rloo, reinforce_pp) on the arithmetic task:
+held-out reward rises with each estimator, a killed run resumes bit-exact, gradient accumulation
+equals one big batch, every optional feature runs and logs, estimators are plugins (an outside
+one in a few lines; an unknown name is a user error), and the backend's per-token log-probs
+agree with its sequence sums."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import (
+    ALIGN,
+    DATA,
+    EXAMPLES,
+    QUIET_TRAINER,
+    assert_same_weights,
+    assert_user_error,
+    load_weights,
+    max_weight_diff,
+    merge,
+    read_metrics,
+    run_cli,
+    subprocess_env,
+    write_yaml,
+)
+
+import align
+
+ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+
+
+@pytest.fixture(scope="module")
+def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after the shipped warm-up SFT (examples/sft_arith.yaml): right about a third
+    of the time on held-out sums, so that groups of samples disagree and there is signal."""
+    out = tmp_path_factory.mktemp("sft_arith") / "run"
+    code = align.cli.main(
+        [
+            "run",
+            str(EXAMPLES / "sft_arith.yaml"),
+            f"output_dir={out}",
+            "trainer.num_threads=1",
+            "trainer.progress=false",
+            "trainer.tensorboard=false",
+        ]
+    )
+    assert code == 0
+    return out / "final"
+
+
+def grpo_config(output_dir: Path, model: Path, **sections: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "algo": "grpo",
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "model": {"path": str(model)},
+        "data": {
+            "format": "prompts",
+            "train": str(DATA / "arith_prompts_train.jsonl"),
+            "eval": str(DATA / "arith_prompts_eval.jsonl"),
+            "max_length": 32,
+        },
+        "rollout": {"name": "hf"},
+        "reward": {"name": "exact_match", "answer_key": "answer"},
+        "sampling": {"n": 8, "temperature": 1.0, "max_tokens": 4},
+        "eval_sampling": {"n": 1, "temperature": 0.0, "max_tokens": 4},
+        "iterations": 8,
+        "prompts_per_iteration": 64,
+        "trainer": {"batch_size": 64, **QUIET_TRAINER},
+        "optim": {"lr": 3e-4},
+    }
+    return merge(config, sections)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_heldout_reward_rises_with_each_estimator(algo, warm_model, tmp_path, capsys):
+    out = tmp_path / algo
+    result = run_cli(
+        capsys, "run", write_yaml(tmp_path / "run.yaml", grpo_config(out, warm_model, algo=algo))
+    )
+    assert result.code == 0, result.err
+    evals = read_metrics(out, "eval")
+    before, after = evals[0]["reward"], evals[-1]["reward"]
+    assert after > before + 0.05, (algo, before, after)
+    rollouts = read_metrics(out, "rollout")
+    assert [row["iteration"] for row in rollouts] == list(range(1, 9))
+    for row in rollouts:
+        # What every online step logs: generation speed, refit time, engine-trainer agreement.
+        assert row["generation_tokens_per_s"] > 0 and row["refit_s"] >= 0
+        assert 1.0 <= row["logprob_mismatch"] < 1.05
+        assert row["groups"] == 64 and 0 <= row["train_clip_fraction"] <= 1
+        assert row["entropy"] > 0 and {"generate_s", "score_s", "logps_s", "train_s"} <= row.keys()
+    train = read_metrics(out, "train")
+    assert len(train) == 8 * 8  # 512 samples per iteration in steps of 64, one epoch
+
+
+def test_every_option_runs_and_logs(warm_model, tmp_path, capsys):
+    """KL in the reward (reference built), entropy bonus, dynamic sampling, overlong masking and
+    penalty, truncated importance sampling, dual clip, two epochs: all together, for two
+    iterations."""
+    out = tmp_path / "all"
+    config = grpo_config(
+        out,
+        warm_model,
+        algo="reinforce_pp",
+        iterations=2,
+        prompts_per_iteration=16,
+        epochs=2,
+        kl={"coef": 0.05, "estimator": "k1", "in": "reward"},
+        entropy_coef=0.01,
+        dual_clip=3.0,
+        clip_high=0.28,
+        dynamic_sampling={"enabled": True, "max_extra_rounds": 2},
+        overlong={"mask_truncated": True, "soft_penalty": {"max_len": 4, "cache_len": 2, "coef": 0.5}},
+        importance_correction={"cap": 2.0},
+        trainer={"batch_size": 16, "grad_accum": 2},
+    )
+    result = run_cli(capsys, "run", write_yaml(tmp_path / "run.yaml", config))
+    assert result.code == 0, result.err
+    rollouts = read_metrics(out, "rollout")
+    assert len(rollouts) == 2
+    for row in rollouts:
+        assert 1 <= row["sampling_rounds"] <= 3 and row["groups"] <= 16
+        assert row["dropped_groups"] >= 0 and "kl" in row and "overlong_penalty_mean" in row
+        assert row["trained_fraction"] <= 1.0
+    train = read_metrics(out, "train")
+    assert all("entropy" in row and "dual_clip_fraction" in row for row in train)
+
+
+def test_kl_in_the_loss_is_logged(warm_model, tmp_path, capsys):
+    out = tmp_path / "kl"
+    config = grpo_config(
+        out, warm_model, iterations=1, prompts_per_iteration=8, kl={"coef": 0.1}, trainer={"batch_size": 32}
+    )
+    result = run_cli(capsys, "run", write_yaml(tmp_path / "run.yaml", config))
+    assert result.code == 0, result.err
+    train = read_metrics(out, "train")
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert train[-1]["kl"] > 0
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+def test_gradient_accumulation_equals_one_big_batch(aggregation, warm_model, tmp_path, capsys):
+    """The loss's denominator is the whole step's, so micro-batches add up to the big batch."""
+    finals = []
+    for name, trainer in (("big", {"batch_size": 32}), ("accumulated", {"batch_size": 8, "grad_accum": 4})):
+        out = tmp_path / name
+        config = grpo_config(
+            out,
+            warm_model,
+            iterations=1,
+            prompts_per_iteration=4,
+            aggregation=aggregation,
+            trainer=trainer,
+            optim={"name": "sgd", "lr": 0.5},  # SGD: Adam would hide a wrongly scaled loss
+        )
+        result = run_cli(capsys, "run", write_yaml(tmp_path / f"{name}.yaml", config))
+        assert result.code == 0, result.err
+        finals.append(load_weights(out / "final"))
+    assert max_weight_diff(*finals) < 1e-6
+    assert max_weight_diff(finals[0], load_weights(warm_model)) > 1e-4  # it did train
+
+
+# A hook that "hangs" once the third iteration's rollout was logged (after the checkpoint of
+# iteration 2): the test kills the process there, between two checkpoints.
+HANG_AFTER_ITERATION_2 = """
+import time
+
+import align
+
+
+@align.hookimpl
+def on_step_end(run, step, metrics):
+    if metrics.get("split") == "rollout" and metrics.get("iteration") == 3:
+        time.sleep(120)
+"""
+
+
+def test_killed_grpo_run_resumes_to_the_same_weights(warm_model, tmp_path, capsys):
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "hang_for_tests.py").write_text(textwrap.dedent(HANG_AFTER_ITERATION_2))
+    sections = {
+        "iterations": 4,
+        "prompts_per_iteration": 8,
+        "epochs": 2,
+        "kl": {"coef": 0.05},
+        "dynamic_sampling": {"enabled": True},
+        "trainer": {"save_every": 2, "batch_size": 32},
+    }
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    killed_config = write_yaml(tmp_path / "killed.yaml", grpo_config(killed, warm_model, **sections))
+    env = subprocess_env([plugin_dir], ALIGN_PLUGIN_MODULES="hang_for_tests")
+    with (tmp_path / "killed.log").open("w") as log:
+        proc = subprocess.Popen([*ALIGN, "run", killed_config], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                if any(row.get("iteration") == 3 for row in _rows(killed / "metrics.jsonl")):
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert not (killed / "final").exists()
+
+    resumed = run_cli(capsys, "run", killed_config, "--resume")
+    assert resumed.code == 0, resumed.err
+    result = run_cli(
+        capsys, "run", write_yaml(tmp_path / "straight.yaml", grpo_config(straight, warm_model, **sections))
+    )
+    assert result.code == 0, result.err
+    assert_same_weights(load_weights(killed / "final"), load_weights(straight / "final"))
+    assert [row["iteration"] for row in read_metrics(killed, "rollout")][-2:] == [3, 4]
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+# ---- estimators are plugins ----------------------------------------------------------------
+
+
+def test_an_unknown_estimator_is_a_user_error_listing_the_installed_ones(warm_model, tmp_path, capsys):
+    config = grpo_config(tmp_path / "run", warm_model, advantage={"name": "no_such_estimator"})
+    result = run_cli(capsys, "validate", write_yaml(tmp_path / "run.yaml", config))
+    assert_user_error(result, "no_such_estimator", *ALGORITHMS)
+
+
+def test_the_estimators_show_in_align_list(capsys):
+    result = run_cli(capsys, "list", "--kind", "advantage_estimator", "--json")
+    assert result.code == 0, result.err
+    rows = {row["name"]: row for row in json.loads(result.out)}
+    assert set(ALGORITHMS) <= rows.keys()
+    assert {rows[name]["package"] for name in ALGORITHMS} == {"align-grpo"}
+    algorithms = json.loads(run_cli(capsys, "list", "--kind", "algorithm", "--json").out)
+    assert set(ALGORITHMS) <= {row["name"] for row in algorithms}
+
+
+# An outside package's estimator: a config and a function (a median baseline).
+MEDIAN_ESTIMATOR = """
+from typing import Literal
+
+import align
+
+
+class MedianBaseline(align.AdvantageConfig):
+    name: Literal["median"] = "median"
+
+
+@align.hookimpl
+def register_advantage_estimators(register):
+    @register(MedianBaseline)
+    def median(cfg, rewards):
+        return rewards - rewards.median(dim=-1, keepdim=True).values
+"""
+
+
+def test_an_outside_estimator_takes_a_few_lines(warm_model, tmp_path, capsys, monkeypatch):
+    (tmp_path / "median_estimator_for_tests.py").write_text(textwrap.dedent(MEDIAN_ESTIMATOR))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ALIGN_PLUGIN_MODULES", "median_estimator_for_tests")
+    monkeypatch.setattr(align.cli, "default_plugins", align.load_plugins)
+    out = tmp_path / "run"
+    config = grpo_config(
+        out,
+        warm_model,
+        advantage={"name": "median"},
+        iterations=1,
+        prompts_per_iteration=4,
+        trainer={"batch_size": 32},
+    )
+    result = run_cli(capsys, "run", write_yaml(tmp_path / "run.yaml", config))
+    assert result.code == 0, result.err
+    assert read_metrics(out, "rollout")[0]["advantage_abs_mean"] >= 0
+
+
+def test_the_estimators_compute_what_their_papers_say():
+    registry = align.default_plugins().registry
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
+
+    def estimate(name: str) -> torch.Tensor:
+        entry = registry.get("advantage_estimator", name)
+        result: torch.Tensor = entry.factory(entry.config(name=name), rewards)
+        return result
+
+    torch.testing.assert_close(
+        estimate("dr_grpo"), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.25, 0.25, 0.25, -0.75]])
+    )
+    # RLOO: minus the mean of the 3 others, e.g. 1 - (0 + 0 + 1) / 3.
+    torch.testing.assert_close(
+        estimate("rloo"), torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3], [1 / 3, 1 / 3, 1 / 3, -1.0]])
+    )
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()  # sample std of a 2-2 group
+    torch.testing.assert_close(estimate("grpo")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-6))
+    whitened = estimate("reinforce_pp")
+    assert whitened.mean().abs() < 1e-6 and whitened.flatten().std() == pytest.approx(1.0, abs=1e-5)
+
+
+# ---- per-token log-probs from the backend --------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("chunk_tokens", [None, 6])
+def test_token_logps_agree_with_sequence_sums(padding_free, chunk_tokens):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from align_hf.backend import sequence_logps, token_logps
+
+    torch.manual_seed(0)
+    shape = {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, **shape))
+    sequences = [([1, 2, 3], [4, 5]), ([1], [7, 8, 9, 10]), ([3, 3, 3, 3], [2])]
+    batch = align.lay_out(sequences, 0, padding_free)
+    out = token_logps(model, batch, chunk_tokens, with_entropy=True)
+    assert out.mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    torch.testing.assert_close(out.values.sum(1), sequence_logps(model, batch, chunk_tokens).sum)
+    # Each sequence alone, by hand: log_softmax of the logits that predict its completion.
+    for row, (prompt, completion) in enumerate(sequences):
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+        log_probs = logits.log_softmax(-1)
+        expected = log_probs.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        torch.testing.assert_close(out.values[row, : len(completion)], expected, rtol=1e-4, atol=1e-5)
+        assert out.entropy is not None
+        torch.testing.assert_close(out.entropy[row, : len(completion)], entropy, rtol=1e-4, atol=1e-5)
+    assert (out.values[~out.mask] == 0).all()
