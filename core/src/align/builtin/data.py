@@ -110,7 +110,13 @@ class Encoder:
 
 
 class TokenizedFormat:
-    """Shared loading: files -> validated, tokenized rows with a ``status`` per row."""
+    """Shared loading: files -> validated, tokenized rows with a ``status`` per row.
+
+    A subclass writes ``tokenize_row`` and ``collate``. ``load`` adds ``example_id`` (the row's
+    position in its split, across the split's files in order), counts every status but ``ok``
+    per split (``stats``: ``train_truncated``...) and leaves out rows whose status starts with
+    ``dropped`` or ``skipped``. The contract in full: docs/writing-a-plugin.md, "A data format".
+    """
 
     columns_out: tuple[str, ...] = ()
 
@@ -122,6 +128,9 @@ class TokenizedFormat:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def tokenize_row(self, row: dict[str, Any], source: str, index: int) -> dict[str, Any]:
+        """One row of ``source`` (keyed by the file's own columns; ``index`` is 0-based) -> its
+        tokenized columns, the same keys for every row, plus a ``status``; raise
+        ``row_error(source, index, message)`` for a malformed row."""
         raise NotImplementedError
 
     def load(self, split: str) -> datasets.Dataset | None:
