@@ -25,6 +25,7 @@ BUILTIN_PACKAGES = frozenset(
         "align-kto",
         "align-reward",
         "align-rs",
+        "align-grpo",
     }
 )
 
