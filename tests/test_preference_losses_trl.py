@@ -338,3 +338,29 @@ def test_unpaired_losses_learn_to_separate_the_labels(tmp_path: Any, name: str) 
     assert result.eval_before["reward_gap"] == pytest.approx(0.0, abs=1e-6)
     assert result.eval_after["reward_gap"] > 0.5
     assert result.eval_after["reward_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("name", PAIRED_VARIANTS)
+def test_paired_variant_raises_heldout_reward_accuracy(name: str, tmp_path: Any) -> None:
+    from helpers import DATA
+
+    from align.loading import validate_run_config
+
+    config = {
+        "algo": "dpo",
+        "output_dir": str(tmp_path / "run"),
+        "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
+        "data": {
+            "train": str(DATA / "preference_train.jsonl"),
+            "eval": str(DATA / "preference_eval.jsonl"),
+            "max_length": 128,
+        },
+        "loss": {"name": name},
+        "trainer": {"max_steps": 12, "batch_size": 8, "eval_batch_size": 64, "num_threads": 1}
+        | {"progress": False, "tensorboard": False},
+        "optim": {"lr": 3e-3},
+    }
+    result = align.train(validate_run_config(config, registry()))
+    before, after = result.eval_before["reward_accuracy"], result.eval_after["reward_accuracy"]
+    assert before == pytest.approx(0.5)
+    assert after >= before + 0.25, (name, before, after)
