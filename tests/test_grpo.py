@@ -123,12 +123,15 @@ def test_every_option_runs_and_logs(warm_model, tmp_path, capsys):
         dynamic_sampling={"enabled": True, "max_extra_rounds": 2},
         overlong={"mask_truncated": True, "soft_penalty": {"max_len": 4, "cache_len": 2, "coef": 0.5}},
         importance_correction={"cap": 2.0},
-        trainer={"batch_size": 16, "grad_accum": 2},
+        trainer={"batch_size": 16, "grad_accum": 2, "eval_every": 1},
     )
     result = run_cli(capsys, "run", write_yaml(tmp_path / "run.yaml", config))
     assert result.code == 0, result.err
     rollouts = read_metrics(out, "rollout")
     assert len(rollouts) == 2
+    assert (
+        len(read_metrics(out, "eval")) == 3
+    )  # before, after iteration 1 (eval_every counts iterations), last
     for row in rollouts:
         assert 1 <= row["sampling_rounds"] <= 3 and row["groups"] <= 16
         assert row["dropped_groups"] >= 0 and "kl" in row and "overlong_penalty_mean" in row
@@ -230,6 +233,13 @@ def test_killed_grpo_run_resumes_to_the_same_weights(warm_model, tmp_path, capsy
 def _rows(path: Path) -> list[dict[str, Any]]:
     lines = path.read_text().split("\n")[:-1] if path.exists() else []
     return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_the_shipped_example_is_valid_for_each_algorithm(algo, capsys):
+    result = run_cli(capsys, "validate", str(EXAMPLES / "grpo.yaml"), f"algo={algo}")
+    assert result.code == 0, result.err
+    assert f"valid {algo} config" in result.out
 
 
 # ---- estimators are plugins ----------------------------------------------------------------

@@ -83,12 +83,16 @@ class CriticFree(align.Algorithm):
         return cfg.iterations * cfg.epochs * math.ceil(samples / (t.batch_size * t.grad_accum))
 
     def drive(self, learner: Any) -> None:
+        """Iterations until the last; ``trainer.eval_every`` and ``save_every`` count iterations
+        (the evaluation after the last one is the learner's)."""
+        t = self.config.trainer
         try:
             while self.iteration < self.config.iterations and not learner.should_stop:
                 self.run_iteration(learner)
                 last = self.iteration == self.config.iterations
-                every = self.config.trainer.save_every
-                if last or (every and self.iteration % every == 0):
+                if not last and t.eval_every and self.iteration % t.eval_every == 0:
+                    learner.evaluate()
+                if last or (t.save_every and self.iteration % t.save_every == 0):
                     learner.save_checkpoint()
         finally:
             self.close()
