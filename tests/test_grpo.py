@@ -349,3 +349,8 @@ def test_token_logps_agree_with_sequence_sums(padding_free, chunk_tokens):
         assert out.entropy is not None
         torch.testing.assert_close(out.entropy[row, : len(completion)], entropy, rtol=1e-4, atol=1e-5)
     assert (out.values[~out.mask] == 0).all()
+    with torch.no_grad():  # the reference's and the old policy's pass: the head runs in row chunks
+        frozen = token_logps(model, batch, chunk_tokens, with_entropy=True)
+    torch.testing.assert_close(frozen.values, out.values.detach())
+    assert frozen.entropy is not None
+    torch.testing.assert_close(frozen.entropy, out.entropy.detach())

@@ -274,6 +274,17 @@ def _scored_logps(
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state[:, :-1][scored]
         return head_token_logps(head, hidden, targets), owners, None
+    if parts is not None and not torch.is_grad_enabled():
+        # Without autograd the head runs in row chunks: the [tokens, vocab] logits never exist.
+        decoder, head = parts
+        hidden = decoder(**inputs).last_hidden_state[:, :-1][scored]
+        vocab = int(getattr(head, "out_features", 0)) or head(hidden[:1]).shape[-1]
+        logps, entropies = [], []
+        for rows in _row_chunks(hidden.shape[0], vocab):
+            logits = head(hidden[rows])
+            logps.append(token_logps_of(logits, targets[rows]))
+            entropies.append(entropy_of(logits))
+        return torch.cat(logps), owners, torch.cat(entropies)
     if parts is not None:
         decoder, head = parts
         logits = head(decoder(**inputs).last_hidden_state[:, :-1][scored])
