@@ -235,6 +235,79 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def test_dynamic_sampling_drops_groups_of_equal_rewards_and_refills():
+    from types import SimpleNamespace
+
+    from align_grpo.algorithm import CriticFree
+    from align_grpo.config import DynamicSamplingConfig
+
+    rewards_of_prompt = {0: [1.0, 1.0], 1: [0.0, 1.0], 2: [0.0, 0.0], 3: [1.0, 0.0], 4: [0.0, 1.0]}
+    taken: list[int] = []
+
+    class Prompts:
+        def take(self, count: int) -> list[align.PromptRow]:
+            start = len(taken)
+            taken.extend(range(start, start + count))
+            return [align.PromptRow(i, [1], f"p{i}", {}) for i in range(start, start + count)]
+
+    class Rollouts:
+        def generate(self, rows: list[align.PromptRow], sampling: Any) -> align.RolloutResult:
+            groups = [
+                [align.Sample(row, [5], [0.0], "stop", "", r) for r in rewards_of_prompt[row.example_id]]
+                for row in rows
+            ]
+            return align.RolloutResult(groups, {"generate_s": 0.5, "score_s": 0.1})
+
+    algorithm = object.__new__(CriticFree)
+    algorithm.config = SimpleNamespace(  # type: ignore[assignment]
+        prompts_per_iteration=2,
+        sampling=SimpleNamespace(n=2),
+        dynamic_sampling=DynamicSamplingConfig(enabled=True, max_extra_rounds=3),
+    )
+    algorithm.iteration = 0
+    algorithm.prompts = Prompts()  # type: ignore[assignment]
+    algorithm._rollouts = Rollouts  # type: ignore[assignment,method-assign]
+    algorithm._seeded = lambda sampling, iteration, round_index: sampling  # type: ignore[method-assign]
+    metrics: dict[str, float] = {}
+    groups = algorithm.sample_groups(metrics)
+    # Round 1: prompts 0 (all equal: dropped) and 1; round 2: prompt 2 (dropped); round 3: prompt 3.
+    assert [g[0].prompt.example_id for g in groups] == [1, 3]
+    assert taken == [0, 1, 2, 3]
+    assert metrics["sampling_rounds"] == 3 and metrics["dropped_groups"] == 2 and metrics["groups"] == 2
+    assert metrics["reward_mean"] == pytest.approx(4 / 8) and metrics["generate_s"] == pytest.approx(1.5)
+
+
+# An estimator that forgets the group axis.
+WRONG_SHAPE_ESTIMATOR = """
+from typing import Literal
+
+import align
+
+
+class PerPrompt(align.AdvantageConfig):
+    name: Literal["per_prompt"] = "per_prompt"
+
+
+@align.hookimpl
+def register_advantage_estimators(register):
+    @register(PerPrompt)
+    def per_prompt(cfg, rewards):
+        return rewards.mean(-1)
+"""
+
+
+def test_an_estimator_returning_the_wrong_shape_is_a_user_error(warm_model, tmp_path, capsys, monkeypatch):
+    (tmp_path / "wrong_estimator_for_tests.py").write_text(textwrap.dedent(WRONG_SHAPE_ESTIMATOR))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ALIGN_PLUGIN_MODULES", "wrong_estimator_for_tests")
+    monkeypatch.setattr(align.cli, "default_plugins", align.load_plugins)
+    config = grpo_config(
+        tmp_path / "run", warm_model, advantage={"name": "per_prompt"}, iterations=1, prompts_per_iteration=4
+    )
+    result = run_cli(capsys, "run", write_yaml(tmp_path / "run.yaml", config))
+    assert_user_error(result, "advantage estimator 'per_prompt'", "same shape")
+
+
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_the_shipped_example_is_valid_for_each_algorithm(algo, capsys):
     result = run_cli(capsys, "validate", str(EXAMPLES / "grpo.yaml"), f"algo={algo}")
