@@ -52,12 +52,11 @@ class RejectionSampling(align.Algorithm):
         cfg = self.config
         self.reward = align.build_reward(cfg.reward, ctx.registry)
         self.iteration = 0
-        self.prompt_position = 0  # prompts consumed, over epochs of the seeded prompt order
+        data_cfg: align.PromptData = cfg.data  # type: ignore[assignment]
+        self.prompts = align.PromptStream(ctx.train_data, cfg.seed, data_cfg.columns.prompt)
         self.rollouts: align.Rollouts | None = None
         self.engine_is_stale = False  # the policy changed since the engine's last refit
         self.pad_id = ctx.backend.tokenizer.pad_token_id
-        self._order: list[int] = []
-        self._order_epoch = -1
 
     # ---- the driver --------------------------------------------------------------------
     def planned_steps(self) -> int:
@@ -83,7 +82,7 @@ class RejectionSampling(align.Algorithm):
         cfg = self.config
         rollouts = self._rollouts()
         self._sync_engine()
-        rows = self._next_prompts(cfg.prompts_per_iteration)
+        rows = self.prompts.take(cfg.prompts_per_iteration)
         result = rollouts.generate(rows, self._seeded(cfg.sampling, self.iteration))
         kept = self.select(result.groups)
         metrics = dict(result.metrics)
@@ -166,11 +165,11 @@ class RejectionSampling(align.Algorithm):
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "prompt_position": self.prompt_position}
+        return {"iteration": self.iteration, "prompt_position": self.prompts.position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iteration = int(state["iteration"])
-        self.prompt_position = int(state["prompt_position"])
+        self.prompts.position = int(state["prompt_position"])
 
     # ---- helpers -----------------------------------------------------------------------
     def _rollouts(self) -> align.Rollouts:
@@ -188,24 +187,6 @@ class RejectionSampling(align.Algorithm):
         seconds = self.rollouts.refit(align.policy_weights(self.ctx))
         self.engine_is_stale = False
         return seconds
-
-    def _next_prompts(self, count: int) -> list[align.PromptRow]:
-        """The next ``count`` prompts of the seeded order, epoch after epoch."""
-        data = self.ctx.train_data
-        indices = []
-        for position in range(self.prompt_position, self.prompt_position + count):
-            epoch, index = divmod(position, len(data))
-            indices.append(self._prompt_order(epoch)[index])
-        self.prompt_position += count
-        data_cfg: align.PromptData = self.config.data  # type: ignore[assignment]
-        return align.prompt_rows([data[i] for i in indices], data_cfg.columns.prompt)
-
-    def _prompt_order(self, epoch: int) -> list[int]:
-        if self._order_epoch != epoch:
-            generator = torch.Generator().manual_seed(self.config.seed + epoch)
-            self._order = torch.randperm(len(self.ctx.train_data), generator=generator).tolist()
-            self._order_epoch = epoch
-        return self._order
 
     def _seeded(self, sampling: align.SamplingConfig, iteration: int) -> align.SamplingConfig:
         if sampling.seed is not None:
