@@ -29,6 +29,7 @@ comes from its ``split: rollout`` metrics (``generate_s``, ``score_s``, ``logps_
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -156,7 +157,7 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
     plugins.manager.register(Timer())
     align.train(cfg, plugins)
     return {
-        "step_s": [b - a for a, b in zip(marks, marks[1:], strict=False)],
+        "step_s": [b - a for a, b in itertools.pairwise(marks)],
         "generate_s": [r["generate_s"] for r in rollouts],
         "generated_tokens": [round(r["completion_tokens_mean"] * PROMPTS_PER_STEP * GROUP) for r in rollouts],
         "split": [{k: r.get(k, 0.0) for k in SPLIT_KEYS} for r in rollouts],
@@ -169,8 +170,9 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
     import datasets
     import torch
     import trl
-    from align_rewards import exact_match
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from align_rewards import exact_match
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
@@ -180,9 +182,9 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
     data = datasets.load_dataset("json", data_files=str(PROMPTS_FILE), split="train")
     use_vllm = TRL_VARIANTS[variant]
 
-    def reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    def reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float | None]:
         """align's exact_match, called the way TRL calls a reward function."""
-        return exact_match(prompts, completions, [{"answer": a} for a in answer])
+        return list(exact_match(prompts, completions, [{"answer": a} for a in answer]))
 
     # EOS ignored, as on align's side: every completion has exactly NEW_TOKENS tokens.
     no_early_eos = {"ignore_eos": True} if use_vllm else {"min_new_tokens": NEW_TOKENS}
@@ -256,7 +258,7 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
     trainer.add_callback(Timer())
     trainer.train()
     return {
-        "step_s": [b - a for a, b in zip(marks, marks[1:], strict=False)],
+        "step_s": [b - a for a, b in itertools.pairwise(marks)],
         "generate_s": generate_s,
         "generated_tokens": generated_tokens,
         "reward_mean": rewards,
@@ -335,7 +337,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| variant | median step s (min-max) | generation tok/s | generate s / step | setup s | peak RSS MiB |",
+        "| variant | median step s (min-max) | generation tok/s | generate s / step | setup s "
+        "| peak RSS MiB |",
         "|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
@@ -450,7 +453,8 @@ def main() -> None:
                 print(f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s", flush=True)
     summary = {v: summarize(r) for v, r in runs.items() if r}
     print(
-        f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, {args.threads} threads, "
+        f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "
+        f"{args.threads} threads, "
         f"{PROMPTS_PER_STEP} prompts x {GROUP} completions x {NEW_TOKENS} tokens per step, fp32; "
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n"
     )
