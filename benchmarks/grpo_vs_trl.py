@@ -108,7 +108,7 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
 
     engine: dict[str, Any] = {"name": ALIGN_ENGINES[variant]}
     if engine["name"] == "vllm":
-        engine["kv_cache_gib"] = 1.0
+        engine["kv_cache_gib"] = 0.25  # 64 sequences of <= 64 tokens need ~50 MB; the default 2 GiB is RSS
     config = {
         "algo": "grpo",
         "output_dir": str(out),
@@ -254,11 +254,30 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
         generated_tokens.append(sum(len(c) for c in completion_ids))
         return completion_ids, logprobs
 
+    prepare = trainer._generate_and_score_completions
+    prepare_s: list[float] = []
+
+    def timed_prepare(*a: Any, **k: Any) -> Any:
+        started = time.perf_counter()
+        out = prepare(*a, **k)
+        prepare_s.append(time.perf_counter() - started)
+        return out
+
     trainer._generate_single_turn = timed_generate  # type: ignore[method-assign]
+    trainer._generate_and_score_completions = timed_prepare  # type: ignore[method-assign]
     trainer.add_callback(Timer())
     trainer.train()
+    step_s = [b - a for a, b in itertools.pairwise(marks)]
+    # TRL's phases: generate; score (rewards, advantages: the rest of its rollout function);
+    # train (the forward, backward and optimizer step: the rest of the step). No refit, no
+    # separate log-prob pass (on-policy with one step per batch, TRL reuses the forward's).
+    split = [
+        {"generate_s": g, "score_s": p - g, "logps_s": 0.0, "train_s": s - p, "refit_s": 0.0}
+        for g, p, s in zip(generate_s, prepare_s, step_s, strict=False)
+    ]
     return {
-        "step_s": [b - a for a, b in itertools.pairwise(marks)],
+        "step_s": step_s,
+        "split": split,
         "generate_s": generate_s,
         "generated_tokens": generated_tokens,
         "reward_mean": rewards,
@@ -351,7 +370,10 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def split_table(summary: dict[str, dict[str, Any]]) -> str:
-    lines = ["| variant | " + " | ".join(SPLIT_KEYS) + " | other |", "|---" * (len(SPLIT_KEYS) + 2) + "|"]
+    lines = [
+        "| variant | " + " | ".join(k.removesuffix("_s") for k in SPLIT_KEYS) + " | other |",
+        "|---" * (len(SPLIT_KEYS) + 2) + "|",
+    ]
     for name, s in summary.items():
         if "split_s" not in s:
             continue
@@ -376,7 +398,7 @@ def ratios(summary: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def plot_split(summary: dict[str, dict[str, Any]], path: Path) -> None:
-    """A stacked bar per variant: align's phases, TRL's generation and the rest of its step."""
+    """A stacked bar per variant: the median seconds of each phase of a step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,8 +409,7 @@ def plot_split(summary: dict[str, dict[str, Any]], path: Path) -> None:
     heights: dict[str, list[float]] = {p: [] for p in phases}
     for name in names:
         s = summary[name]
-        split = s.get("split_s") or {"generate_s": s["generate_s_per_step"]}
-        parts = {key: split.get(key, 0.0) for key in SPLIT_KEYS}
+        parts = {key: s["split_s"][key] for key in SPLIT_KEYS}
         parts["other"] = max(0.0, s["median_step_s"] - sum(parts.values()))
         for p in phases:
             heights[p].append(parts[p])
@@ -459,7 +480,7 @@ def main() -> None:
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n"
     )
     print(table(summary))
-    print("\nalign's step split (medians, s):\n" + split_table(summary))
+    print("\nthe split of a step (medians, s):\n" + split_table(summary))
     print("\n" + "\n".join(ratios(summary)))
     if args.json:
         record = {
