@@ -266,8 +266,8 @@ def test_dynamic_sampling_drops_groups_of_equal_rewards_and_refills():
     )
     algorithm.iteration = 0
     algorithm.prompts = Prompts()  # type: ignore[assignment]
-    algorithm._rollouts = Rollouts  # type: ignore[assignment,method-assign]
-    algorithm._seeded = lambda sampling, iteration, round_index: sampling  # type: ignore[method-assign]
+    algorithm.rollouts = Rollouts  # type: ignore[assignment,method-assign]
+    algorithm.seeded = lambda sampling, iteration, round_index=0: sampling  # type: ignore[method-assign]
     metrics: dict[str, float] = {}
     groups = algorithm.sample_groups(metrics)
     # Round 1: prompts 0 (all equal: dropped) and 1; round 2: prompt 2 (dropped); round 3: prompt 3.

@@ -191,7 +191,7 @@ def test_config_defaults_and_registration(plugins: align.Plugins, tmp_path: Path
             {"algo": "kto", "data": {"train": "x.jsonl"}, "loss": {"name": "kto", "desirable_weight": -1}},
             plugins.registry,
         )
-    with pytest.raises(align.ConfigError, match=r"loss: loss 'dpo' is installed .*does not fit --algo kto.*'kto'"):
+    with pytest.raises(align.ConfigError, match=r"loss 'dpo' is installed .*does not fit --algo kto.*'kto'"):
         validate_run_config(
             {"algo": "kto", "data": {"train": "x"}, "loss": {"name": "dpo"}}, plugins.registry
         )

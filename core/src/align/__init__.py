@@ -38,6 +38,8 @@ from align.learner import Learner, RunInfo, RunResult
 from align.lock import OutputDirLocked
 from align.losses import LossFn, combine_losses, loss_function, pairwise_accuracy, resolve_losses
 from align.online import (
+    OnlineAlgorithm,
+    OnlineConfig,
     PromptStream,
     RolloutResult,
     Rollouts,
@@ -87,6 +89,8 @@ __all__ = [
     "LossOutput",
     "ModelConfig",
     "NamedWeights",
+    "OnlineAlgorithm",
+    "OnlineConfig",
     "OptimConfig",
     "OutputDirLocked",
     "OutputWriteError",

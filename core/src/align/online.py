@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import Field
 
+from align.algorithm import Algorithm, Context
 from align.builtin.prompts import PromptRow, prompt_rows
-from align.config import RolloutEngineConfig
+from align.config import RewardConfig, RolloutEngineConfig, RunConfig
 from align.errors import UserError
 from align.registry import Registry
 from align.rollout import EngineError, EngineSpec, RolloutEngine, SamplingConfig
 
 if TYPE_CHECKING:
-    from align.algorithm import Context
     from align.protocols import RewardSource
 
 
@@ -224,3 +225,124 @@ class PromptStream:
             self._order = torch.randperm(len(self.data), generator=generator).tolist()
             self._order_pass = data_pass
         return self._order
+
+
+class OnlineConfig(RunConfig):
+    """Keys every online algorithm has: an engine, a reward, how to sample, how many rounds.
+    An algorithm's config subclasses it (and may change the defaults)."""
+
+    rollout: RolloutEngineConfig = Field(
+        default_factory=lambda: RolloutEngineConfig(name="hf"),
+        description="The generation engine (hf, vllm, trtllm...).",
+    )
+    reward: RewardConfig
+    sampling: SamplingConfig = Field(
+        SamplingConfig(n=8, temperature=1.0, max_tokens=32),
+        description="How rollouts are sampled; n is the number of samples per prompt.",
+    )
+    eval_sampling: SamplingConfig = Field(
+        SamplingConfig(n=1, temperature=0.0, max_tokens=32),
+        description="How held-out prompts are answered for the eval reward (greedy by default).",
+    )
+    iterations: int = Field(10, gt=0, description="Generate -> score -> train -> refit rounds.")
+    prompts_per_iteration: int = Field(32, gt=0, description="Prompts sampled per iteration.")
+
+
+class OnlineAlgorithm(Algorithm):
+    """What every online algorithm shares, so none of them copies it: the rounds of the driver
+    (``trainer.eval_every``/``save_every`` count iterations; checkpoints fall only between
+    iterations), the engine started lazily on the policy and refit when the policy changed, the
+    seeded prompt stream, seeds per (iteration, round), the held-out reward evaluation and the
+    resumable state. A subclass writes ``run_iteration(learner)`` and calls
+    ``policy_changed()`` after it trains."""
+
+    config: OnlineConfig
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        cfg = self.config
+        from align.rewards import build_reward
+
+        self.reward = build_reward(cfg.reward, ctx.registry)
+        self.iteration = 0
+        prompt_column = getattr(getattr(cfg.data, "columns", None), "prompt", "prompt")
+        self.prompts = PromptStream(ctx.train_data, cfg.seed, prompt_column)
+        self._rollouts: Rollouts | None = None
+        self._engine_is_stale = False  # the policy changed since the engine's last refit
+        self.pad_id = ctx.backend.tokenizer.pad_token_id
+
+    # ---- the driver --------------------------------------------------------------------
+    def drive(self, learner: Any) -> None:
+        """Iterations until the last (the evaluation after the last one is the learner's)."""
+        t = self.config.trainer
+        try:
+            while self.iteration < self.config.iterations and not learner.should_stop:
+                self.run_iteration(learner)
+                last = self.iteration == self.config.iterations
+                if not last and t.eval_every and self.iteration % t.eval_every == 0:
+                    learner.evaluate()
+                if last or (t.save_every and self.iteration % t.save_every == 0):
+                    learner.save_checkpoint()
+        finally:
+            self.close()
+
+    def run_iteration(self, learner: Any) -> None:
+        """One round: sample, score, train, and ``self.iteration += 1``."""
+        raise NotImplementedError
+
+    # ---- the engine --------------------------------------------------------------------
+    def rollouts(self) -> Rollouts:
+        """The engine (started on the policy's current weights the first time) and the reward."""
+        if self._rollouts is None:
+            self._rollouts = start_rollouts(
+                self.ctx, self.config.rollout, reward=self.reward, max_model_len=self.config.data.max_length
+            )
+            self._engine_is_stale = False
+        return self._rollouts
+
+    def policy_changed(self) -> None:
+        """Call after training: the next ``sync_engine`` refits the engine."""
+        self._engine_is_stale = True
+
+    def sync_engine(self) -> float:
+        """Refit the engine if the policy changed since; returns the seconds it took."""
+        if self._rollouts is None or not self._engine_is_stale:
+            return 0.0
+        seconds = self._rollouts.refit(policy_weights(self.ctx))
+        self._engine_is_stale = False
+        return seconds
+
+    def seeded(self, sampling: SamplingConfig, iteration: int, round_index: int = 0) -> SamplingConfig:
+        """``sampling`` with a seed per (run seed, iteration, sampling round): a resumed run
+        samples what the uninterrupted one did."""
+        base = sampling.seed if sampling.seed is not None else self.config.seed * 100_003
+        return sampling.model_copy(update={"seed": base + 1000 * iteration + round_index})
+
+    def close(self) -> None:
+        if self._rollouts is not None:
+            self._rollouts.close()
+            self._rollouts = None
+
+    # ---- evaluation and state ----------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, batches: Any) -> dict[str, float]:
+        """Held-out reward: each eval prompt answered with ``eval_sampling`` (greedy by default),
+        by the engine holding the policy's current weights."""
+        rollouts = self.rollouts()
+        self.sync_engine()
+        rewards: list[float] = []
+        lengths: list[int] = []
+        for batch in batches:
+            result = rollouts.generate(batch.rows, self.seeded(self.config.eval_sampling, 0))
+            rewards += [s.reward for s in result.samples]
+            lengths += [len(s.completion_ids) for s in result.samples]
+        if not rewards:
+            return {}
+        return {"reward": sum(rewards) / len(rewards), "completion_tokens": sum(lengths) / len(lengths)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "prompt_position": self.prompts.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+        self.prompts.position = int(state["prompt_position"])

@@ -58,22 +58,15 @@ class RolloutBatch:
         return self.tokens.num_tokens
 
 
-class CriticFree(align.Algorithm):
+class CriticFree(align.OnlineAlgorithm):
     config: CriticFreeConfig
 
     def __init__(self, ctx: align.Context) -> None:
         super().__init__(ctx)
         cfg = self.config
-        self.reward = align.build_reward(cfg.reward, ctx.registry)
         self.estimator = ctx.registry.get("advantage_estimator", cfg.advantage.name)
         # The reference exists only for a KL term: without one GRPO needs a single model.
         self.reference = ctx.backend.build_model("reference") if cfg.kl.coef > 0 else None
-        self.iteration = 0
-        data_cfg: align.PromptData = cfg.data  # type: ignore[assignment]
-        self.prompts = align.PromptStream(ctx.train_data, cfg.seed, data_cfg.columns.prompt)
-        self.rollouts: align.Rollouts | None = None
-        self.engine_is_stale = False  # the policy changed since the engine's last refit
-        self.pad_id = ctx.backend.tokenizer.pad_token_id
 
     # ---- the driver --------------------------------------------------------------------
     def planned_steps(self) -> int:
@@ -82,32 +75,17 @@ class CriticFree(align.Algorithm):
         samples = cfg.prompts_per_iteration * cfg.sampling.n
         return cfg.iterations * cfg.epochs * math.ceil(samples / (t.batch_size * t.grad_accum))
 
-    def drive(self, learner: Any) -> None:
-        """Iterations until the last; ``trainer.eval_every`` and ``save_every`` count iterations
-        (the evaluation after the last one is the learner's)."""
-        t = self.config.trainer
-        try:
-            while self.iteration < self.config.iterations and not learner.should_stop:
-                self.run_iteration(learner)
-                last = self.iteration == self.config.iterations
-                if not last and t.eval_every and self.iteration % t.eval_every == 0:
-                    learner.evaluate()
-                if last or (t.save_every and self.iteration % t.save_every == 0):
-                    learner.save_checkpoint()
-        finally:
-            self.close()
-
     def run_iteration(self, learner: Any) -> None:
         metrics: dict[str, float] = {"iteration": self.iteration + 1}
-        self._rollouts()
-        metrics["refit_s"] = self._sync_engine()
+        self.rollouts()
+        metrics["refit_s"] = self.sync_engine()
         groups = self.sample_groups(metrics)
         if groups:
             with _timed(metrics, "logps_s"):
                 scored = self.score_groups(groups, metrics)
             with _timed(metrics, "train_s"):
                 metrics.update(self.train_on(learner, scored))
-        metrics["refit_s"] += self._sync_engine()
+        metrics["refit_s"] += self.sync_engine()
         self.iteration += 1
         learner.log(metrics, split="rollout")
 
@@ -126,7 +104,7 @@ class CriticFree(align.Algorithm):
         rounds = 1 + (dynamic.max_extra_rounds if dynamic.enabled else 0)
         for round_index in range(rounds):
             rows = self.prompts.take(wanted - len(kept))
-            result = self._rollouts().generate(rows, self._seeded(cfg.sampling, self.iteration, round_index))
+            result = self.rollouts().generate(rows, self.seeded(cfg.sampling, self.iteration, round_index))
             for key in totals:
                 totals[key] += result.metrics.get(key, 0.0)
             generated += result.samples
@@ -275,7 +253,7 @@ class CriticFree(align.Algorithm):
                 for key, value in step_metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
                 steps += 1
-        self.engine_is_stale = True
+        self.policy_changed()
         keep = ("loss", "clip_fraction", "clip_fraction_low", "clip_fraction_high", "approx_kl", "grad_norm")
         return {f"train_{key}": totals[key] / steps for key in keep if key in totals}
 
@@ -354,60 +332,6 @@ class CriticFree(align.Algorithm):
             loss = loss - cfg.entropy_coef * bonus
             metrics["entropy"] = _masked_mean(current.entropy.detach(), batch.mask)
         return align.LossOutput(loss, metrics)
-
-    # ---- evaluation --------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, batches: Any) -> dict[str, float]:
-        """Held-out reward: each eval prompt answered with ``eval_sampling`` (greedy by default)."""
-        rollouts = self._rollouts()
-        self._sync_engine()
-        rewards: list[float] = []
-        lengths: list[int] = []
-        for batch in batches:
-            result = rollouts.generate(batch.rows, self._seeded(self.config.eval_sampling, 0, 0))
-            rewards += [s.reward for s in result.samples]
-            lengths += [len(s.completion_ids) for s in result.samples]
-        if not rewards:
-            return {}
-        return {"reward": sum(rewards) / len(rewards), "completion_tokens": sum(lengths) / len(lengths)}
-
-    # ---- state -------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "prompt_position": self.prompts.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration = int(state["iteration"])
-        self.prompts.position = int(state["prompt_position"])
-
-    # ---- the engine --------------------------------------------------------------------
-    def _rollouts(self) -> align.Rollouts:
-        if self.rollouts is None:
-            self.rollouts = align.start_rollouts(
-                self.ctx, self.config.rollout, reward=self.reward, max_model_len=self.config.data.max_length
-            )
-            self.engine_is_stale = False
-        return self.rollouts
-
-    def _sync_engine(self) -> float:
-        """Refit the engine if the policy changed since; returns the seconds it took."""
-        if self.rollouts is None or not self.engine_is_stale:
-            return 0.0
-        seconds = self.rollouts.refit(align.policy_weights(self.ctx))
-        self.engine_is_stale = False
-        return seconds
-
-    def _seeded(
-        self, sampling: align.SamplingConfig, iteration: int, round_index: int
-    ) -> align.SamplingConfig:
-        """A sampling seed per (run seed, iteration, dynamic-sampling round)."""
-        offset = 1000 * iteration + round_index
-        base = sampling.seed if sampling.seed is not None else self.config.seed * 100_003
-        return sampling.model_copy(update={"seed": base + offset})
-
-    def close(self) -> None:
-        if self.rollouts is not None:
-            self.rollouts.close()
-            self.rollouts = None
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -64,14 +64,9 @@ class ImportanceCorrectionConfig(align.StrictConfig):
     cap: float = Field(2.0, gt=0, description="Truncation of the trainer/engine probability ratio.")
 
 
-class CriticFreeConfig(align.RunConfig):
+class CriticFreeConfig(align.OnlineConfig):
     """What grpo, dr_grpo, rloo and reinforce_pp share (see docs/algorithms/grpo.md)."""
 
-    rollout: align.RolloutEngineConfig = Field(
-        default_factory=lambda: align.RolloutEngineConfig(name="hf"),
-        description="The generation engine (hf, vllm, trtllm...).",
-    )
-    reward: align.RewardConfig
     advantage: align.AdvantageConfig = Field(
         default_factory=lambda: align.AdvantageConfig(name="grpo"),
         description="How each prompt's group of rewards becomes advantages (any installed estimator).",
@@ -80,11 +75,6 @@ class CriticFreeConfig(align.RunConfig):
         align.SamplingConfig(n=8, temperature=1.0, max_tokens=32),
         description="How rollouts are sampled; n is the group size (samples per prompt).",
     )
-    eval_sampling: align.SamplingConfig = Field(
-        align.SamplingConfig(n=1, temperature=0.0, max_tokens=32),
-        description="How held-out prompts are answered for the eval reward (greedy by default).",
-    )
-    iterations: int = Field(10, gt=0, description="Generate -> score -> train -> refit rounds.")
     prompts_per_iteration: int = Field(32, gt=0, description="Groups (prompts) per rollout batch.")
     epochs: int = Field(
         1,

@@ -23,40 +23,17 @@ from pydantic import Field
 import align
 
 
-class RejectionSamplingConfig(align.RunConfig):
+class RejectionSamplingConfig(align.OnlineConfig):
     """``align run --algo rs``: best-of-k sampling, then SFT on the winners."""
 
     algo: Literal["rs"] = "rs"
-    rollout: align.RolloutEngineConfig = Field(
-        default_factory=lambda: align.RolloutEngineConfig(name="hf"),
-        description="The generation engine (hf, vllm, trtllm...).",
-    )
-    reward: align.RewardConfig
-    sampling: align.SamplingConfig = align.SamplingConfig(n=8, temperature=1.0, max_tokens=32)
-    eval_sampling: align.SamplingConfig = Field(
-        align.SamplingConfig(n=1, temperature=0.0, max_tokens=32),
-        description="How held-out prompts are answered for the eval reward (greedy by default).",
-    )
-    iterations: int = Field(10, gt=0, description="Sample -> score -> keep -> train -> refit rounds.")
-    prompts_per_iteration: int = Field(32, gt=0)
     keep_per_prompt: int = Field(1, gt=0, description="Best completions of each prompt kept for SFT.")
     min_reward: float | None = Field(None, description="Keep only completions scoring at least this.")
     sft_epochs: int = Field(1, gt=0, description="Passes over each iteration's kept completions.")
 
 
-class RejectionSampling(align.Algorithm):
+class RejectionSampling(align.OnlineAlgorithm):
     config: RejectionSamplingConfig
-
-    def __init__(self, ctx: align.Context) -> None:
-        super().__init__(ctx)
-        cfg = self.config
-        self.reward = align.build_reward(cfg.reward, ctx.registry)
-        self.iteration = 0
-        data_cfg: align.PromptData = cfg.data  # type: ignore[assignment]
-        self.prompts = align.PromptStream(ctx.train_data, cfg.seed, data_cfg.columns.prompt)
-        self.rollouts: align.Rollouts | None = None
-        self.engine_is_stale = False  # the policy changed since the engine's last refit
-        self.pad_id = ctx.backend.tokenizer.pad_token_id
 
     # ---- the driver --------------------------------------------------------------------
     def planned_steps(self) -> int:
@@ -67,23 +44,11 @@ class RejectionSampling(align.Algorithm):
         micro = -(-kept // t.batch_size)
         return cfg.iterations * cfg.sft_epochs * -(-micro // t.grad_accum)
 
-    def drive(self, learner: Any) -> None:
-        try:
-            while self.iteration < self.config.iterations and not learner.should_stop:
-                self.run_iteration(learner)
-                last = self.iteration == self.config.iterations
-                every = self.config.trainer.save_every
-                if last or (every and self.iteration % every == 0):
-                    learner.save_checkpoint()
-        finally:
-            self.close()
-
     def run_iteration(self, learner: Any) -> None:
         cfg = self.config
-        rollouts = self._rollouts()
-        self._sync_engine()
+        self.sync_engine()
         rows = self.prompts.take(cfg.prompts_per_iteration)
-        result = rollouts.generate(rows, self._seeded(cfg.sampling, self.iteration))
+        result = self.rollouts().generate(rows, self.seeded(cfg.sampling, self.iteration))
         kept = self.select(result.groups)
         metrics = dict(result.metrics)
         metrics.update(iteration=self.iteration + 1, kept=len(kept))
@@ -93,7 +58,7 @@ class RejectionSampling(align.Algorithm):
             started = time.perf_counter()
             self._train_on(learner, kept)
             metrics["train_s"] = time.perf_counter() - started
-        metrics["refit_s"] = self._sync_engine()
+        metrics["refit_s"] = self.sync_engine()
         self.iteration += 1
         learner.log(metrics, split="rollout")
 
@@ -118,7 +83,7 @@ class RejectionSampling(align.Algorithm):
             ]
             for start in range(0, len(micro), t.grad_accum):
                 learner.train_step([self.collate(m) for m in micro[start : start + t.grad_accum]], self.loss)
-        self.engine_is_stale = True
+        self.policy_changed()
 
     # ---- batches and the loss ----------------------------------------------------------
     def collate(self, samples: list[align.Sample]) -> align.SFTTokens:
@@ -143,60 +108,6 @@ class RejectionSampling(align.Algorithm):
         engine = torch.tensor([sum(s.logprobs) for s in samples], dtype=trainer.sum.dtype)
         tokens = trainer.count.sum().clamp(min=1)
         return float(torch.exp((engine - trainer.sum).abs().sum() / tokens))
-
-    # ---- evaluation --------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, batches: Any) -> dict[str, float]:
-        """Held-out reward: each eval prompt answered with ``eval_sampling`` (greedy by default)."""
-        rollouts = self._rollouts()
-        self._sync_engine()
-        rewards: list[float] = []
-        lengths: list[int] = []
-        for batch in batches:
-            result = rollouts.generate(batch.rows, self._seeded(self.config.eval_sampling, 0))
-            rewards += [s.reward for s in result.samples]
-            lengths += [len(s.completion_ids) for s in result.samples]
-        if not rewards:
-            return {}
-        return {
-            "reward": sum(rewards) / len(rewards),
-            "completion_tokens": sum(lengths) / len(lengths),
-        }
-
-    # ---- state -------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "prompt_position": self.prompts.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration = int(state["iteration"])
-        self.prompts.position = int(state["prompt_position"])
-
-    # ---- helpers -----------------------------------------------------------------------
-    def _rollouts(self) -> align.Rollouts:
-        if self.rollouts is None:
-            self.rollouts = align.start_rollouts(
-                self.ctx, self.config.rollout, reward=self.reward, max_model_len=self.config.data.max_length
-            )
-            self.engine_is_stale = False
-        return self.rollouts
-
-    def _sync_engine(self) -> float:
-        """Refit the engine if the policy changed since; returns the seconds it took."""
-        if self.rollouts is None or not self.engine_is_stale:
-            return 0.0
-        seconds = self.rollouts.refit(align.policy_weights(self.ctx))
-        self.engine_is_stale = False
-        return seconds
-
-    def _seeded(self, sampling: align.SamplingConfig, iteration: int) -> align.SamplingConfig:
-        if sampling.seed is not None:
-            return sampling.model_copy(update={"seed": sampling.seed + iteration})
-        return sampling.model_copy(update={"seed": self.config.seed * 100_003 + iteration})
-
-    def close(self) -> None:
-        if self.rollouts is not None:
-            self.rollouts.close()
-            self.rollouts = None
 
 
 @align.hookimpl
