@@ -8,6 +8,7 @@ network. Helpers that several test files use live in ``tests/helpers`` (importab
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,3 +28,19 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ALIGN_PLUGINS", raising=False)
     monkeypatch.delenv("ALIGN_PLUGIN_MODULES", raising=False)
     monkeypatch.setenv("COLUMNS", "500")
+
+
+@pytest.fixture(scope="session")
+def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after the shipped warm-up SFT (examples/sft_arith.yaml): it writes numbers,
+    right about a third of the time on held-out sums, so online methods have signal to learn
+    from (a random model never writes a number)."""
+    from helpers import EXAMPLES
+
+    import align.cli
+
+    out = tmp_path_factory.mktemp("sft_arith") / "run"
+    quiet = ["trainer.num_threads=1", "trainer.progress=false", "trainer.tensorboard=false"]
+    code = align.cli.main(["run", str(EXAMPLES / "sft_arith.yaml"), f"output_dir={out}", *quiet])
+    assert code == 0
+    return out / "final"

@@ -7,21 +7,14 @@ agree with its sequence sums."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from helpers import (
-    ALIGN,
-    DATA,
     EXAMPLES,
-    QUIET_TRAINER,
     assert_same_weights,
     assert_user_error,
     load_weights,
@@ -29,55 +22,25 @@ from helpers import (
     merge,
     read_metrics,
     run_cli,
-    subprocess_env,
     write_yaml,
 )
+from helpers.online import arith_config, kill_during_iteration_3
 
 import align
 
 ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
-@pytest.fixture(scope="module")
-def warm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model after the shipped warm-up SFT (examples/sft_arith.yaml): right about a third
-    of the time on held-out sums, so that groups of samples disagree and there is signal."""
-    out = tmp_path_factory.mktemp("sft_arith") / "run"
-    code = align.cli.main(
-        [
-            "run",
-            str(EXAMPLES / "sft_arith.yaml"),
-            f"output_dir={out}",
-            "trainer.num_threads=1",
-            "trainer.progress=false",
-            "trainer.tensorboard=false",
-        ]
-    )
-    assert code == 0
-    return out / "final"
-
-
 def grpo_config(output_dir: Path, model: Path, **sections: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "algo": "grpo",
-        "output_dir": str(output_dir),
-        "seed": 0,
-        "model": {"path": str(model)},
-        "data": {
-            "format": "prompts",
-            "train": str(DATA / "arith_prompts_train.jsonl"),
-            "eval": str(DATA / "arith_prompts_eval.jsonl"),
-            "max_length": 32,
-        },
-        "rollout": {"name": "hf"},
-        "reward": {"name": "exact_match", "answer_key": "answer"},
-        "sampling": {"n": 8, "temperature": 1.0, "max_tokens": 4},
-        "eval_sampling": {"n": 1, "temperature": 0.0, "max_tokens": 4},
-        "iterations": 8,
-        "prompts_per_iteration": 64,
-        "trainer": {"batch_size": 64, **QUIET_TRAINER},
-        "optim": {"lr": 3e-4},
-    }
+    config = arith_config(
+        "grpo",
+        output_dir,
+        model,
+        iterations=8,
+        prompts_per_iteration=64,
+        trainer={"batch_size": 64},
+        optim={"lr": 3e-4},
+    )
     return merge(config, sections)
 
 
@@ -174,25 +137,7 @@ def test_gradient_accumulation_equals_one_big_batch(aggregation, warm_model, tmp
     assert max_weight_diff(finals[0], load_weights(warm_model)) > 1e-4  # it did train
 
 
-# A hook that "hangs" once the third iteration's rollout was logged (after the checkpoint of
-# iteration 2): the test kills the process there, between two checkpoints.
-HANG_AFTER_ITERATION_2 = """
-import time
-
-import align
-
-
-@align.hookimpl
-def on_step_end(run, step, metrics):
-    if metrics.get("split") == "rollout" and metrics.get("iteration") == 3:
-        time.sleep(120)
-"""
-
-
 def test_killed_grpo_run_resumes_to_the_same_weights(warm_model, tmp_path, capsys):
-    plugin_dir = tmp_path / "plugins"
-    plugin_dir.mkdir()
-    (plugin_dir / "hang_for_tests.py").write_text(textwrap.dedent(HANG_AFTER_ITERATION_2))
     sections = {
         "iterations": 4,
         "prompts_per_iteration": 8,
@@ -203,22 +148,7 @@ def test_killed_grpo_run_resumes_to_the_same_weights(warm_model, tmp_path, capsy
     }
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     killed_config = write_yaml(tmp_path / "killed.yaml", grpo_config(killed, warm_model, **sections))
-    env = subprocess_env([plugin_dir], ALIGN_PLUGIN_MODULES="hang_for_tests")
-    with (tmp_path / "killed.log").open("w") as log:
-        proc = subprocess.Popen([*ALIGN, "run", killed_config], env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            while proc.poll() is None and time.monotonic() < deadline:
-                if any(row.get("iteration") == 3 for row in _rows(killed / "metrics.jsonl")):
-                    break
-                time.sleep(0.05)
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-    assert not (killed / "final").exists()
+    kill_during_iteration_3(killed_config, killed, tmp_path)
 
     resumed = run_cli(capsys, "run", killed_config, "--resume")
     assert resumed.code == 0, resumed.err
@@ -228,11 +158,6 @@ def test_killed_grpo_run_resumes_to_the_same_weights(warm_model, tmp_path, capsy
     assert result.code == 0, result.err
     assert_same_weights(load_weights(killed / "final"), load_weights(straight / "final"))
     assert [row["iteration"] for row in read_metrics(killed, "rollout")][-2:] == [3, 4]
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text().split("\n")[:-1] if path.exists() else []
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def test_dynamic_sampling_drops_groups_of_equal_rewards_and_refills():

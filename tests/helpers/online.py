@@ -1,0 +1,82 @@
+"""What the online-algorithm tests share: the arithmetic task's run config, and a run killed
+with SIGKILL between two checkpoints (after the checkpoint of iteration 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from helpers import ALIGN, DATA, QUIET_TRAINER, merge, subprocess_env
+
+
+def arith_config(algo: str, output_dir: Path, model: Path, **sections: Any) -> dict[str, Any]:
+    """An online run on the shipped arithmetic prompts with the exact-match reward (hf engine)."""
+    config: dict[str, Any] = {
+        "algo": algo,
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "model": {"path": str(model)},
+        "data": {
+            "format": "prompts",
+            "train": str(DATA / "arith_prompts_train.jsonl"),
+            "eval": str(DATA / "arith_prompts_eval.jsonl"),
+            "max_length": 32,
+        },
+        "rollout": {"name": "hf"},
+        "reward": {"name": "exact_match", "answer_key": "answer"},
+        "sampling": {"n": 8, "temperature": 1.0, "max_tokens": 4},
+        "eval_sampling": {"n": 1, "temperature": 0.0, "max_tokens": 4},
+        "trainer": QUIET_TRAINER,
+    }
+    return merge(config, sections)
+
+
+# A hook that "hangs" once the third iteration's rollout was logged (after the checkpoint of
+# iteration 2, with trainer.save_every: 2): the run is killed there, between two checkpoints.
+HANG_AFTER_ITERATION_2 = """
+import time
+
+import align
+
+
+@align.hookimpl
+def on_step_end(run, step, metrics):
+    if metrics.get("split") == "rollout" and metrics.get("iteration") == 3:
+        time.sleep(120)
+"""
+
+
+def kill_during_iteration_3(config: str, output_dir: Path, tmp_path: Path) -> None:
+    """Run ``align run config`` in a child process and SIGKILL it during iteration 3."""
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir(exist_ok=True)
+    (plugin_dir / "hang_for_tests.py").write_text(textwrap.dedent(HANG_AFTER_ITERATION_2))
+    env = subprocess_env([plugin_dir], ALIGN_PLUGIN_MODULES="hang_for_tests")
+    log_path = tmp_path / f"{output_dir.name}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([*ALIGN, "run", config], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                if any(row.get("iteration") == 3 for row in _complete_rows(output_dir / "metrics.jsonl")):
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert not (output_dir / "final").exists(), "the run was killed before it finished"
+
+
+def _complete_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl being written (complete lines only)."""
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
