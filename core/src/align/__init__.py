@@ -49,6 +49,7 @@ from align.online import (
     start_rollouts,
 )
 from align.plugins import Plugins, default_plugins, load_plugins
+from align.precision import precision_scope
 from align.protocols import Backend, DataFormat, RewardSource, ScoringBackend
 from align.registry import Entry, Register, Registry
 from align.rewards import RewardError, build_reward, message_text
@@ -145,6 +146,7 @@ __all__ = [
     "pad_sequences",
     "pairwise_accuracy",
     "policy_weights",
+    "precision_scope",
     "prompt_rows",
     "resolve_losses",
     "row_error",

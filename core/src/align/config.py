@@ -162,6 +162,13 @@ class TrainerConfig(StrictConfig):
     tensorboard: bool | Literal["auto"] = "auto"
     progress: bool | Literal["auto"] = "auto"
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU.")
+    precision: Literal["fp32", "bf16_mixed", "bf16"] = Field(
+        "fp32",
+        description="fp32: everything in float32. bf16_mixed: forward passes under bfloat16 autocast, "
+        "float32 weights and optimizer state (the usual mixed precision). bf16: the weights "
+        "themselves in bfloat16 (what model.dtype: bfloat16 also says). Log-probs and losses are "
+        "float32 in every mode.",
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainerConfig:
@@ -222,6 +229,28 @@ class RunConfig(StrictConfig):
         "[{name: early_stopping, metric: loss, patience: 3}].",
     )
 
+    @model_validator(mode="after")
+    def _one_precision(self) -> RunConfig:
+        """``trainer.precision`` says how a run computes; ``model.dtype`` is the weights' storage
+        dtype that follows from it (pure bf16 stores bfloat16 weights, the others float32). Either
+        may be given alone; both given must agree."""
+        weights = weights_dtype(self.trainer.precision)
+        if weights == self.model.dtype:
+            return self
+        said_precision = "precision" in self.trainer.model_fields_set
+        said_dtype = "dtype" in self.model.model_fields_set
+        if said_precision and said_dtype:
+            raise ValueError(
+                f"trainer.precision={self.trainer.precision} keeps {weights} weights but model.dtype is "
+                f"{self.model.dtype}: say it once, with trainer.precision (fp32, bf16_mixed, or bf16 "
+                f"for bfloat16 weights), and drop model.dtype"
+            )
+        if said_precision or self.trainer.precision != "fp32":
+            self.model = self.model.model_copy(update={"dtype": weights})
+        else:  # model.dtype: bfloat16 alone: pure bf16
+            self.trainer = self.trainer.model_copy(update={"precision": "bf16"})
+        return self
+
     @field_validator("output_dir", mode="before")
     @classmethod
     def _a_folder_of_its_own(cls, value: object) -> object:
@@ -237,3 +266,8 @@ class RunConfig(StrictConfig):
                 f"own, e.g. runs/my-run"
             )
         return value
+
+
+def weights_dtype(precision: str) -> Literal["float32", "bfloat16"]:
+    """The dtype a trainer precision stores the weights in (``model.dtype``)."""
+    return "bfloat16" if precision == "bf16" else "float32"

@@ -18,6 +18,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from align.config import OptimConfig, RunConfig
 from align.errors import ConfigError, OutputWriteError, TrainingDiverged
 from align.lock import LOCK_FILE, OutputLock
 from align.plugins import Plugins
+from align.precision import precision_scope
 from align.progress import Progress
 from align.provenance import write_run_config
 
@@ -242,6 +244,12 @@ class Learner:
         self.backend.save_pretrained(self._trainable(str(role)).module, folder)
         return folder
 
+    def forward_precision(self, role: str = POLICY) -> AbstractContextManager[object]:
+        """The context ``role``'s forward passes run in under ``trainer.precision`` (bfloat16
+        autocast for bf16_mixed). ``train_step`` and ``evaluate`` enter it themselves; a driver
+        enters it around any other forward pass of the model (scoring it outside a step)."""
+        return precision_scope(self.config.trainer.precision, self._trainable(role).module)
+
     # ---- one optimizer step -----------------------------------------------------------
     def train_step(
         self,
@@ -287,7 +295,8 @@ class Learner:
         totals: dict[str, float] = {}
         tokens = slots = 0
         for batch in batches:
-            out = loss_fn(batch)
+            with self.forward_precision(trainable.role):
+                out = loss_fn(batch)
             if not torch.isfinite(out.loss.detach()).all():
                 raise self._diverged(trainable, f"the loss became {float(out.loss.detach())}")
             (out.loss / len(batches)).backward()
@@ -363,7 +372,8 @@ class Learner:
             trainable.module.eval()
         batches = eval_batches(self.eval_data, self.data_format.collate, size)
         try:
-            with torch.no_grad():  # an algorithm's own evaluate need not remember it
+            # An algorithm's own evaluate need not remember either.
+            with torch.no_grad(), self.forward_precision():
                 metrics = self.algorithm.evaluate(batches)
         finally:
             for trainable in self.trainables.values():

@@ -175,6 +175,8 @@ def fingerprint(cfg: align.RunConfig, batching: str, digest: str) -> tuple[str, 
         "batching": batching,
         "data": digest,
     }
+    if cfg.trainer.precision == "bf16_mixed":  # fp32 and bf16 are told apart by model.dtype
+        key["precision"] = cfg.trainer.precision
     text = json.dumps(key, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20], key
 
@@ -269,9 +271,11 @@ def precompute(
         with open_reference(backend, policy) as model:
             for split, (path, key) in missing.items():
                 size = batch_sizes.get(split, 0)
-                ids, chosen, rejected = score_pairs(
-                    model, backend, splits[split], collate, size or ref.batch_size, by_length=not size
-                )
+                # In the policy's precision: at step 0 policy and reference log-probs are equal.
+                with align.precision_scope(cfg.trainer.precision, model):
+                    ids, chosen, rejected = score_pairs(
+                        model, backend, splits[split], collate, size or ref.batch_size, by_length=not size
+                    )
                 _save(path, ids, chosen, rejected, key)
                 found[split] = CachedSplit(_to_table(ids, chosen, rejected), path)
         del model
