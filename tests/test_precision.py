@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import DATA, assert_same_weights, dpo_config, load_weights, read_metrics, run_cli, write_yaml
+from helpers.online import arith_config
 
 import align
 from align.checkpoint import STATE_FILE
@@ -140,3 +141,23 @@ def test_bf16_mixed_resumes_bit_exact(
     losses = [[row["loss"] for row in read_metrics(r.output_dir, "train")] for r in (resumed, straight)]
     assert losses[0] == losses[1]
     assert resumed.eval_after == straight.eval_after
+
+
+def test_grpo_scores_old_log_probs_in_the_training_precision(
+    warm_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On-policy, the first update's importance ratio is exactly 1: the old log-probs come from a
+    bf16-autocast forward pass like the step's own (float32 ones would be off by up to ~4%)."""
+    out = tmp_path / "grpo"
+    config = arith_config(
+        "grpo",
+        out,
+        warm_model,
+        iterations=1,
+        prompts_per_iteration=16,
+        trainer={"batch_size": 64, "precision": "bf16_mixed"},
+        optim={"lr": 3e-4},
+    )
+    assert run_cli(capsys, "run", write_yaml(tmp_path / "run.yaml", config)).code == 0
+    first = read_metrics(out, "train")[0]
+    assert first["ratio_max"] == 1.0 and first["approx_kl"] == 0.0

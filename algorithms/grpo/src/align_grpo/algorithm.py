@@ -132,8 +132,10 @@ class CriticFree(align.OnlineAlgorithm):
         """The samples with the trainer's (and reference's) log-probs and their advantages."""
         cfg = self.config
         samples = [s for group in groups for s in group]
-        old, entropy = self.token_logps(self.ctx.policy, samples, with_entropy=True)
-        ref = self.token_logps(self.reference, samples)[0] if self.reference is not None else None
+        # In the training step's precision: the ratio of new to old log-probs is 1 before an update.
+        with align.precision_scope(cfg.trainer.precision, self.ctx.policy):
+            old, entropy = self.token_logps(self.ctx.policy, samples, with_entropy=True)
+            ref = self.token_logps(self.reference, samples)[0] if self.reference is not None else None
         scored = []
         for i, sample in enumerate(samples):
             if len(sample.logprobs) != len(sample.completion_ids):
