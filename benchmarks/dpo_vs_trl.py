@@ -1,24 +1,31 @@
 """DPO training speed: align against TRL 1.16's ``DPOTrainer`` on the same work.
 
-Both sides train the same 28.8M-parameter Llama (6 layers, hidden 512, vocab 8192, built in
-code and saved once) on the same 256 synthetic preference pairs (~260 tokens of prompt +
-completion), with the same token ids (a word-level tokenizer: token ``t123`` is id 123, and each
-side tokenizes the same text; both workers check the ids), 8 pairs per step, AdamW at the same
-lr, fp32, sigmoid DPO with beta 0.1, max length 512 (nothing truncated), no gradient
-checkpointing, N CPU threads. Each run is a fresh subprocess; the variants alternate, repeat
-after repeat. Tokens are real (non-pad) prompt + completion tokens of both sequences of a pair.
+Both sides train the same 28.8M-parameter Llama (6 layers, hidden 512, vocab 8192, built in code
+and saved once) on the same 256 synthetic preference pairs (~260 tokens of prompt + completion),
+with the same token ids (a word-level tokenizer: token ``t123`` is id 123, and each side
+tokenizes the same text; both workers check the ids), 8 pairs per step, AdamW at the same lr,
+sigmoid DPO with beta 0.1, max length 512 (nothing truncated), no gradient checkpointing, N CPU
+threads, at the same precision (fp32, or bf16 mixed precision: bfloat16 autocast with float32
+weights and optimizer state on both sides). Each run is a fresh subprocess; the variants
+alternate, repeat after repeat. Tokens are real (non-pad) prompt + completion tokens of both
+sequences of a pair.
 
     python benchmarks/dpo_vs_trl.py           # quick: align vs trl, 3 timed steps (~3 minutes, 2 cores)
     python benchmarks/dpo_vs_trl.py --full    # 4 variants x 8 timed steps x 3 repeats (~25 minutes)
+    python benchmarks/dpo_vs_trl.py --precision bf16   # the same in bf16 mixed precision
+    python benchmarks/dpo_vs_trl.py --precision both   # fp32 and bf16 variants side by side
 
 Variants: ``align`` (align's defaults: the reference precomputed once and cached, CPU row
 chunks), and one setting changed at a time: ``align-live`` (reference model kept, scored every
 step), ``align-grouped`` (``data.group_by_length``), ``align-unchunked``
 (``backend.chunk_tokens: null``), ``align-packed`` (``data.padding_free``); ``trl`` (TRL's
-default: reference model kept) and ``trl-precompute`` (``precompute_ref_log_probs=True``). Each
-run starts cold: align's reference cache and the ``datasets`` cache where TRL keeps its
-precomputed log-probs are fresh folders. "pad fraction" is the batches' layout (for align
-before its CPU row chunks, which trim most of it).
+default: reference model kept) and ``trl-precompute`` (``precompute_ref_log_probs=True``). A
+``-bf16`` suffix runs a variant in bf16 mixed precision: ``trainer.precision: bf16_mixed`` for
+align, ``bf16=True`` for TRL (CPU autocast through accelerate); ``align-bf16-pure`` trains
+bfloat16 weights (``trainer.precision: bf16``, no TRL counterpart). Each run starts cold:
+align's reference cache and the ``datasets`` cache where TRL keeps its precomputed log-probs are
+fresh folders. "pad fraction" is the batches' layout (for align before its CPU row chunks, which
+trim most of it).
 """
 
 from __future__ import annotations
@@ -45,17 +52,49 @@ BETA = 0.1
 LR = 1e-6
 SEED = 0
 # align's defaults, then one setting changed at a time.
-ALIGN_DEFAULTS: dict[str, Any] = {"reference": "precompute", "group_by_length": False, "padding_free": False}
-ALIGN_VARIANTS: dict[str, dict[str, Any]] = {
+ALIGN_DEFAULTS: dict[str, Any] = {
+    "reference": "precompute",
+    "group_by_length": False,
+    "padding_free": False,
+    "precision": "fp32",
+}
+ALIGN_FP32_VARIANTS: dict[str, dict[str, Any]] = {
     "align": {},
     "align-live": {"reference": "live"},
     "align-grouped": {"group_by_length": True},
     "align-unchunked": {"chunk_tokens": None},
     "align-packed": {"padding_free": True},
 }
-TRL_VARIANTS = {"trl": False, "trl-precompute": True}
+BF16 = "-bf16"  # the suffix of a variant in bf16 mixed precision
+ALIGN_VARIANTS: dict[str, dict[str, Any]] = {
+    **ALIGN_FP32_VARIANTS,
+    **{name + BF16: knobs | {"precision": "bf16_mixed"} for name, knobs in ALIGN_FP32_VARIANTS.items()},
+    "align-bf16-pure": {"precision": "bf16"},
+}
+# name -> (precompute_ref_log_probs, bf16)
+TRL_VARIANTS = {
+    "trl": (False, False),
+    "trl-precompute": (True, False),
+    "trl" + BF16: (False, True),
+    "trl-precompute" + BF16: (True, True),
+}
 QUICK = {"variants": "align,trl", "steps": 3, "warmup": 1, "repeats": 1}
 FULL = {"variants": "align,trl,align-live,trl-precompute", "steps": 8, "warmup": 1, "repeats": 3}
+
+
+def precision_of(variant: str) -> str:
+    """What a variant computes in: fp32, bf16 (mixed) or bf16-pure."""
+    if variant.endswith("-bf16-pure"):
+        return "bf16-pure"
+    return "bf16" if variant.endswith(BF16) else "fp32"
+
+
+def default_variants(preset: str, precision: str) -> str:
+    """The preset's variants in fp32, their bf16 twins, or both."""
+    fp32 = preset.split(",")
+    bf16 = [name + BF16 for name in fp32]
+    chosen = {"fp32": fp32, "bf16": bf16, "both": [*fp32, *bf16]}[precision]
+    return ",".join(chosen)
 
 
 # ---- the shared workload -------------------------------------------------------------------------
@@ -142,7 +181,7 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
         "algo": "dpo",
         "output_dir": str(out),
         "seed": SEED,
-        "model": {"path": str(workdir / "model"), "dtype": "float32"},
+        "model": {"path": str(workdir / "model")},
         "backend": backend,
         "data": {
             "format": "preference",
@@ -162,6 +201,7 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
             "tensorboard": False,
             "progress": False,
             "log_every": 1,
+            "precision": knobs["precision"],
         },
         "optim": {"name": "adamw", "lr": LR},
     }
@@ -195,6 +235,7 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     torch.set_num_threads(threads)
+    precompute, bf16 = TRL_VARIANTS[variant]
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     model = AutoModelForCausalLM.from_pretrained(
         workdir / "model", dtype=torch.float32, attn_implementation="sdpa"
@@ -213,8 +254,8 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
         beta=BETA,
         loss_type=["sigmoid"],
         max_length=MAX_LENGTH,
-        precompute_ref_log_probs=TRL_VARIANTS[variant],
-        bf16=False,
+        precompute_ref_log_probs=precompute,
+        bf16=bf16,  # float32 weights (loaded so above), bfloat16 autocast
         fp16=False,
         gradient_checkpointing=False,
         use_cpu=True,
@@ -355,9 +396,11 @@ def table(summary: dict[str, dict[str, float]], repeats: int) -> str:
 
 
 def ratios(summary: dict[str, dict[str, float]]) -> list[str]:
+    """align over TRL at equal precision."""
     lines = []
     for a in (n for n in summary if n.startswith("align")):
-        for t in (n for n in summary if n.startswith("trl")):
+        same = (n for n in summary if n.startswith("trl") and precision_of(n) == precision_of(a))
+        for t in same:
             speed = summary[a]["tokens_per_s"] / summary[t]["tokens_per_s"]
             memory = summary[a]["peak_rss_mb"] / summary[t]["peak_rss_mb"]
             lines.append(f"{a} / {t}: {speed:.2f}x tokens/s at {memory:.2f}x peak RSS")
@@ -373,6 +416,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="untimed first steps per run")
     parser.add_argument("--repeats", type=int, help="runs per variant (alternating)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "both"),
+        default="fp32",
+        help="the preset's variants in fp32, bf16 mixed precision, or both (ignored with --variants)",
+    )
     choices = ", ".join([*ALIGN_VARIANTS, *TRL_VARIANTS])
     parser.add_argument("--variants", help=f"comma-separated, of: {choices}")
     parser.add_argument("--workdir", help="where the model and data are written (default: a temp folder)")
@@ -384,7 +433,10 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    for key, value in (FULL if args.full else QUICK).items():
+    preset = FULL if args.full else QUICK
+    if args.variants is None:
+        args.variants = default_variants(str(preset["variants"]), args.precision)
+    for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -407,7 +459,8 @@ def main() -> None:
     summary = {v: summarize(r) for v, r in runs.items()}
     print(
         f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "
-        f"{args.threads} threads, {BATCH_PAIRS} pairs/step, fp32; "
+        f"{args.threads} threads, {BATCH_PAIRS} pairs/step, "
+        f"{', '.join(sorted({precision_of(v) for v in variants}))}; "
         f"load average at the end: {os.getloadavg()[0]:.1f}\n"
     )
     print(table(summary, args.repeats))
