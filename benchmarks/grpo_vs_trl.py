@@ -351,6 +351,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         summary["split_s"] = {
             key: statistics.median(s[key] for run in runs for s in run["split"]) for key in SPLIT_KEYS
         }
+        # What no phase covers (logging, the learner's bookkeeping), step by step.
+        summary["split_s"]["other_s"] = statistics.median(
+            step - sum(s.values())
+            for run in runs
+            for step, s in zip(run["step_s"], run["split"], strict=True)
+        )
     return summary
 
 
@@ -377,9 +383,8 @@ def split_table(summary: dict[str, dict[str, Any]]) -> str:
     for name, s in summary.items():
         if "split_s" not in s:
             continue
-        parts = [s["split_s"][key] for key in SPLIT_KEYS]
-        other = s["median_step_s"] - sum(parts)
-        lines.append(f"| {name} | " + " | ".join(f"{p:.2f}" for p in parts) + f" | {other:.2f} |")
+        parts = [s["split_s"][key] for key in (*SPLIT_KEYS, "other_s")]
+        lines.append(f"| {name} | " + " | ".join(f"{p:.2f}" for p in parts) + " |")
     return "\n".join(lines)
 
 
@@ -410,7 +415,7 @@ def plot_split(summary: dict[str, dict[str, Any]], path: Path) -> None:
     for name in names:
         s = summary[name]
         parts = {key: s["split_s"][key] for key in SPLIT_KEYS}
-        parts["other"] = max(0.0, s["median_step_s"] - sum(parts.values()))
+        parts["other"] = max(0.0, s["split_s"]["other_s"])
         for p in phases:
             heights[p].append(parts[p])
     figure, axes = plt.subplots(figsize=(6.5, 4))
