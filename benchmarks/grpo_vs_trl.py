@@ -418,14 +418,14 @@ def plot_split(summary: dict[str, dict[str, Any]], path: Path) -> None:
         parts["other"] = max(0.0, s["split_s"]["other_s"])
         for p in phases:
             heights[p].append(parts[p])
-    figure, axes = plt.subplots(figsize=(6.5, 4))
+    figure, axes = plt.subplots(figsize=(7.5, 4))
     bottom = [0.0] * len(names)
     for p in phases:
         axes.bar(names, heights[p], bottom=bottom, label=p.removesuffix("_s"))
         bottom = [b + h for b, h in zip(bottom, heights[p], strict=True)]
     axes.set_ylabel("seconds per step (median)")
     axes.set_title(f"GRPO step: {PROMPTS_PER_STEP}x{GROUP} completions x {NEW_TOKENS} tokens, 28.8M, fp32")
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
