@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_model import save_bench_llama
+
 VOCAB = 8192
 PAIRS = 256
 BATCH_PAIRS = 8
@@ -100,9 +102,8 @@ def default_variants(preset: str, precision: str) -> str:
 # ---- the shared workload -------------------------------------------------------------------------
 def prepare(workdir: Path) -> None:
     """Tokenizer + model (saved as an HF folder) and the pairs (text and their ids)."""
-    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     model_dir = workdir / "model"
     if (model_dir / "config.json").is_file() and (workdir / "pairs.jsonl").is_file():
@@ -115,21 +116,7 @@ def prepare(workdir: Path) -> None:
         tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
     )
     tokenizer.save_pretrained(model_dir)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(SEED)
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    save_bench_llama(model_dir, seed=SEED, vocab_size=VOCAB)
     rng = random.Random(SEED)
 
     def ids(n: int) -> list[int]:

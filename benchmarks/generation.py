@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_model import save_bench_llama
+
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 32, 64, 64
 VOCAB = 8192
 VARIANTS = ("transformers", "align-hf", "align-vllm")
@@ -38,23 +40,8 @@ VARIANTS = ("transformers", "align-hf", "align-vllm")
 
 def build_model(workdir: Path) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(workdir / "model")
+    save_bench_llama(workdir / "model", seed=0, vocab_size=VOCAB)
     prompts = torch.randint(3, VOCAB, (PROMPTS, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     (workdir / "prompts.json").write_text(json.dumps(prompts.tolist()))
 

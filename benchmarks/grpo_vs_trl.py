@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_model import save_bench_llama
+
 VOCAB = 8192
 PROMPTS_PER_STEP = 8
 GROUP = 8
@@ -60,9 +62,8 @@ DEFAULTS = {"variants": "align-hf,align-vllm,trl", "steps": 3, "warmup": 1, "rep
 # ---- the shared workload -------------------------------------------------------------------------
 def prepare(workdir: Path) -> None:
     """The character-level tokenizer and the model (one HF folder), and the prompts."""
-    import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     model_dir = workdir / "model"
     if (model_dir / "config.json").is_file():
@@ -77,21 +78,7 @@ def prepare(workdir: Path) -> None:
         tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
     )
     tokenizer.save_pretrained(model_dir)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(SEED)
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    save_bench_llama(model_dir, seed=SEED, vocab_size=VOCAB)
 
 
 def peak_rss_mb() -> float:
