@@ -37,14 +37,12 @@ import os
 import random
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_model import save_bench_llama
+from bench_model import run_worker, save_bench_llama
 
 VOCAB = 8192
 PAIRS = 256
@@ -318,32 +316,10 @@ def worker(args: argparse.Namespace) -> None:
 
 # ---- the driver ----------------------------------------------------------------------------------
 def launch(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        out = Path(tmp) / "result.json"
-        env = dict(os.environ)
-        env.update(
-            OMP_NUM_THREADS=str(args.threads),
-            MKL_NUM_THREADS=str(args.threads),
-            HF_DATASETS_CACHE=str(Path(tmp) / "datasets-cache"),  # TRL's precompute cache: cold
-            TOKENIZERS_PARALLELISM="false",
-            TQDM_DISABLE="1",
-            PYTHONWARNINGS="ignore",
-        )
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            variant,
-            "--workdir",
-            str(workdir),
-            "--out",
-            str(out),
-        ]
-        command += ["--total-steps", str(args.warmup + args.steps), "--threads", str(args.threads)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{variant} failed:\n{done.stderr[-4000:]}")
-        result: dict[str, Any] = json.loads(out.read_text())
+    found, stderr = run_worker(__file__, variant, workdir, args.warmup + args.steps, args.threads)
+    if found is None:
+        raise SystemExit(f"{variant} failed:\n{stderr}")
+    result: dict[str, Any] = found
     timed = slice(args.warmup, None)
     result["step_s"], result["tokens"], result["slots"] = (
         result["step_s"][timed],

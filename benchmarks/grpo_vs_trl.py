@@ -34,14 +34,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_model import save_bench_llama
+from bench_model import run_worker, save_bench_llama
 
 VOCAB = 8192
 PROMPTS_PER_STEP = 8
@@ -287,33 +285,10 @@ def worker(args: argparse.Namespace) -> None:
 
 # ---- the driver ----------------------------------------------------------------------------------
 def launch(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        out = Path(tmp) / "result.json"
-        env = dict(os.environ)
-        env.update(
-            OMP_NUM_THREADS=str(args.threads),
-            MKL_NUM_THREADS=str(args.threads),
-            HF_DATASETS_CACHE=str(Path(tmp) / "datasets-cache"),
-            TOKENIZERS_PARALLELISM="false",
-            TQDM_DISABLE="1",
-            PYTHONWARNINGS="ignore",
-            VLLM_ENABLE_V1_MULTIPROCESSING="0",
-        )
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            variant,
-            "--workdir",
-            str(workdir),
-            "--out",
-            str(out),
-        ]
-        command += ["--total-steps", str(args.warmup + args.steps), "--threads", str(args.threads)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            return {"failed": done.stderr[-4000:]}
-        result: dict[str, Any] = json.loads(out.read_text())
+    found, stderr = run_worker(__file__, variant, workdir, args.warmup + args.steps, args.threads)
+    if found is None:
+        return {"failed": stderr}
+    result: dict[str, Any] = found
     timed = slice(args.warmup, None)
     for key in ("step_s", "generate_s", "generated_tokens", "split"):
         if key in result:
