@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from align_grpo.objectives import (
+from align.objectives import (
     aggregate,
     batch_whiten,
     entropy_from_logits,

@@ -1,5 +1,6 @@
 """align: the public API. A plugin (built-in or third-party) imports only what is here."""
 
+from align import objectives
 from align.algorithm import Algorithm, Context
 from align.batches import (
     LossOutput,
@@ -142,6 +143,7 @@ __all__ = [
     "load_plugins",
     "loss_function",
     "message_text",
+    "objectives",
     "pack_sequences",
     "pad_sequences",
     "pairwise_accuracy",

@@ -11,7 +11,7 @@ Four algorithms share one driver (``algorithm.CriticFree``) and differ in their 
 
 Any algorithm takes any installed estimator (``advantage: {name: ...}``) and aggregation. The
 estimators are plugins of kind ``advantage_estimator`` (``estimators``), the math is in
-``objectives``; docs/algorithms/grpo.md has the formulas and the config.
+``align.objectives``; docs/algorithms/grpo.md has the formulas and the config.
 """
 
 from __future__ import annotations

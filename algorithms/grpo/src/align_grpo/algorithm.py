@@ -5,7 +5,7 @@ with the rollout engine, score them (plus the overlong penalty), drop groups of 
 sample more (dynamic sampling), take the trainer's log-probs of the samples before any update
 (the "old" policy, and the reference's when there is a KL term), turn each group's rewards into
 advantages with the configured estimator, train ``epochs`` passes of minibatches on the clipped
-policy loss, refit the engine, and log. The math is in ``objectives``.
+policy loss, refit the engine, and log. The math is in ``align.objectives``.
 
 Resume: checkpoints fall at iteration boundaries (every ``trainer.save_every`` iterations and the
 last) with the iteration and the prompt position; sampling seeds and minibatch orders are
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 import align
-from align_grpo import objectives
+from align import objectives
 from align_grpo.config import CriticFreeConfig
 
 

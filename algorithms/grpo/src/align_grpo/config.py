@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 import align
-from align_grpo.objectives import Aggregation, KLEstimator
+from align.objectives import Aggregation, KLEstimator
 
 
 class KLConfig(align.StrictConfig):

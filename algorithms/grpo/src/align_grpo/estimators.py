@@ -1,6 +1,6 @@
 """The advantage estimators, registered as plugins of kind ``advantage_estimator``: each turns
 the rewards of ``G`` prompts x ``n`` samples (``[G, n]``) into advantages of the same shape.
-The formulas are in ``objectives`` (and docs/algorithms/grpo.md). An outside package adds one
+The formulas are in ``align.objectives`` (and docs/algorithms/grpo.md). An outside package adds one
 the same way: a config class and a function, registered in ``register_advantage_estimators``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import Tensor
 
 import align
-from align_grpo import objectives
+from align import objectives
 
 
 class GroupMeanStd(align.AdvantageConfig):

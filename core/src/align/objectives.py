@@ -1,5 +1,5 @@
-"""The math of the critic-free online family (GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++): the clipped
-policy loss, loss aggregation, KL estimators, truncated importance sampling, the entropy bonus, the
+"""The math of policy-gradient methods (GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++, PPO's actor): the
+clipped policy loss, loss aggregation, KL estimators, truncated importance sampling, the entropy bonus, the
 overlong penalty and the advantage estimators. Pure torch, no state; every formula is written in
 its function's docstring with the paper it comes from (docs/algorithms/grpo.md, "Formulas").
 
