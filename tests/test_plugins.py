@@ -454,3 +454,39 @@ def test_errors_in_widened_fields_name_the_path_and_the_choices(wide_registry, t
         validate_run_config(without_reward, wide_registry)
     message = error(unused={"name": "x"})
     assert "unused" in message and "no installed reward plugin fits here (UnusedBase)" in message
+
+
+COMMAND_MODULE = """
+import align
+
+
+@align.hookimpl
+def register_commands(add_command):
+    def arguments(parser):
+        parser.add_argument("word")
+
+    def run(args, plugins):
+        if args.word == "bad":
+            raise align.UserError("bad word")
+        print(f"hello {args.word} from {len(plugins.registry.names('algorithm'))} algorithms")
+
+    add_command("greet", "says hello", arguments, run)
+"""
+
+
+def test_a_plugin_adds_a_cli_command(fake_dist, fresh_cli_plugins, capsys):
+    fake_dist("fake-greeter", "greeter", "greeter_mod", COMMAND_MODULE)
+    result = run_cli(capsys, "greet", "world")
+    assert result.code == 0, result.err
+    assert result.out.startswith("hello world from ")
+    failed = run_cli(capsys, "greet", "bad")
+    assert failed.code == 2 and "bad word" in failed.err and "Traceback" not in failed.err
+    assert "fake-greeter" in run_cli(capsys, "--help").out
+
+
+def test_a_plugin_command_reusing_a_name_is_an_error_naming_both(fake_dist, fresh_cli_plugins, capsys):
+    fake_dist("fake-greeter-a", "greeter_a", "greeter_a_mod", COMMAND_MODULE)
+    fake_dist("fake-runner", "runner", "runner_mod", COMMAND_MODULE.replace('"greet"', '"run"'))
+    result = run_cli(capsys, "list")
+    assert result.code == 2
+    assert "'align run'" in result.err and "'align'" in result.err and "fake-runner" in result.err

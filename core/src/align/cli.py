@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from align.commands import Command, plugin_commands
 from align.config import RunConfig
 from align.errors import UserError
 from align.loading import apply_overrides, check_paths, read_yaml, validate_run_config
@@ -35,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(extra: dict[str, Command]) -> argparse.ArgumentParser:
     parser = _Parser(prog="align", description="LLM alignment algorithms as plugins.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
@@ -64,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("overrides", nargs="*", help="n=4 temperature=0.7 max_tokens=64 reward.key=value ...")
     schema = sub.add_parser("schema", help="JSON Schema of an algorithm's full run config")
     schema.add_argument("name")
+    for command in extra.values():
+        command.arguments(sub.add_parser(command.name, help=f"{command.help} ({command.package})"))
     return parser
 
 
@@ -167,10 +170,10 @@ COMMANDS = {
 }
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parse(argv: Sequence[str] | None, commands: dict[str, Command]) -> argparse.Namespace:
     """Overrides may also follow the flags (``align run cfg.yaml --resume trainer.max_steps=20``),
     which plain ``parse_args`` rejects once the ``overrides`` positional has been consumed."""
-    parser = _parser()
+    parser = _parser(commands)
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
@@ -193,10 +196,14 @@ def check_plugin_env() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
     try:
         check_plugin_env()
-        COMMANDS[args.command](args, default_plugins())
+        plugins = default_plugins()
+        # Plugins' commands (`align serve`, ...) must be known before the command line is parsed.
+        extra = plugin_commands(plugins, dict.fromkeys(COMMANDS, "align"))
+        args = _parse(argv, extra)
+        run = extra[args.command].run if args.command in extra else COMMANDS[args.command]
+        run(args, plugins)
     except UserError as exc:
         errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from align.commands import AddCommand
     from align.registry import Register
     from align.trainer import RunInfo
 
@@ -67,6 +68,15 @@ def register_callbacks(register: Register) -> None:
     own validated config: ``register(MyCallbackConfig)(factory)``, where
     ``factory(cfg, run_config)`` returns an object implementing any lifecycle hooks below. The
     object is registered for that run only."""
+
+
+@hookspec
+def register_commands(add_command: AddCommand) -> None:
+    """Add subcommands to the ``align`` CLI (``align serve ...``, ``align annotate ...``):
+    ``add_command(name, help, arguments, run)``, where ``arguments(parser)`` adds the command's
+    argparse arguments and ``run(args, plugins)`` does the work. A user's mistake raises
+    ``align.UserError`` (exit 2, no traceback). A name already taken is an error naming both
+    packages."""
 
 
 @hookspec

@@ -14,7 +14,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points, version
 from typing import Any
@@ -48,6 +48,8 @@ class PluginLoadWarning(UserWarning):
 class Plugins:
     manager: pluggy.PluginManager
     registry: Registry
+    # pluggy plugin name -> (distribution, version): who registered a hook implementation
+    origin: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def _csv_env(name: str) -> list[str]:
@@ -177,7 +179,7 @@ def load_plugins(packages: frozenset[str] | None = None) -> Plugins:
     origin |= _register_modules(manager, registry, _csv_env("ALIGN_PLUGIN_MODULES"))
     _fill_registry(manager, registry, origin)
     _add_builtin_sinks(manager, registry)
-    return Plugins(manager, registry)
+    return Plugins(manager, registry, origin)
 
 
 @cache
