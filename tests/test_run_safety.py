@@ -480,3 +480,12 @@ def test_a_full_disk_while_logging_metrics_is_a_clear_error(tmp_path, capsys, mo
     out = tmp_path / "out"
     result = run_cli(capsys, "run", sft_run(tmp_path, out))
     assert_user_error(result, "could not write to", "metrics.jsonl", "No space left", "step_2")
+
+
+def test_a_home_relative_output_dir_is_expanded_not_made_literally(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    path = sft_run(tmp_path, tmp_path / "home_run", output_dir="~/runs/sft")
+    assert run_cli(capsys, "run", path).code == 0
+    assert (tmp_path / "home" / "runs" / "sft" / "final").is_dir()
+    assert not (tmp_path / "~").exists()

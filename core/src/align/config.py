@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictConfig(BaseModel):
@@ -34,9 +34,10 @@ class PathRule:
     kind: Literal["writable_dir"]
 
 
-WritableDir = Annotated[Path, PathRule("writable_dir")]
+WritableDir = Annotated[Path, AfterValidator(Path.expanduser), PathRule("writable_dir")]
 """A folder align writes into: a writable folder, or one that can be created (not a file, not
-below a file, not on a read-only path)."""
+below a file, not on a read-only path). ``~`` is expanded when the config is read, as a shell
+would, so ``output_dir: ~/runs/x`` never creates a folder named ``~``."""
 
 
 class PluginConfig(StrictConfig):
