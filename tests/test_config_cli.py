@@ -33,6 +33,7 @@ KINDS = {
     "rollout_engine",
     "reward",
     "advantage_estimator",
+    "critic",
     "data_format",
     "backend",
     "callback",

@@ -31,6 +31,7 @@ from align.config import (
     TrainerConfig,
     WritableDir,
 )
+from align.critic import Critic, CriticBatch, CriticConfig, CriticError, build_critic
 from align.datafiles import row_error, text_or_messages
 from align.errors import ConfigError, DataError, OutputWriteError, TrainingDiverged, UserError
 from align.hookspecs import hookimpl
@@ -77,6 +78,10 @@ __all__ = [
     "Completion",
     "ConfigError",
     "Context",
+    "Critic",
+    "CriticBatch",
+    "CriticConfig",
+    "CriticError",
     "DataConfig",
     "DataError",
     "DataFormat",
@@ -133,6 +138,7 @@ __all__ = [
     "UnpairedBatch",
     "UserError",
     "WritableDir",
+    "build_critic",
     "build_engine",
     "build_reward",
     "check_prompts",

@@ -98,6 +98,15 @@ class Algorithm:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = DataPosition(int(state.get("epoch", 0)), int(state.get("batch", 0)))
 
+    def save_files(self, folder: Path) -> None:
+        """Called while a checkpoint is written, with its folder (before its manifest, so what
+        is written here is verified with it): files of this algorithm's state that are not
+        plain ``state_dict`` values, e.g. a remote critic's own checkpoint in ``folder/critic``."""
+
+    def load_files(self, folder: Path) -> None:
+        """Called on resume with the checkpoint's folder, before ``load_state_dict``: read back
+        what ``save_files`` wrote."""
+
     def trainable(self) -> nn.Module:
         """The module whose parameters the optimizer updates."""
         return self.ctx.policy

@@ -53,6 +53,14 @@ def register_advantage_estimators(register: Register) -> None:
 
 
 @hookspec
+def register_critics(register: Register) -> None:
+    """Register critics (value models of actor-critic methods such as PPO):
+    ``register(MyCriticConfig)(factory)``, where ``factory(cfg, ctx, learner)`` returns an
+    ``align.Critic`` (see ``align.critic``): a model trained in this process, or a client of a
+    critic server."""
+
+
+@hookspec
 def register_data_formats(register: Register) -> None:
     """Register data formats: ``register(MyDataConfig)(MyFormat)``."""
 

@@ -394,6 +394,7 @@ class Learner:
             self.backend.save_pretrained(self.context.policy, tmp / "model")
             for role, trainable in self._other_trainables():
                 self._save_module(trainable.module, tmp / ROLES_DIR / role)
+            self.algorithm.save_files(tmp)
             path = checkpoint.commit(tmp, self._state(), self.config.trainer.keep_checkpoints)
         self.last_saved_step = self.step
         self.unsaved = False
@@ -566,6 +567,7 @@ class Learner:
             self._restore_trainable(self.trainables[role], *self._pending_roles.pop(role))
         # Checkpoints from before the learner kept the data position at the top level.
         legacy = {key: state[key] for key in ("epoch", "batch") if key in state}
+        self.algorithm.load_files(path)
         self.algorithm.load_state_dict(state.get("algorithm", legacy))
         checkpoint.restore_rng(state["rng"])
         if "config" not in state:

@@ -181,7 +181,7 @@ def _switches_plugin(registry: Registry | None, section: dict[str, Any], name: A
 
 # Plugin kinds whose config a run names with ``name:`` (data formats switch by ``format``, whose
 # section holds the files: never dropped).
-_SWITCHABLE = ("loss", "reward", "rollout_engine", "backend", "callback", "advantage_estimator")
+_SWITCHABLE = ("loss", "reward", "rollout_engine", "backend", "callback", "advantage_estimator", "critic")
 
 
 def _forget_old_plugin(

@@ -32,6 +32,7 @@ HOOK_OF_KIND = {
     "rollout_engine": "register_rollout_engines",
     "reward": "register_rewards",
     "advantage_estimator": "register_advantage_estimators",
+    "critic": "register_critics",
     "data_format": "register_data_formats",
     "backend": "register_backends",
     "callback": "register_callbacks",

@@ -26,6 +26,7 @@ from align.config import (
     RolloutEngineConfig,
     RunConfig,
 )
+from align.critic import CriticConfig
 from align.errors import ConfigError, UserError
 
 Kind = Literal[
@@ -34,6 +35,7 @@ Kind = Literal[
     "rollout_engine",
     "reward",
     "advantage_estimator",
+    "critic",
     "data_format",
     "backend",
     "callback",
@@ -51,6 +53,7 @@ CONFIG_BASES: dict[str, type[BaseModel]] = {
     "rollout_engine": RolloutEngineConfig,
     "reward": RewardConfig,
     "advantage_estimator": AdvantageConfig,
+    "critic": CriticConfig,
     "data_format": DataConfig,
     "backend": BackendConfig,
     "callback": CallbackConfig,
@@ -75,6 +78,7 @@ REGISTRATION_OPTIONS: dict[str, dict[str, type | Callable[[Any], bool]]] = {
     "rollout_engine": {},
     "reward": {},
     "advantage_estimator": {},
+    "critic": {},
     "backend": {},
     "callback": {},
 }

@@ -2,7 +2,7 @@
 
 Every field typed with a plugin kind's base config (``align.BackendConfig``, ``DataConfig``,
 ``LossConfig``, ``RewardConfig``, ``RolloutEngineConfig``, ``CallbackConfig``,
-``AdvantageConfig``), or with an
+``AdvantageConfig``, ``CriticConfig``), or with an
 abstract subclass of one (its discriminator is not a one-value ``Literal``), becomes the
 discriminated union of the installed plugins of that kind whose configs subclass it. This
 holds at any depth: inside nested configs, lists, dicts, optionals and ``X | list[X]``, and
