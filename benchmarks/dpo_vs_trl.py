@@ -26,6 +26,16 @@ bfloat16 weights (``trainer.precision: bf16``, no TRL counterpart). Each run sta
 align's reference cache and the ``datasets`` cache where TRL keeps its precomputed log-probs are
 fresh folders. "pad fraction" is the batches' layout (for align before its CPU row chunks, which
 trim most of it).
+
+Share of the machine's peak: each run also measures, in its own fresh process with the same
+threads, the best ``torch.mm`` / ``F.linear`` rate of large square matrices in fp32 and in bf16 (the peak a
+step could reach), and a variant's "peak share" is its useful FLOPs per second over the peak of
+its precision. Useful FLOPs are the policy's training FLOPs on real (non-pad) tokens only:
+``6 N`` per token for the weight matmuls (N = every weight a token multiplies: attention, MLP
+and the LM head, not the embedding lookup) plus ``6 L d S`` for causal attention (scores and
+their product with values, forward and backward, half of the S x S square) with S the mean
+sequence length. A live reference's forward pass, padding and recomputation count as time, not
+as useful work (the usual "model FLOPs utilisation").
 """
 
 from __future__ import annotations
@@ -151,6 +161,46 @@ def check_ids(rows: Any, workdir: Path, who: str) -> None:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---- the machine's peak and a step's useful work -------------------------------------------------
+PEAK = "peak"  # the worker that measures matmul rates
+BENCH_LAYERS, BENCH_HIDDEN, BENCH_FFN = 6, 512, 1536  # bench_model.save_bench_llama's shape
+
+
+def measure_matmul_peak(threads: int) -> dict[str, float]:
+    """Best GFLOP/s of ``torch.mm`` on square matrices, per precision, on ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    best: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for size in (1024, 2048, 3072):
+            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+            # torch.mm and F.linear (what the models call) reach different kernels, bf16 above all
+            for matmul in (torch.mm, torch.nn.functional.linear):
+                matmul(a, b)  # warm-up: the first call picks kernels
+                reps = max(3, int(4e10 / (2 * size**3)))
+                started = time.perf_counter()
+                for _ in range(reps):
+                    matmul(a, b)
+                rate = 2 * size**3 * reps / (time.perf_counter() - started) / 1e9
+                best[name] = max(best.get(name, 0.0), rate)
+    return best
+
+
+def useful_flops_per_token(mean_sequence_length: float) -> float:
+    """Training FLOPs per real token of the benchmark model (see the module docstring)."""
+    d, layers = BENCH_HIDDEN, BENCH_LAYERS
+    weights = layers * (4 * d * d + 3 * d * BENCH_FFN) + d * VOCAB  # attention, SwiGLU, LM head
+    return 6 * weights + 6 * layers * d * mean_sequence_length
+
+
+def peak_share(
+    result: dict[str, float], peaks: dict[str, float], variant: str, tokens_per_sequence: float
+) -> float:
+    precision = "bf16" if precision_of(variant) != "fp32" else "fp32"
+    return result["tokens_per_s"] * useful_flops_per_token(tokens_per_sequence) / (peaks[precision] * 1e9)
 
 
 # ---- workers (one per subprocess) ----------------------------------------------------------------
@@ -296,6 +346,9 @@ STARTED = time.perf_counter()
 
 def worker(args: argparse.Namespace) -> None:
     workdir, out = Path(args.workdir), Path(args.out)
+    if args.worker == PEAK:
+        out.write_text(json.dumps(measure_matmul_peak(args.threads)))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         if args.worker in TRL_VARIANTS:
             result = run_trl(args.worker, workdir, Path(tmp), args.total_steps, args.threads)
@@ -346,14 +399,16 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 def table(summary: dict[str, dict[str, float]], repeats: int) -> str:
     lines = [
-        "| variant | tokens/s (median; min-max) | median step s | pad fraction | setup s | peak RSS MiB |",
-        "|---|---|---|---|---|---|",
+        "| variant | tokens/s (median; min-max) | median step s | share of matmul peak | pad fraction "
+        "| setup s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         spread = f"{s['tokens_per_s_min']:,.0f}-{s['tokens_per_s_max']:,.0f}" if repeats > 1 else "-"
         lines.append(
             f"| {name} | {s['tokens_per_s']:,.0f} ({spread}) | {s['median_step_s']:.2f} | "
-            f"{s['pad_fraction']:.2f} | {s['setup_s']:.1f} | {s['peak_rss_mb']:,.0f} |"
+            f"{s['peak_share']:.0%} | {s['pad_fraction']:.2f} | {s['setup_s']:.1f} | "
+            f"{s['peak_rss_mb']:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -419,7 +474,21 @@ def main() -> None:
                     f"repeat {repeat + 1}/{args.repeats} {variant}: {time.perf_counter() - started:.0f}s",
                     flush=True,
                 )
+        peaks, _ = run_worker(__file__, PEAK, workdir, 0, args.threads)
+        if peaks is None:
+            raise SystemExit("the matmul peak measurement failed")
+        tokens_per_sequence = statistics.mean(
+            len(p) + len(c) for p, *pair in expected_ids(workdir) for c in pair
+        )
     summary = {v: summarize(r) for v, r in runs.items()}
+    for variant, numbers in summary.items():
+        numbers["peak_share"] = peak_share(numbers, peaks, variant, tokens_per_sequence)
+    print(
+        f"\nmatmul peak on {args.threads} threads: {peaks['fp32']:.0f} GFLOP/s fp32, "
+        f"{peaks['bf16']:.0f} GFLOP/s bf16 ({peaks['bf16'] / peaks['fp32']:.2f}x); useful work "
+        f"{useful_flops_per_token(tokens_per_sequence) / 1e6:.0f} MFLOP per token "
+        f"(mean sequence {tokens_per_sequence:.0f} tokens)"
+    )
     print(
         f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "
         f"{args.threads} threads, {BATCH_PAIRS} pairs/step, "
@@ -430,7 +499,9 @@ def main() -> None:
     print("\n" + "\n".join(ratios(summary)))
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"args": vars(args), "runs": runs, "summary": summary}, indent=1)
+            json.dumps(
+                {"args": vars(args), "runs": runs, "summary": summary, "matmul_peak_gflops": peaks}, indent=1
+            )
         )
 
 
