@@ -261,15 +261,21 @@ class OnlineAlgorithm(Algorithm):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         cfg = self.config
-        from align.rewards import build_reward
-
-        self.reward = build_reward(cfg.reward, ctx.registry)
+        self.reward: RewardSource | None = self.make_reward()
         self.iteration = 0
         prompt_column = getattr(getattr(cfg.data, "columns", None), "prompt", "prompt")
         self.prompts = PromptStream(ctx.train_data, cfg.seed, prompt_column)
         self._rollouts: Rollouts | None = None
         self._engine_is_stale = False  # the policy changed since the engine's last refit
         self.pad_id = ctx.backend.tokenizer.pad_token_id
+
+    def make_reward(self) -> RewardSource | None:
+        """The run's reward, built when the algorithm starts and kept for the whole run. An
+        algorithm that keeps one model in memory at a time (SPR) returns None here and builds
+        the reward for each scoring phase instead; one whose reward is optional, when unset."""
+        from align.rewards import build_reward
+
+        return build_reward(self.config.reward, self.ctx.registry)
 
     # ---- the driver --------------------------------------------------------------------
     def drive(self, learner: Any) -> None:
