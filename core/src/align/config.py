@@ -137,12 +137,31 @@ class TinyModelConfig(StrictConfig):
 
 
 class ModelConfig(StrictConfig):
-    """The policy model: ``tiny`` (embedded default, built in code) or an HF path/directory."""
+    """The policy model: ``tiny`` (embedded default, built in code), an HF path/directory, a
+    ``.gguf`` file (dequantized once and cached as safetensors) or a named shortcut such as
+    ``smollm2-135m`` (see the backend's docs for the shortcuts it knows)."""
 
-    path: str = "tiny"
+    path: str = Field(
+        "tiny",
+        description="tiny, an HF hub id or folder, a .gguf file, or a shortcut (smollm2-135m).",
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="A GGUF file inside the folder (or hub repo) model.path, as transformers' gguf_file; "
+        "the same as giving model.path=<folder>/<file>.gguf.",
+    )
     tokenizer: str | None = Field(None, description="Tokenizer path; defaults to model.path.")
     dtype: Literal["float32", "bfloat16"] = "float32"
     tiny: TinyModelConfig = TinyModelConfig()
+
+    @model_validator(mode="after")
+    def _gguf_file_needs_a_folder(self) -> ModelConfig:
+        if self.gguf_file is not None and (self.path == "tiny" or self.path.endswith(".gguf")):
+            raise ValueError(
+                f"model.gguf_file ({self.gguf_file}) names a file inside the folder model.path, "
+                f"but model.path is '{self.path}'"
+            )
+        return self
 
 
 class TrainerConfig(StrictConfig):
