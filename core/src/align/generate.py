@@ -4,7 +4,10 @@
         [--engine vllm] [--reward exact_match] [n=4 temperature=0.7 max_tokens=64 reward.answer_key=answer]
 
 The same engines, data format (``prompts``) and rewards as online training, so what it shows
-is what an online method would sample. Each output row holds the prompt, one completion, its
+is what an online method would sample. ``data.format=...`` picks another installed prompts
+format (one registered with ``batch=align.PromptBatch``), with its own ``data.*`` settings: a
+plugin conditions prompts that way (SteerLM's ``steerlm_prompts`` puts the desired attribute
+values into each prompt exactly as its training did). Each output row holds the prompt, one completion, its
 index among the prompt's ``n``, why it stopped, its length in tokens, the reward when asked,
 and the prompt row's other columns.
 """
@@ -21,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from align.builtin.prompts import PromptData, PromptRow, prompt_rows
+from align.builtin.prompts import PromptBatch, PromptData, PromptRow, prompt_rows
 from align.config import ModelConfig, RunConfig, StrictConfig
 from align.errors import ConfigError, UserError
 from align.loading import apply_overrides, format_validation_error
@@ -42,6 +45,12 @@ class GenerateConfig(StrictConfig):
     reward: dict[str, Any] | None = None
     prompts: str
     prompt_column: str = "prompt"
+    data: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The prompts' data format (data.format, default 'prompts': any installed format with "
+        "batch align.PromptBatch) and its settings; train, max_length and columns.prompt come from "
+        "--prompts, max_length and prompt_column.",
+    )
     max_length: int = Field(1024, gt=0, description="Prompt + completion tokens at most.")
     sampling: SamplingConfig = SamplingConfig()
     batch_size: int = Field(64, gt=0, description="Prompts handed to the engine at once.")
@@ -98,11 +107,11 @@ def generate(cfg: GenerateConfig, plugins: Plugins) -> int:
     backend_cfg = _plugin_config("backend", "backend", cfg.backend, plugins)
     engine_cfg = _plugin_config("rollout_engine", "engine", cfg.engine, plugins)
     reward_cfg = _plugin_config("reward", "reward", cfg.reward, plugins) if cfg.reward else None
+    data_cfg = _prompt_data(cfg, plugins)
     _check_out(cfg)
-    data_cfg = PromptData(train=cfg.prompts, max_length=cfg.max_length, columns={"prompt": cfg.prompt_column})
     run = RunConfig(algo="generate", model=cfg.model, backend=backend_cfg, data=data_cfg, seed=cfg.seed)
     backend = registry.get("backend", backend_cfg.name).factory(run)  # type: ignore[attr-defined]
-    data_format = registry.get("data_format", "prompts").factory(data_cfg, backend.tokenizer)
+    data_format = registry.get("data_format", data_cfg.format).factory(data_cfg, backend.tokenizer)
     rows = data_format.load("train")
     if rows is None or len(rows) == 0:
         raise ConfigError(f"--prompts {cfg.prompts}: no usable prompts")
@@ -127,9 +136,38 @@ def generate(cfg: GenerateConfig, plugins: Plugins) -> int:
             reward=reward,
         )
     try:
-        return _write(cfg, rollouts, rows)
+        return _write(cfg, rollouts, rows, data_cfg.columns.prompt)
     finally:
         rollouts.close()
+
+
+def _prompt_data(cfg: GenerateConfig, plugins: Plugins) -> PromptData:
+    """The prompts' data format config: ``prompts`` unless ``data.format`` names another format
+    whose batch is ``PromptBatch`` (a plugin's conditioning of prompts), validated by its class."""
+    section = {
+        "format": "prompts",
+        **cfg.data,
+        "train": cfg.prompts,
+        "max_length": cfg.max_length,
+        "columns": {"prompt": cfg.prompt_column, **cfg.data.get("columns", {})},
+    }
+    entry = plugins.registry.get("data_format", str(section["format"]))
+    if entry.meta.get("batch") is not PromptBatch:
+        raise ConfigError(
+            f"align generate: data.format={entry.name} ({entry.package}) is not a prompts format "
+            "(registered with batch=align.PromptBatch); see `align list --kind data_format`"
+        )
+    try:
+        data_cfg = entry.config.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(
+            format_validation_error(exc, entry.config, section, "align generate, data")
+        ) from None
+    if not isinstance(data_cfg, PromptData):
+        raise ConfigError(
+            f"align generate: data.format={entry.name}: its config must subclass align.PromptData"
+        )
+    return data_cfg
 
 
 def _batches(rows: Any, size: int, column: str) -> Iterator[list[PromptRow]]:
@@ -137,7 +175,7 @@ def _batches(rows: Any, size: int, column: str) -> Iterator[list[PromptRow]]:
         yield prompt_rows([rows[i] for i in range(start, min(len(rows), start + size))], column)
 
 
-def _write(cfg: GenerateConfig, rollouts: Rollouts, rows: Any) -> int:
+def _write(cfg: GenerateConfig, rollouts: Rollouts, rows: Any, prompt_column: str) -> int:
     """Rows go to a hidden file beside ``out``, renamed when complete: an interrupted run never
     leaves a file that looks finished."""
     partial = cfg.out.with_name(f".{cfg.out.name}.partial")
@@ -149,11 +187,11 @@ def _write(cfg: GenerateConfig, rollouts: Rollouts, rows: Any) -> int:
     try:
         with partial.open("w") as handle, Progress(*columns, transient=True) as bar:
             task = bar.add_task("generate", total=len(rows))
-            for batch in _batches(rows, cfg.batch_size, cfg.prompt_column):
+            for batch in _batches(rows, cfg.batch_size, prompt_column):
                 result = rollouts.generate(batch, sampling)
                 for group in result.groups:
                     for index, sample in enumerate(group):
-                        handle.write(json.dumps(_row(sample, index, cfg.prompt_column)) + "\n")
+                        handle.write(json.dumps(_row(sample, index, prompt_column)) + "\n")
                         written += 1
                 bar.advance(task, len(batch))
         os.replace(partial, cfg.out)
