@@ -137,6 +137,69 @@ def test_gradient_accumulation_equals_one_big_batch(aggregation, warm_model, tmp
     assert max_weight_diff(finals[0], load_weights(warm_model)) > 1e-4  # it did train
 
 
+def test_skipping_the_redundant_old_pass_changes_no_result(warm_model, tmp_path, capsys):
+    """One epoch, the whole rollout batch in one optimizer step: the old log-probs are the
+    training forward's own (``old_logps_pass: auto``), and each step equals the one after a
+    separate old pass (``always``), with the KL in the loss (the reference pass stays; in the
+    second iteration the policy has moved from it), the importance correction and grad_accum 2.
+    Asserted to float32 rounding: the separate pass runs without autograd (the LM head in row
+    chunks) on micro-batches padded differently (eval_batch_size), so bit-equal log-probs depend
+    on the kernels' blocking (on the 2-core test machine they are bit-equal: weight diff 0.0)."""
+    runs = {}
+    for mode in ("auto", "always"):
+        out = tmp_path / mode
+        config = grpo_config(
+            out,
+            warm_model,
+            iterations=2,
+            prompts_per_iteration=4,
+            old_logps_pass=mode,
+            kl={"coef": 0.05},
+            importance_correction={"cap": 1.0},  # the trainer's tokens likelier than the engine's are capped
+            trainer={"batch_size": 16, "grad_accum": 2, "eval_batch_size": 8},
+            optim={"name": "sgd", "lr": 0.5},  # SGD: a gradient difference shows as a weight difference
+        )
+        result = run_cli(capsys, "run", write_yaml(tmp_path / f"{mode}.yaml", config))
+        assert result.code == 0, result.err
+        runs[mode] = (read_metrics(out, "rollout"), read_metrics(out, "train"), load_weights(out / "final"))
+    (rollouts, trains, weights), (rollouts_pass, trains_pass, weights_pass) = runs["auto"], runs["always"]
+    for rollout, rollout_pass, train, train_pass in zip(
+        rollouts, rollouts_pass, trains, trains_pass, strict=True
+    ):
+        assert rollout["old_logps_reused"] == 1.0 and rollout_pass["old_logps_reused"] == 0.0
+        assert train["ratio_mean"] == 1.0 and train["approx_kl"] == 0.0  # exactly: new = old by construction
+        assert train_pass["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+        for key in ("loss", "policy_loss", "grad_norm", "kl"):
+            assert train[key] == pytest.approx(train_pass[key], rel=1e-5, abs=1e-7), key
+        for key in ("entropy", "logprob_mismatch", "is_capped_fraction", "kl"):
+            assert rollout[key] == pytest.approx(rollout_pass[key], rel=1e-5, abs=1e-7), key
+    assert rollouts[1]["kl"] > 1e-4 and trains[1]["kl"] > 1e-4  # the second iteration's policy has moved
+    assert max_weight_diff(weights, weights_pass) < 1e-6
+    assert max_weight_diff(weights, load_weights(warm_model)) > 1e-4  # it did train
+
+
+def test_the_old_pass_stays_where_it_is_needed():
+    from types import SimpleNamespace
+
+    from align_grpo.algorithm import CriticFree
+
+    def reuses(samples: int = 32, epochs: int = 1, kl_in: str = "loss", mode: str = "auto") -> bool:
+        algorithm = object.__new__(CriticFree)
+        algorithm.config = SimpleNamespace(  # type: ignore[assignment]
+            epochs=epochs,
+            old_logps_pass=mode,
+            kl=SimpleNamespace(coef=0.1, in_=kl_in),
+            trainer=SimpleNamespace(batch_size=16, grad_accum=2),
+        )
+        return algorithm.reuses_training_logps(samples)
+
+    assert reuses() and reuses(samples=20)  # one step takes them all (fewer after dynamic sampling)
+    assert not reuses(samples=33)  # two optimizer steps: the second one's policy has moved
+    assert not reuses(epochs=2)  # the second epoch's policy has moved
+    assert not reuses(kl_in="reward")  # the rewards need the old log-probs before training
+    assert not reuses(mode="always")
+
+
 def test_killed_grpo_run_resumes_to_the_same_weights(warm_model, tmp_path, capsys):
     sections = {
         "iterations": 4,

@@ -7,6 +7,12 @@ sample more (dynamic sampling), take the trainer's log-probs of the samples befo
 advantages with the configured estimator, train ``epochs`` passes of minibatches on the clipped
 policy loss, refit the engine, and log. The math is in ``align.objectives``.
 
+The old policy's pass is skipped when it is redundant (``old_logps_pass: auto``): with one epoch
+and the whole rollout batch in one optimizer step, the policy that trains IS the old one, so the
+training forward's own log-probs, detached, are the old ones (the ratio is exactly 1, as TRL and
+verl do it). The statistics of the old log-probs (entropy, engine mismatch, KL) then come from
+that forward.
+
 Resume: checkpoints fall at iteration boundaries (every ``trainer.save_every`` iterations and the
 last) with the iteration and the prompt position; sampling seeds and minibatch orders are
 functions of (seed, iteration), so a resumed run does what the uninterrupted one did.
@@ -34,11 +40,20 @@ class ScoredSample:
     """A sample with what its training needs, each per-token tensor over its completion tokens."""
 
     sample: align.Sample
-    old_logps: Tensor  # the trainer's, before this iteration's updates
     engine_logps: Tensor
     ref_logps: Tensor | None
+    # The trainer's, before this iteration's updates, and the entropy at each position; None
+    # until the training forward gives them when the old policy's pass is skipped.
+    old_logps: Tensor | None = None
+    entropy: Tensor | None = None
     advantage: float = 0.0
     trained: bool = True  # False: no token is trained on (a truncated completion, when masked)
+
+    @property
+    def known_old_logps(self) -> Tensor:
+        if self.old_logps is None:
+            raise RuntimeError("the old log-probs are read before the training forward gave them")
+        return self.old_logps
 
 
 @dataclass
@@ -48,10 +63,11 @@ class RolloutBatch:
     tokens: align.TokenBatch
     mask: Tensor
     advantages: Tensor
-    old_logps: Tensor
+    old_logps: Tensor | None  # None: the training forward's own, detached (the pass was skipped)
     engine_logps: Tensor
     ref_logps: Tensor | None
     normalizer: float  # the loss's denominator (see objectives.aggregate), shared by its step
+    items: list[ScoredSample]  # its samples, row by row
 
     @property
     def num_tokens(self) -> int:
@@ -81,10 +97,14 @@ class CriticFree(align.OnlineAlgorithm):
         metrics["refit_s"] = self.sync_engine()
         groups = self.sample_groups(metrics)
         if groups:
+            reuse = self.reuses_training_logps(sum(len(group) for group in groups))
             with _timed(metrics, "logps_s"):
-                scored = self.score_groups(groups, metrics)
+                scored = self.score_groups(groups, metrics, old_pass=not reuse)
             with _timed(metrics, "train_s"):
                 metrics.update(self.train_on(learner, scored))
+            if reuse:  # the old log-probs' statistics, from the training forward's values
+                metrics.update(self._rollout_statistics(scored))
+            metrics["old_logps_reused"] = float(reuse)
         metrics["refit_s"] += self.sync_engine()
         self.iteration += 1
         learner.log(metrics, split="rollout")
@@ -127,15 +147,34 @@ class CriticFree(align.OnlineAlgorithm):
         return kept
 
     # ---- log-probs, rewards, advantages --------------------------------------------------
+    def reuses_training_logps(self, samples: int) -> bool:
+        """Whether the old policy's pass is redundant for a rollout batch of ``samples``: one
+        epoch in one optimizer step means the policy is still the old one when its training
+        forward runs (the pass's values would equal that forward's). With the KL in the reward
+        the rewards need the old log-probs before training, so the pass stays."""
+        cfg, t = self.config, self.config.trainer
+        one_update = cfg.epochs == 1 and samples <= t.batch_size * t.grad_accum
+        kl_in_reward = cfg.kl.coef > 0 and cfg.kl.in_ == "reward"
+        return cfg.old_logps_pass == "auto" and one_update and not kl_in_reward
+
     @torch.no_grad()
-    def score_groups(self, groups: list[list[align.Sample]], metrics: dict[str, float]) -> list[ScoredSample]:
-        """The samples with the trainer's (and reference's) log-probs and their advantages."""
+    def score_groups(
+        self, groups: list[list[align.Sample]], metrics: dict[str, float], old_pass: bool = True
+    ) -> list[ScoredSample]:
+        """The samples with the reference's log-probs, the trainer's (``old_pass``; else the
+        training forward gives them) and their advantages."""
         cfg = self.config
         samples = [s for group in groups for s in group]
+        old: list[Tensor | None] = [None] * len(samples)
+        entropy: list[Tensor | None] = [None] * len(samples)
+        ref: list[Tensor | None] = [None] * len(samples)
         # In the training step's precision: the ratio of new to old log-probs is 1 before an update.
         with align.precision_scope(cfg.trainer.precision, self.ctx.policy):
-            old, entropy = self.token_logps(self.ctx.policy, samples, with_entropy=True)
-            ref = self.token_logps(self.reference, samples)[0] if self.reference is not None else None
+            if old_pass:
+                old_values, entropies = self.token_logps(self.ctx.policy, samples, with_entropy=True)
+                old, entropy = list(old_values), list(entropies) or entropy
+            if self.reference is not None:
+                ref = list(self.token_logps(self.reference, samples)[0])
         scored = []
         for i, sample in enumerate(samples):
             if len(sample.logprobs) != len(sample.completion_ids):
@@ -144,15 +183,18 @@ class CriticFree(align.OnlineAlgorithm):
                     f"{len(sample.completion_ids)} tokens; the policy loss needs one per token"
                 )
             truncated = sample.finish_reason == "length" and cfg.overlong.mask_truncated
-            engine = torch.tensor(sample.logprobs, dtype=old[i].dtype)
+            engine = torch.tensor(sample.logprobs, dtype=torch.float32)
             scored.append(
-                ScoredSample(sample, old[i], engine, None if ref is None else ref[i], trained=not truncated)
+                ScoredSample(
+                    sample, engine, ref[i], old_logps=old[i], entropy=entropy[i], trained=not truncated
+                )
             )
         rewards = self.shaped_rewards(scored, len(groups), metrics)
         advantages = self.estimate_advantages(rewards).flatten().tolist()
         for item, advantage in zip(scored, advantages, strict=True):
             item.advantage = advantage
-        metrics.update(self._rollout_statistics(scored, entropy))
+        if old_pass:
+            metrics.update(self._rollout_statistics(scored))
         return scored
 
     def token_logps(
@@ -208,12 +250,12 @@ class CriticFree(align.OnlineAlgorithm):
 
     def _sequence_kl(self, item: ScoredSample) -> Tensor:
         assert item.ref_logps is not None
-        return objectives.kl_penalty(item.old_logps, item.ref_logps, self.config.kl.estimator).sum()
+        return objectives.kl_penalty(item.known_old_logps, item.ref_logps, self.config.kl.estimator).sum()
 
-    def _rollout_statistics(self, scored: list[ScoredSample], entropy: list[Tensor]) -> dict[str, float]:
+    def _rollout_statistics(self, scored: list[ScoredSample]) -> dict[str, float]:
         """What the rollout batch says before training: entropy, KL to the reference, and how far
         the engine's log-probs are from the trainer's (1.0: the same)."""
-        old = torch.cat([item.old_logps for item in scored])
+        old = torch.cat([item.known_old_logps for item in scored])
         engine = torch.cat([item.engine_logps for item in scored])
         mask = torch.ones_like(old, dtype=torch.bool)[None]
         _, mismatch = objectives.truncated_is_weights(
@@ -228,6 +270,7 @@ class CriticFree(align.OnlineAlgorithm):
             "advantage_abs_mean": sum(abs(item.advantage) for item in scored) / len(scored),
             "trained_fraction": sum(item.trained for item in scored) / len(scored),
         }
+        entropy = [item.entropy for item in scored if item.entropy is not None]
         if entropy and old.numel():
             stats["entropy"] = float(torch.cat(entropy).mean())
         if self.reference is not None and old.numel():
@@ -285,31 +328,38 @@ class CriticFree(align.OnlineAlgorithm):
         for row, item in enumerate(items):
             mask[row, : len(item.sample.completion_ids)] = item.trained
         refs = [item.ref_logps for item in items]
+        olds = [item.old_logps for item in items]
         return RolloutBatch(
             tokens=self.lay_out([item.sample for item in items]),
             mask=mask,
             advantages=torch.tensor([item.advantage for item in items]),
-            old_logps=padded([item.old_logps for item in items]),
+            old_logps=padded(olds) if all(o is not None for o in olds) else None,  # type: ignore[arg-type]
             engine_logps=padded([item.engine_logps for item in items]),
             ref_logps=padded(refs) if all(r is not None for r in refs) else None,  # type: ignore[arg-type]
             normalizer=normalizer,
+            items=items,
         )
 
     def loss(self, batch: RolloutBatch) -> align.LossOutput:
         """The clipped policy loss (+ KL to the reference, - entropy bonus), aggregated over the
         step's denominator; formulas in ``objectives`` and docs/algorithms/grpo.md."""
         cfg = self.config
+        reused = batch.old_logps is None  # the old pass was skipped: this forward is the old policy's
         current = self.ctx.backend.token_logps(
-            self.ctx.policy, batch.tokens, with_entropy=cfg.entropy_coef > 0
+            self.ctx.policy, batch.tokens, with_entropy=cfg.entropy_coef > 0 or reused
         )
+        old_logps = current.values.detach() if reused else batch.old_logps
+        assert old_logps is not None
+        if reused:
+            _keep_old_logps(batch, old_logps, current.entropy)
         is_weights = None
         if cfg.importance_correction is not None:
             is_weights, _ = objectives.truncated_is_weights(
-                batch.old_logps, batch.engine_logps, batch.mask, cfg.importance_correction.cap
+                old_logps, batch.engine_logps, batch.mask, cfg.importance_correction.cap
             )
         loss, stats = objectives.policy_loss(
             current.values,
-            batch.old_logps,
+            old_logps,
             batch.advantages,
             batch.mask,
             clip_low=cfg.clip_low,
@@ -334,6 +384,15 @@ class CriticFree(align.OnlineAlgorithm):
             loss = loss - cfg.entropy_coef * bonus
             metrics["entropy"] = _masked_mean(current.entropy.detach(), batch.mask)
         return align.LossOutput(loss, metrics)
+
+
+def _keep_old_logps(batch: RolloutBatch, old_logps: Tensor, entropy: Tensor | None) -> None:
+    """Each sample's old log-probs (and entropies), from the training forward's detached rows."""
+    for row, item in enumerate(batch.items):
+        length = len(item.sample.completion_ids)
+        item.old_logps = old_logps[row, :length].float()
+        if entropy is not None:
+            item.entropy = entropy[row, :length].detach().float()
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:

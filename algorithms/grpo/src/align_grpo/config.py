@@ -95,6 +95,12 @@ class CriticFreeConfig(align.OnlineConfig):
     entropy_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
     overlong: OverlongConfig = OverlongConfig()
+    old_logps_pass: Literal["auto", "always"] = Field(
+        "auto",
+        description="auto: skip the trainer's pass over the rollout batch before training when it is "
+        "redundant (epochs 1, the whole batch in one optimizer step, no KL in the reward): the old "
+        "log-probs are then the training forward's own, detached, and the ratio is 1. always: run it.",
+    )
     importance_correction: ImportanceCorrectionConfig | None = Field(
         None,
         description="Weigh each token by min(p_trainer / p_engine, cap) (truncated importance sampling); "
