@@ -52,7 +52,7 @@ from align.online import (
 )
 from align.plugins import Plugins, default_plugins, load_plugins
 from align.precision import precision_scope
-from align.protocols import Backend, DataFormat, RewardSource, ScoringBackend
+from align.protocols import Backend, DataFormat, RewardSource, ScoringBackend, TokenScoringBackend
 from align.registry import Entry, Register, Registry
 from align.rewards import RewardError, build_reward, message_text
 from align.rollout import (
@@ -132,6 +132,7 @@ __all__ = [
     "TinyModelConfig",
     "TokenBatch",
     "TokenLogps",
+    "TokenScoringBackend",
     "TokenizedFormat",
     "TrainerConfig",
     "TrainingDiverged",

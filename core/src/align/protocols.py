@@ -80,6 +80,18 @@ class ScoringBackend(Backend, Protocol):
 
 
 @runtime_checkable
+class TokenScoringBackend(ScoringBackend, Protocol):
+    """A scoring backend that also reads a one-head scorer at every token (a critic's values):
+    optional, checked with ``isinstance`` by the critics that need it."""
+
+    def token_scores(self, model: nn.Module, batch: TokenBatch) -> TokenLogps:
+        """The score head (label 0) at the position before each token under
+        ``batch.loss_mask``, in ``token_logps``'s layout (``[num_sequences, longest]``,
+        left-aligned, float32, with its mask); differentiable when grad is enabled."""
+        ...
+
+
+@runtime_checkable
 class RewardSource(Protocol):
     """What a ``register_rewards`` factory returns: scores (prompt, completion, row) triples.
 

@@ -107,6 +107,9 @@ class HFBackend:
     def sequence_scores(self, model: nn.Module, batch: TokenBatch) -> Tensor:
         return sequence_scores(model, batch)
 
+    def token_scores(self, model: nn.Module, batch: TokenBatch) -> TokenLogps:
+        return token_scores(model, batch)
+
     def save_pretrained(self, model: nn.Module, path: Path) -> None:
         model.save_pretrained(path, safe_serialization=True)  # type: ignore[operator]
         self.tokenizer.save_pretrained(path)
@@ -407,3 +410,30 @@ def sequence_scores(model: nn.Module, batch: TokenBatch) -> Tensor:
             "data.padding_free: false"
         )
     return model(**inputs).logits.float()
+
+
+def token_scores(model: nn.Module, batch: TokenBatch) -> TokenLogps:
+    """A one-head sequence classifier's score head applied at every scored position (a critic's
+    per-token values), in ``token_logps``'s layout: ``values[s, j]`` is read at the position
+    before sequence ``s``'s ``j``-th scored token (the state that token was chosen in),
+    left-aligned, zero past the sequence's count, float32, differentiable."""
+    head = getattr(model, "score", None)
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not (isinstance(head, nn.Module) and isinstance(decoder, nn.Module)):
+        raise ValueError(f"{type(model).__name__} has no `score` head to read per-token values with")
+    inputs = {
+        "input_ids": batch.input_ids,
+        "attention_mask": None if batch.packed or _right_padded(batch) else batch.attention_mask,
+        "position_ids": batch.position_ids,
+        "use_cache": False,  # see sequence_scores: packed sequences must not attend to each other
+    }
+    scored = batch.loss_mask[:, 1:]
+    owners = batch.sequence_ids[:, 1:][scored]
+    hidden = decoder(**inputs).last_hidden_state[:, :-1][scored]
+    scores = head(hidden)[:, 0].float()
+    counts = torch.bincount(owners, minlength=batch.num_sequences)
+    width = int(counts.max()) if counts.numel() else 0
+    mask = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
+    positions = _positions_in_sequence(owners, batch.num_sequences)
+    values = scores.new_zeros(batch.num_sequences, width).index_put((owners, positions), scores)
+    return TokenLogps(values, mask)
