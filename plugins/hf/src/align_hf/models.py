@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from align import ConfigError, ModelConfig, TinyModelConfig
+from align_hf.gguf import resolve_model, resolve_tokenizer
 from align_hf.tokenizer import byte_tokenizer
 
 TINY = "tiny"
@@ -61,7 +62,7 @@ def tiny_llama_config(knobs: TinyModelConfig, vocab_size: int, attn_implementati
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    source = cfg.tokenizer or cfg.path
+    source = resolve_tokenizer(cfg)
     if source == TINY:
         return byte_tokenizer()
     try:
@@ -77,12 +78,13 @@ def load_causal_lm(cfg: ModelConfig, vocab_size: int, attn_implementation: str) 
     if cfg.path == TINY:
         model: torch.nn.Module = tiny_llama(cfg.tiny, vocab_size, attn_implementation)
     else:
+        source = resolve_model(cfg)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.path, dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation
+                source, dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation
             )
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"model.path: cannot load a causal LM from '{cfg.path}': {exc}") from None
+            raise ConfigError(f"model.path: cannot load a causal LM from '{source}': {exc}") from None
     return model.to(DTYPES[cfg.dtype])
 
 
@@ -101,16 +103,17 @@ def load_scorer(
     if cfg.path == TINY:
         model: torch.nn.Module = tiny_llama_scorer(cfg.tiny, vocab_size, num_labels, attn_implementation)
     else:
+        source = resolve_model(cfg)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.path,
+                source,
                 num_labels=num_labels,
                 dtype=DTYPES[cfg.dtype],
                 attn_implementation=attn_implementation,
             )
         except (OSError, ValueError, RuntimeError) as exc:
             raise ConfigError(
-                f"model.path: cannot load a {num_labels}-label sequence classifier from '{cfg.path}': {exc}"
+                f"model.path: cannot load a {num_labels}-label sequence classifier from '{source}': {exc}"
             ) from None
     config: Any = model.config
     config.id2label = dict(enumerate(labels))
