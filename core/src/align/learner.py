@@ -14,16 +14,18 @@ Deterministic: the same seed gives the same weights, and a resumed run continues
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
@@ -48,6 +50,9 @@ EARLIER_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "final", "final.tmp", "te
 PARAM_JUMP = 1000.0
 # Inside a checkpoint: the policy in model/, every other trainable in roles/<role>/.
 ROLES_DIR = "roles"
+# Inside a checkpoint of a distributed run: each other rank's own trainer state (its optimizer
+# holds its shards), as ranks/rank_<r>.pt; rank 0's is the checkpoint's trainer_state.pt.
+RANKS_DIR = "ranks"
 
 notes = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -182,7 +187,10 @@ class Learner:
     def is_main(self) -> bool:
         """Whether this process writes the run's outputs (False on all but one rank of a
         distributed backend)."""
-        return bool(getattr(self.backend, "is_main", True))
+        backend = getattr(self, "backend", None)
+        if backend is None:  # before build(): torchrun's rank says it
+            return process_rank() == 0
+        return bool(getattr(backend, "is_main", True))
 
     # ---- trainables ------------------------------------------------------------------
     def add_trainable(
@@ -314,6 +322,9 @@ class Learner:
         """The total gradient norm (clipped to trainer.max_grad_norm when set): the clip computes
         it anyway, so the finiteness check is one number."""
         max_norm = self.config.trainer.max_grad_norm
+        finish = getattr(self.backend, "finish_gradients", None)
+        if callable(finish):  # a distributed backend syncs its ranks' gradients and norms them all
+            return float(finish(trainable.module, trainable.params, max_norm))
         if max_norm:
             return float(torch.nn.utils.clip_grad_norm_(trainable.params, max_norm))
         return float(total_norm([p.grad for p in trainable.params if p.grad is not None]))
@@ -389,17 +400,33 @@ class Learner:
 
     def save_checkpoint(self) -> Path:
         """A verified checkpoint of every trainable, the algorithm's state and the RNG."""
+        if not self.is_main:
+            return self._save_rank_state()
         tmp = checkpoint.begin(self.output_dir, self.step)
         with checkpoint.guarded_write(f"the checkpoint of step {self.step}", tmp, self.output_dir):
             self.backend.save_pretrained(self.context.policy, tmp / "model")
             for role, trainable in self._other_trainables():
                 self._save_module(trainable.module, tmp / ROLES_DIR / role)
             self.algorithm.save_files(tmp)
+            barrier()  # the other ranks' states are in tmp before the manifest lists them
             path = checkpoint.commit(tmp, self._state(), self.config.trainer.keep_checkpoints)
         self.last_saved_step = self.step
         self.unsaved = False
         self.hook.on_checkpoint(run=self.info, step=self.step, path=path)
         return path
+
+    def _save_rank_state(self) -> Path:
+        """A distributed run's other ranks: take part in the main rank's (collective) save of the
+        model, then add this rank's own trainer state to the checkpoint it is writing. Other
+        trainables are saved by the main rank alone."""
+        tmp = checkpoint.checkpoint_dir(self.output_dir) / f"step_{self.step}.tmp"
+        self.backend.save_pretrained(self.context.policy, tmp / "model")  # writes on the main rank
+        (tmp / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+        torch.save(self._state(), tmp / RANKS_DIR / f"rank_{process_rank()}.pt")
+        barrier()
+        self.last_saved_step = self.step
+        self.unsaved = False
+        return tmp.with_suffix("")
 
     def _state(self) -> dict[str, Any]:
         policy = self.trainables[POLICY]
@@ -443,6 +470,9 @@ class Learner:
         def write(folder: Path) -> None:
             self.backend.save_pretrained(self.context.policy, folder)
 
+        if not self.is_main:  # a distributed backend's save is collective; the main rank writes
+            write(partial)
+            return final
         with checkpoint.guarded_write("the final model", partial, self.output_dir):
             checkpoint.replace_folder(final, write)
         return final
@@ -554,7 +584,7 @@ class Learner:
         self.add_trainable(POLICY, self.algorithm.trainable())
 
     def _restore(self, path: Path) -> None:
-        state = self._resume_state if self._resume_state is not None else checkpoint.load_state(path)
+        state = self._resume_state if self._resume_state is not None else self._load_state(path)
         self._resume_state = None
         policy = self.trainables[POLICY]
         self.backend.load_weights(self.context.policy, path / "model")
@@ -574,6 +604,20 @@ class Learner:
             note(f"{path} holds no saved config (an older align): the current settings apply")
         elif self._resume_changes:
             note(f"resuming with changed settings: {resume.describe(self._resume_changes)}", style="yellow")
+
+    def _load_state(self, path: Path) -> dict[str, Any]:
+        """The trainer state this process resumes from: the checkpoint's, or on a distributed
+        run's other ranks their own (written next to it)."""
+        if self.is_main:
+            return checkpoint.load_state(path)
+        own = path / RANKS_DIR / f"rank_{process_rank()}.pt"
+        if not own.is_file():
+            raise ConfigError(
+                f"resume: {path} holds no state for rank {process_rank()} ({own.name}): it was written "
+                f"by a run with fewer processes; resume with the same number of processes"
+            )
+        state: dict[str, Any] = torch.load(own, weights_only=True)
+        return state
 
     def _restore_trainable(self, trainable: Trainable, folder: Path, saved: dict[str, Any]) -> None:
         self._load_module(trainable.module, folder)
@@ -597,7 +641,8 @@ class Learner:
                 f"--resume: nothing to resume from: output_dir {self.output_dir} does not exist"
             )
         try:
-            with OutputLock(self.output_dir):
+            # One process of a distributed run owns the folder: the others only read checkpoints.
+            with OutputLock(self.output_dir) if self.is_main else nullcontext():
                 return self._run()
         except OSError as exc:
             if exc.errno not in checkpoint.DISK_ERRNOS:
@@ -611,12 +656,20 @@ class Learner:
             ) from exc
 
     def _run(self) -> RunResult:
-        resumed_from = self._prepare_output_dir()
+        resumed_from = self._prepare_output_dir() if self.is_main else None
         self.build()
+        if not self.is_main:
+            # The main rank prepared the folder before the backend formed the process group;
+            # the barrier makes sure of it. Resume from the checkpoint it chose.
+            barrier()
+            resumed_from = self._resume_source()
+        elif dist.is_available() and dist.is_initialized():
+            barrier()
         self.algorithm.setup(self)
         if resumed_from is not None:
             self._restore(resumed_from)
-        write_run_config(self.config, self.output_dir, self.plugins.registry)
+        if self.is_main:
+            write_run_config(self.config, self.output_dir, self.plugins.registry)
         self.info.resumed_from, self.info.resumed_step = resumed_from, self.step
         self.hook.on_train_start(run=self.info)
         result = RunResult(self.output_dir, self.output_dir / "final", self.total_steps)
@@ -637,7 +690,8 @@ class Learner:
         stats = self.data_format.stats()
         for trainable in self.trainables.values():
             trainable.module.train()
-        with Progress(self.total_steps, self.step, self.config.trainer.progress) as progress:
+        shown = self.config.trainer.progress if self.is_main else False
+        with Progress(self.total_steps, self.step, shown) as progress:
             self.progress = progress
             if any(stats.values()):
                 progress.note("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
@@ -645,6 +699,20 @@ class Learner:
                 self.algorithm.drive(self)
             finally:
                 self.progress = None
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed run (the process group's, else torchrun's RANK);
+    0 for a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def barrier() -> None:
+    """Wait for every rank of a distributed run (nothing for a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _refuse_the_working_directory(output_dir: Path) -> None:

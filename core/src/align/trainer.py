@@ -17,6 +17,7 @@ from align.learner import (
     RunInfo,
     RunResult,
     make_optimizer,
+    process_rank,
     seed_everything,
     total_norm,
 )
@@ -45,7 +46,9 @@ def train(cfg: RunConfig, plugins: Plugins | None = None) -> RunResult:
     from align.plugins import callbacks_for, default_plugins, registered_for_run
 
     plugins = plugins or default_plugins()
-    lifecycle = [*_sinks_for(cfg), *callbacks_for(cfg, plugins.registry)]
+    # Metrics files are written by one process: the main rank of a distributed run.
+    sinks = _sinks_for(cfg) if process_rank() == 0 else []
+    lifecycle = [*sinks, *callbacks_for(cfg, plugins.registry)]
     with registered_for_run(plugins.manager, lifecycle):
         return Learner(cfg, plugins).run()
 
