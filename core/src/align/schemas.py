@@ -26,6 +26,7 @@ BUILTIN_PACKAGES = frozenset(
         "align-reward",
         "align-rs",
         "align-grpo",
+        "align-ppo",
     }
 )
 
