@@ -2,6 +2,7 @@
 
 from align import objectives
 from align.algorithm import Algorithm, Context
+from align.backends import build_backend, model_sections, save_merged
 from align.batches import (
     LossOutput,
     PairedTokens,
@@ -19,6 +20,7 @@ from align.config import (
     BackendConfig,
     CallbackConfig,
     DataConfig,
+    LoraConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -37,6 +39,7 @@ from align.errors import ConfigError, DataError, OutputWriteError, TrainingDiver
 from align.hookspecs import hookimpl
 from align.layout import lay_out, pack_sequences, pad_sequences, row_lengths
 from align.learner import Learner, RunInfo, RunResult
+from align.loading import read_yaml, validate_run_config
 from align.lock import OutputDirLocked
 from align.losses import LossFn, combine_losses, loss_function, pairwise_accuracy, resolve_losses
 from align.online import (
@@ -91,6 +94,7 @@ __all__ = [
     "EngineUnavailable",
     "Entry",
     "Learner",
+    "LoraConfig",
     "LossConfig",
     "LossFn",
     "LossOutput",
@@ -139,6 +143,7 @@ __all__ = [
     "UnpairedBatch",
     "UserError",
     "WritableDir",
+    "build_backend",
     "build_critic",
     "build_engine",
     "build_reward",
@@ -150,6 +155,7 @@ __all__ = [
     "load_plugins",
     "loss_function",
     "message_text",
+    "model_sections",
     "objectives",
     "pack_sequences",
     "pad_sequences",
@@ -157,10 +163,13 @@ __all__ = [
     "policy_weights",
     "precision_scope",
     "prompt_rows",
+    "read_yaml",
     "resolve_losses",
     "row_error",
     "row_lengths",
+    "save_merged",
     "start_rollouts",
     "text_or_messages",
     "train",
+    "validate_run_config",
 ]

@@ -136,6 +136,26 @@ class TinyModelConfig(StrictConfig):
         return self
 
 
+class LoraConfig(StrictConfig):
+    """LoRA adapters on a model section (``model.lora``), applied by the ``align-lora`` plugin on
+    the ``hf`` backend: the model's own weights are frozen and only the low-rank adapters (and
+    ``modules_to_save``) train; the reference policy is the same model with its adapters off."""
+
+    r: int = Field(16, gt=0, description="Rank of each adapter (peft's r).")
+    alpha: int = Field(32, gt=0, description="Scale: an adapter's update is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules given adapters: 'all-linear' (every linear layer but the output head), "
+        "a list of module names (q_proj, v_proj...), or a regular expression over full names.",
+    )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head); "
+        "a scorer's head is always trained.",
+    )
+
+
 class ModelConfig(StrictConfig):
     """The policy model: ``tiny`` (embedded default, built in code), an HF path/directory, a
     ``.gguf`` file (dequantized once and cached as safetensors) or a named shortcut such as
@@ -153,6 +173,9 @@ class ModelConfig(StrictConfig):
     tokenizer: str | None = Field(None, description="Tokenizer path; defaults to model.path.")
     dtype: Literal["float32", "bfloat16"] = "float32"
     tiny: TinyModelConfig = TinyModelConfig()
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters instead of the weights (needs the align-lora plugin)."
+    )
 
     @model_validator(mode="after")
     def _gguf_file_needs_a_folder(self) -> ModelConfig:

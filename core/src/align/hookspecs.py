@@ -16,6 +16,8 @@ import pluggy
 
 if TYPE_CHECKING:
     from align.commands import AddCommand
+    from align.config import RunConfig
+    from align.protocols import Backend
     from align.registry import Register
     from align.trainer import RunInfo
 
@@ -68,6 +70,14 @@ def register_data_formats(register: Register) -> None:
 @hookspec
 def register_backends(register: Register) -> None:
     """Register model backends: ``register(MyBackendConfig)(MyBackend)``."""
+
+
+@hookspec
+def wrap_backend(backend: Backend, config: RunConfig) -> Backend | None:
+    """Wrap the backend a run (or ``align export``) builds, or return None to leave it: a plugin
+    may change how every model is built, run and saved (``align-lora`` puts LoRA adapters on the
+    models of sections with ``model.lora``). Wrappers chain: each gets the backend the previous
+    one returned. A wrapper delegates what it does not change to the backend it wraps."""
 
 
 @hookspec

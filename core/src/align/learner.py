@@ -33,6 +33,7 @@ from transformers import get_scheduler
 
 from align import checkpoint, resume
 from align.algorithm import Algorithm, Context
+from align.backends import build_backend, save_merged
 from align.batches import LossOutput, TokenBatch, as_number
 from align.batching import eval_batches
 from align.config import OptimConfig, RunConfig
@@ -244,12 +245,12 @@ class Learner:
             yield name, tensor.detach()
 
     def export_model(self, role: str | Path = POLICY, path: str | Path | None = None) -> Path:
-        """Write ``role`` as an HF folder at ``path`` (for an engine to start from);
-        ``export_model(path)`` exports the policy."""
+        """Write ``role`` as a full HF folder at ``path`` (for an engine to start from; adapters
+        merged in); ``export_model(path)`` exports the policy."""
         if path is None:
             role, path = POLICY, role
         folder = Path(path)
-        self.backend.save_pretrained(self._trainable(str(role)).module, folder)
+        save_merged(self.backend, self._trainable(str(role)).module, folder)
         return folder
 
     def forward_precision(self, role: str = POLICY) -> AbstractContextManager[object]:
@@ -556,7 +557,7 @@ class Learner:
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
         seed_everything(cfg.seed)
-        self.backend = registry.get("backend", cfg.backend.name).factory(cfg)
+        self.backend = build_backend(cfg, self.plugins)
         self.data_format = registry.get("data_format", cfg.data.format).factory(
             cfg.data, self.backend.tokenizer
         )

@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 
 from align.algorithm import Algorithm, Context
+from align.backends import save_merged
 from align.builtin.prompts import PromptRow, prompt_rows
 from align.config import RewardConfig, RolloutEngineConfig, RunConfig
 from align.errors import UserError
@@ -182,11 +183,12 @@ def start_rollouts(
     max_model_len: int = 1024,
 ) -> Rollouts:
     """Start an engine on the policy's current weights, written once to a temporary HF folder
-    the engine loads from (later updates arrive by ``refit``, never through the disk)."""
+    the engine loads from (later updates arrive by ``refit``, never through the disk); adapters
+    (LoRA) are merged into the weights the engine gets."""
     cfg = ctx.config
     with tempfile.TemporaryDirectory(prefix="align-engine-") as folder:
         model_dir = Path(folder) / "policy"
-        ctx.backend.save_pretrained(ctx.policy, model_dir)
+        save_merged(ctx.backend, ctx.policy, model_dir)
         return Rollouts(
             engine_cfg,
             ctx.registry,
