@@ -1,4 +1,24 @@
-"""align-megatron: a megatron-core backend (tensor, pipeline, data parallel) and HF<->Megatron conversion.
+"""align-megatron: a megatron-core backend (tensor and data parallelism) and HF <-> Megatron
+conversion for Llama-family models. See docs/megatron.md."""
 
-Being built: registers nothing yet.
-"""
+from align import Register, hookimpl
+from align_megatron.backend import MegatronBackend, MegatronBackendConfig, MegatronModel, vocab_parallel_logps
+from align_megatron.conversion import LlamaLayout, layout_of, to_hf, to_megatron
+from align_megatron.cpu_shims import apply_cpu_shims
+
+__all__ = [
+    "LlamaLayout",
+    "MegatronBackend",
+    "MegatronBackendConfig",
+    "MegatronModel",
+    "apply_cpu_shims",
+    "layout_of",
+    "to_hf",
+    "to_megatron",
+    "vocab_parallel_logps",
+]
+
+
+@hookimpl
+def register_backends(register: Register) -> None:
+    register(MegatronBackendConfig)(MegatronBackend)

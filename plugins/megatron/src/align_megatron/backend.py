@@ -1,0 +1,368 @@
+"""The ``megatron`` backend: megatron-core GPTModel with tensor and data parallelism.
+
+Models start as HF models (the run's ``model`` section, built by the hf backend's public API)
+and are converted to megatron shards (``align_megatron.conversion``); every output is an HF
+checkpoint again. Algorithms see the same ``Backend`` methods as on ``hf``:
+
+- Log-probs come from logits split over the vocabulary (``parallel_output``): the log-softmax
+  normaliser and the target's logit are all-reduced over the TP group, never the vocabulary.
+- Data parallelism lives inside the backend: every rank gets the same global batch (same seed,
+  same data order), scores its share of the rows, and the per-sequence results are summed over
+  the DP group. Every rank then computes the same loss; the backward of that sum is the
+  identity, so each rank's gradients are its rows' share, and ``finish_gradients`` sums them
+  over the DP group. The algorithms' code does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from align import BackendConfig, ConfigError, ModelConfig, RunConfig, SequenceLogps, TokenBatch, TokenLogps
+from align_megatron.conversion import LlamaLayout, hf_tensors, layout_of, megatron_names, megatron_shard
+from align_megatron.parallel import Parallelism, build_gpt, initialize, transformer_engine_available
+
+CAUSAL_ROLES = ("policy", "reference")
+FROZEN_ROLES = ("reference",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Logit given to the vocabulary's padding rows (added so TP divides it): exp() of it is 0.
+MASKED_LOGIT = -1e30
+# TransformerEngine's spec fuses the pre-attention and pre-MLP norms into the next linear layer.
+TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+class MegatronBackendConfig(BackendConfig):
+    name: Literal["megatron"] = "megatron"
+    tensor_model_parallel_size: int = Field(1, ge=1, description="Ranks each layer is split over.")
+    pipeline_model_parallel_size: int = Field(
+        1, ge=1, description="Pipeline stages (only 1 runs yet). Data parallel = world / (TP x PP)."
+    )
+    sequence_parallel: bool = Field(False, description="Split norms/dropout over the sequence (GPU only).")
+
+
+class MegatronModel(nn.Module):
+    """A megatron-core GPTModel with what the conversion needs to write it back as HF."""
+
+    def __init__(self, gpt: nn.Module, layout: LlamaLayout, hf_config: Any, uses_te: bool) -> None:
+        super().__init__()
+        self.gpt = gpt
+        self.layout = layout
+        self.hf_config = hf_config
+        self.uses_te = uses_te
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits ``[rows, width, vocab / TP]``: this rank's slice of the (padded) vocabulary."""
+        logits: Tensor = self.gpt(input_ids, position_ids, attention_mask)
+        return logits
+
+    def replicated(self) -> set[int]:
+        """ids of the parameters every TP rank holds whole (the norms); the rest are shards.
+        Decided from the names: megatron marks shards only when it initialises them itself."""
+        return {
+            id(p) for name, p in self.gpt.named_parameters() if "layernorm" in name or "layer_norm" in name
+        }
+
+    def local_name(self, name: str) -> str:
+        """The module's name for the conversion's (local-spec) parameter name."""
+        parts = name.split(".", 3)  # decoder, layers, i, the layer's own name
+        if not self.uses_te or len(parts) < 4 or parts[3] not in TE_NAMES:
+            return name
+        return ".".join([*parts[:3], TE_NAMES[parts[3]]])
+
+
+class MegatronBackend:
+    def __init__(self, run: RunConfig) -> None:
+        from align_hf import HFBackend, HFBackendConfig
+
+        self.run = run
+        self.cfg: MegatronBackendConfig = run.backend  # type: ignore[assignment]
+        self.par: Parallelism = initialize(
+            self.cfg.tensor_model_parallel_size,
+            self.cfg.pipeline_model_parallel_size,
+            self.cfg.sequence_parallel,
+        )
+        # HF models are the starting point (and the tokenizer): the hf backend builds them.
+        self.hf = HFBackend(run.model_copy(update={"backend": HFBackendConfig(attn_implementation="eager")}))
+        self.tokenizer = self.hf.tokenizer
+        self.is_main = self.par.is_main
+
+    # ---- building ------------------------------------------------------------------------
+    def build_model(self, role: str, model: ModelConfig | None = None) -> nn.Module:
+        if role not in CAUSAL_ROLES:
+            raise ConfigError(
+                f"backend: megatron builds causal LMs ({', '.join(CAUSAL_ROLES)}); a '{role}' model "
+                f"(a sequence scorer) needs backend: hf"
+            )
+        cfg = model or self.run.model
+        hf_model: Any = self.hf.build_model(role, cfg)
+        layout = layout_of(hf_model.config)
+        hf_state = hf_model.state_dict()
+        if layout.tied_embeddings:
+            hf_state.setdefault("lm_head.weight", hf_state["model.embed_tokens.weight"])
+        built = self._empty_model(layout, hf_model.config, DTYPES[cfg.dtype])
+        self._load(built, hf_state.__getitem__)
+        del hf_model, hf_state
+        if role in FROZEN_ROLES:
+            built.eval()
+            built.requires_grad_(False)
+        return built
+
+    def build_policy(self) -> nn.Module:
+        return self.build_model("policy")
+
+    def build_reference(self) -> nn.Module:
+        return self.build_model("reference")
+
+    def _empty_model(self, layout: LlamaLayout, hf_config: Any, dtype: torch.dtype) -> MegatronModel:
+        gpt = build_gpt(layout, self.par, dtype, self.cfg.sequence_parallel)
+        return MegatronModel(gpt, layout, hf_config, transformer_engine_available())
+
+    def _load(self, model: MegatronModel, get: Any) -> None:
+        params = dict(model.gpt.named_parameters())
+        with torch.no_grad():
+            for name in megatron_names(model.layout):
+                shard = megatron_shard(name, get, model.layout, self.par.tp_rank, self.par.tp)
+                target = params[model.local_name(name)]
+                if target.shape != shard.shape:
+                    raise RuntimeError(
+                        f"{name}: converted shard {tuple(shard.shape)} != {tuple(target.shape)}"
+                    )
+                target.copy_(shard)
+
+    # ---- weights out -----------------------------------------------------------------------
+    def named_weights(self, model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+        """HF-named full tensors, gathered over the TP group one megatron tensor at a time (every
+        rank takes part in each gather and gets the whole tensor)."""
+        from megatron.core import parallel_state as ps
+
+        meg = _megatron(model)
+        params = dict(meg.gpt.named_parameters())
+        group = ps.get_tensor_model_parallel_group()
+        for name in megatron_names(meg.layout):
+            local = params[meg.local_name(name)].detach().contiguous()
+            shards = [torch.empty_like(local) for _ in range(self.par.tp)]
+            if self.par.tp > 1:
+                dist.all_gather(shards, local, group=group)
+            else:
+                shards = [local]
+            yield from hf_tensors(name, [s.cpu() for s in shards], meg.layout)
+
+    def save_pretrained(self, model: nn.Module, path: Path) -> None:
+        """An HF checkpoint (safetensors, config, tokenizer) of the whole model, written by the
+        main rank only; every rank must call it (the gathers are collective)."""
+        meg = _megatron(model)
+        state = {name: tensor.contiguous() for name, tensor in self.named_weights(model)}
+        if not self.is_main:
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        meg.hf_config.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def load_weights(self, model: nn.Module, path: Path) -> None:
+        """Load an HF checkpoint written by ``save_pretrained`` into this rank's shards."""
+        meg = _megatron(model)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise RuntimeError(f"checkpoint {path} holds no *.safetensors file")
+        handles = [safe_open(str(f), framework="pt") for f in files]
+        where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+        def get(name: str) -> Tensor:
+            if name == "lm_head.weight" and name not in where and meg.layout.tied_embeddings:
+                name = "model.embed_tokens.weight"
+            if name not in where:
+                raise RuntimeError(f"checkpoint {path} does not match the model: {name} is missing")
+            tensor: Tensor = where[name].get_tensor(name)
+            return tensor
+
+        self._load(meg, get)
+
+    # ---- gradients ------------------------------------------------------------------------
+    def finish_gradients(
+        self, module: nn.Module, params: Sequence[nn.Parameter], max_norm: float | None
+    ) -> float:
+        """Sum the gradients over the DP group, then return the global gradient norm (over every
+        TP shard, replicated weights counted once), clipping to ``max_norm`` when set: the
+        learner calls this between the backward passes and the optimizer step."""
+        from megatron.core import parallel_state as ps
+
+        replicated = _megatron(module).replicated()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self.par.dp > 1 and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=ps.get_data_parallel_group())
+            for param, grad, piece in zip(params, grads, flat.split([g.numel() for g in grads]), strict=True):
+                param.grad = piece.view_as(grad)
+            grads = [p.grad for p in params if p.grad is not None]
+        # A replicated weight's gradient is the same on every TP rank: counted on rank 0 only.
+        owned = [
+            g for p, g in zip(params, grads, strict=True) if id(p) not in replicated or self.par.tp_rank == 0
+        ]
+        squares = torch.zeros((), dtype=torch.float64, device=self.par.device)
+        for grad in owned:
+            squares += grad.detach().double().pow(2).sum()
+        if self.par.tp > 1:
+            dist.all_reduce(squares, group=ps.get_tensor_model_parallel_group())
+        norm = float(squares.sqrt())
+        if max_norm and grads:
+            coef = min(1.0, max_norm / (norm + 1e-6))
+            for grad in grads:
+                grad.mul_(coef)
+        return norm
+
+    # ---- scoring --------------------------------------------------------------------------
+    def sequence_logps(self, model: nn.Module, batch: TokenBatch) -> SequenceLogps:
+        values, owners, _ = self._scored(model, batch, with_entropy=False)
+        sums = values.new_zeros(batch.num_sequences).index_add(0, owners, values)
+        counts = torch.bincount(
+            batch.sequence_ids[:, 1:][batch.loss_mask[:, 1:]], minlength=batch.num_sequences
+        )
+        return SequenceLogps(_sum_over_data_parallel(sums, self.par), counts)
+
+    def token_logps(self, model: nn.Module, batch: TokenBatch, *, with_entropy: bool = False) -> TokenLogps:
+        scored = batch.loss_mask[:, 1:]
+        owners_all = batch.sequence_ids[:, 1:][scored]
+        counts = torch.bincount(owners_all, minlength=batch.num_sequences)
+        width = int(counts.max()) if counts.numel() else 0
+        mask = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
+        positions_all = _positions_in_sequence(owners_all, batch.num_sequences)
+        rows_all = torch.arange(scored.shape[0], device=scored.device)[:, None].expand_as(scored)[scored]
+        mine = torch.isin(rows_all, self._my_rows(batch)[0])
+        values, owners, entropy = self._scored(model, batch, with_entropy)
+        positions = positions_all[mine]
+
+        def laid_out(flat: Tensor) -> Tensor:
+            grid = flat.new_zeros(batch.num_sequences, width).index_put((owners, positions), flat)
+            return _sum_over_data_parallel(grid, self.par)
+
+        return TokenLogps(laid_out(values), mask, laid_out(entropy) if entropy is not None else None)
+
+    def _my_rows(self, batch: TokenBatch) -> tuple[Tensor, float]:
+        """This DP rank's rows of the global batch (and 0.0 for a rank with none: it runs row 0
+        with zero weight, so its graph and collectives match the others')."""
+        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+        mine = rows[self.par.dp_rank :: self.par.dp]
+        return (mine, 1.0) if mine.numel() else (rows[:1], 0.0)
+
+    def _scored(
+        self, model: nn.Module, batch: TokenBatch, with_entropy: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Log-probs (and entropies) of this DP rank's scored tokens, flat in row-major order,
+        with the sequence each belongs to."""
+        meg = _megatron(model)
+        rows, weight = self._my_rows(batch)
+        ids = batch.input_ids[rows].to(self.par.device)
+        width = ids.shape[1]
+        seq = batch.sequence_ids[rows].to(self.par.device)
+        positions = (
+            batch.position_ids[rows].to(self.par.device)
+            if batch.position_ids is not None
+            else torch.arange(width, device=ids.device).expand_as(ids)
+        )
+        logits = meg(ids, positions, _attention_mask(seq))
+        scored = batch.loss_mask[rows][:, 1:].to(self.par.device)
+        targets = ids[:, 1:][scored]
+        owners = seq[:, 1:][scored]
+        local = logits[:, :-1][scored]
+        logps, entropy = vocab_parallel_logps(
+            local, targets, meg.layout.vocab_size, self.par.tp_rank, with_entropy
+        )
+        if weight != 1.0:
+            logps = logps * weight
+            entropy = entropy * weight if entropy is not None else None
+        return logps, owners, entropy
+
+
+def _megatron(model: nn.Module) -> MegatronModel:
+    if not isinstance(model, MegatronModel):
+        raise TypeError(f"the megatron backend runs models it built, not {type(model).__name__}")
+    return model
+
+
+def _attention_mask(sequence_ids: Tensor) -> Tensor:
+    """``[rows, 1, width, width]``, True where attention is masked: a token sees the earlier
+    tokens of its own sequence (padding sees itself, so no row is all masked)."""
+    width = sequence_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=sequence_ids.device).tril()
+    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
+    allowed = (causal & same) | torch.eye(width, dtype=torch.bool, device=sequence_ids.device)
+    return ~allowed[:, None]
+
+
+def vocab_parallel_logps(
+    logits: Tensor, targets: Tensor, vocab_size: int, tp_rank: int, with_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Log-prob of each row's target (and the entropy) from ``[tokens, vocab / TP]`` logits that
+    hold this rank's vocabulary slice: the max, the normaliser and the target's logit are
+    reduced over the TP group; no rank ever holds all of the vocabulary. Float32."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    logits = logits.float()
+    part = logits.shape[-1]
+    start = tp_rank * part
+    ids = torch.arange(start, start + part, device=logits.device)
+    logits = torch.where(ids < vocab_size, logits, torch.full_like(logits, MASKED_LOGIT))
+    peak = logits.detach().max(dim=-1).values
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+    shifted = logits - peak[:, None]
+    exp = shifted.exp()
+    normaliser = reduce_from_tensor_model_parallel_region(exp.sum(-1))
+    local_target = targets - start
+    here = (local_target >= 0) & (local_target < part)
+    picked = shifted.gather(-1, local_target.clamp(0, part - 1)[:, None]).squeeze(-1)
+    target_logit = reduce_from_tensor_model_parallel_region(
+        torch.where(here, picked, torch.zeros_like(picked))
+    )
+    log_z = normaliser.log()
+    logps = target_logit - log_z
+    if not with_entropy:
+        return logps, None
+    expected = reduce_from_tensor_model_parallel_region((exp * shifted).sum(-1)) / normaliser
+    return logps, log_z - expected
+
+
+class _SumOverDataParallel(torch.autograd.Function):
+    """Forward: the sum over the DP group. Backward: the identity, because every rank computes
+    the same loss from the sum, so each rank's share gets exactly the loss's gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor) -> Tensor:
+        from megatron.core import parallel_state as ps
+
+        total = local.clone()
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+def _sum_over_data_parallel(local: Tensor, par: Parallelism) -> Tensor:
+    if par.dp == 1:
+        return local
+    total: Tensor = _SumOverDataParallel.apply(local)
+    return total
+
+
+def _positions_in_sequence(owners: Tensor, num_sequences: int) -> Tensor:
+    """Each scored token's index within its sequence (a sequence's tokens are contiguous in the
+    batch's row-major order)."""
+    order = torch.arange(owners.numel(), device=owners.device)
+    first = torch.full((num_sequences,), owners.numel(), dtype=order.dtype, device=owners.device)
+    first = first.scatter_reduce(0, owners, order, reduce="amin")
+    return order - first[owners]

@@ -1,0 +1,266 @@
+"""HF <-> Megatron weights for Llama-family decoders (Llama, Mistral, Qwen2), with TP sharding.
+
+The mapping table (HF name in ``model.layers.{i}`` -> megatron-core ``GPTModel`` name in
+``decoder.layers.{i}``, and how the tensor is split over ``tp`` tensor-parallel ranks):
+
+=====================================  ========================================  ==================
+HF                                     Megatron                                  TP split
+=====================================  ========================================  ==================
+model.embed_tokens.weight              embedding.word_embeddings.weight          rows (vocab)
+.input_layernorm.weight                .input_layernorm.weight                   replicated
+.self_attn.{q,k,v}_proj.weight         .self_attention.linear_qkv.weight         query groups
+.self_attn.{q,k,v}_proj.bias (Qwen2)   .self_attention.linear_qkv.bias           query groups
+.self_attn.o_proj.weight               .self_attention.linear_proj.weight        columns
+.post_attention_layernorm.weight       .pre_mlp_layernorm.weight                 replicated
+.mlp.{gate,up}_proj.weight             .mlp.linear_fc1.weight                    rows, per shard
+.mlp.down_proj.weight                  .mlp.linear_fc2.weight                    columns
+model.norm.weight                      decoder.final_layernorm.weight            replicated
+lm_head.weight (untied only)           output_layer.weight                       rows (vocab)
+=====================================  ========================================  ==================
+
+``linear_qkv`` holds, for each query group (KV head) in turn, that group's query heads then its
+key head then its value head; TP ranks own whole groups. ``linear_fc1`` holds on each rank that
+rank's slice of the gate projection followed by its slice of the up projection (SwiGLU reads the
+two halves of its own shard). The vocabulary is padded with zero rows to a multiple of ``tp``;
+the padded rows never take part in a log-prob (the backend masks them) and are dropped on the way
+back, so HF -> Megatron -> HF returns identical tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from align import ConfigError
+
+LAYER = "decoder.layers."
+HF_LAYER = "model.layers."
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class LlamaLayout:
+    """The shape facts of a Llama-family decoder that the conversion and GPTModel need."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tied_embeddings: bool
+    qkv_bias: bool
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def padded_vocab(self, tp: int) -> int:
+        """The vocabulary rounded up to a multiple of ``tp`` (megatron splits it evenly)."""
+        return -(-self.vocab_size // tp) * tp
+
+    def check_tp(self, tp: int) -> None:
+        """TP must divide the query groups and the MLP width (the vocabulary is padded)."""
+        for what, size in (
+            ("num_key_value_heads", self.num_kv_heads),
+            ("intermediate_size", self.ffn_hidden_size),
+        ):
+            if size % tp:
+                raise ConfigError(
+                    f"backend.tensor_model_parallel_size: {tp} does not divide the model's {what} ({size})"
+                )
+
+
+def layout_of(hf_config: Any) -> LlamaLayout:
+    """The layout of an HF ``LlamaConfig``/``MistralConfig``/``Qwen2Config``; a ConfigError
+    for what the conversion does not cover."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"backend: megatron converts Llama-family models ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+            f"model.path is a '{model_type}' model"
+        )
+    scaling = getattr(hf_config, "rope_scaling", None)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise ConfigError(f"backend: megatron: rope_scaling of type '{rope_type}' is not converted yet")
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"backend: megatron: activation '{hf_config.hidden_act}' is not SwiGLU")
+    if getattr(hf_config, "mlp_bias", False) or (
+        getattr(hf_config, "attention_bias", False) and model_type != "qwen2"
+    ):
+        raise ConfigError("backend: megatron: biases other than Qwen2's QKV bias are not converted yet")
+    heads = int(hf_config.num_attention_heads)
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    return LlamaLayout(
+        num_layers=int(hf_config.num_hidden_layers),
+        hidden_size=int(hf_config.hidden_size),
+        num_heads=heads,
+        num_kv_heads=int(getattr(hf_config, "num_key_value_heads", None) or heads),
+        head_dim=int(head_dim),
+        ffn_hidden_size=int(hf_config.intermediate_size),
+        vocab_size=int(hf_config.vocab_size),
+        norm_eps=float(hf_config.rms_norm_eps),
+        rope_theta=float(_rope_theta(hf_config)),
+        max_position_embeddings=int(hf_config.max_position_embeddings),
+        tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2",
+    )
+
+
+def _rope_theta(hf_config: Any) -> float:
+    theta = getattr(hf_config, "rope_theta", None)
+    if theta is None:  # transformers 5 keeps it in rope_parameters
+        theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return float(theta)
+
+
+# ---- HF -> Megatron ------------------------------------------------------------------------
+
+
+def to_megatron(
+    hf: Mapping[str, Tensor] | Callable[[str], Tensor], layout: LlamaLayout, tp_rank: int, tp: int
+) -> dict[str, Tensor]:
+    """The megatron state dict (this TP rank's shards) of the HF weights ``hf`` (a mapping, or
+    a function from HF name to tensor, so a checkpoint can be read one tensor at a time)."""
+    get = hf.__getitem__ if isinstance(hf, Mapping) else hf
+    out: dict[str, Tensor] = {}
+    for name in megatron_names(layout):
+        out[name] = megatron_shard(name, get, layout, tp_rank, tp)
+    return out
+
+
+def megatron_names(layout: LlamaLayout) -> list[str]:
+    """Every megatron parameter name of the layout, in module order."""
+    names = ["embedding.word_embeddings.weight"]
+    for i in range(layout.num_layers):
+        p = f"{LAYER}{i}."
+        names += [p + "input_layernorm.weight", p + "self_attention.linear_proj.weight"]
+        names += [p + "self_attention.linear_qkv.weight"]
+        names += [p + "self_attention.linear_qkv.bias"] if layout.qkv_bias else []
+        names += [p + "pre_mlp_layernorm.weight", p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+    names.append("decoder.final_layernorm.weight")
+    if not layout.tied_embeddings:
+        names.append("output_layer.weight")
+    return names
+
+
+def megatron_shard(
+    name: str, get: Callable[[str], Tensor], layout: LlamaLayout, tp_rank: int, tp: int
+) -> Tensor:
+    """One megatron tensor (TP rank ``tp_rank``'s shard) from the HF tensors ``get`` returns."""
+    if name == "embedding.word_embeddings.weight":
+        return _vocab_shard(get("model.embed_tokens.weight"), layout, tp_rank, tp)
+    if name == "output_layer.weight":
+        return _vocab_shard(get("lm_head.weight"), layout, tp_rank, tp)
+    if name == "decoder.final_layernorm.weight":
+        return get("model.norm.weight").clone()
+    layer, part = _split_layer_name(name)
+    hf = f"{HF_LAYER}{layer}."
+    if part == "input_layernorm.weight":
+        return get(hf + "input_layernorm.weight").clone()
+    if part == "pre_mlp_layernorm.weight":
+        return get(hf + "post_attention_layernorm.weight").clone()
+    if part in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = part.rsplit(".", 1)[1]
+        q, k, v = (get(f"{hf}self_attn.{x}_proj.{kind}") for x in "qkv")
+        return _qkv_shard(q, k, v, layout, tp_rank, tp)
+    if part == "self_attention.linear_proj.weight":
+        return get(hf + "self_attn.o_proj.weight").chunk(tp, dim=1)[tp_rank].clone()
+    if part == "mlp.linear_fc1.weight":
+        gate = get(hf + "mlp.gate_proj.weight").chunk(tp, dim=0)[tp_rank]
+        up = get(hf + "mlp.up_proj.weight").chunk(tp, dim=0)[tp_rank]
+        return torch.cat([gate, up], dim=0)
+    if part == "mlp.linear_fc2.weight":
+        return get(hf + "mlp.down_proj.weight").chunk(tp, dim=1)[tp_rank].clone()
+    raise KeyError(f"no HF weight maps to megatron's {name}")
+
+
+def _split_layer_name(name: str) -> tuple[int, str]:
+    if not name.startswith(LAYER):
+        raise KeyError(f"no HF weight maps to megatron's {name}")
+    layer, part = name[len(LAYER) :].split(".", 1)
+    return int(layer), part
+
+
+def _vocab_shard(table: Tensor, layout: LlamaLayout, tp_rank: int, tp: int) -> Tensor:
+    padded = layout.padded_vocab(tp)
+    if padded > table.shape[0]:
+        table = torch.cat([table, table.new_zeros(padded - table.shape[0], *table.shape[1:])])
+    return table.chunk(tp, dim=0)[tp_rank].clone()
+
+
+def _qkv_shard(q: Tensor, k: Tensor, v: Tensor, layout: LlamaLayout, tp_rank: int, tp: int) -> Tensor:
+    """[q heads of group g, k head g, v head g] for each group g this rank owns."""
+    groups, d = layout.num_kv_heads, layout.head_dim
+    rest = q.shape[1:]
+    grouped = torch.cat(
+        [
+            q.reshape(groups, layout.heads_per_group * d, *rest),
+            k.reshape(groups, d, *rest),
+            v.reshape(groups, d, *rest),
+        ],
+        dim=1,
+    )
+    return grouped.chunk(tp, dim=0)[tp_rank].reshape(-1, *rest).clone()
+
+
+# ---- Megatron -> HF ------------------------------------------------------------------------
+
+
+def to_hf(shards: Sequence[Mapping[str, Tensor]], layout: LlamaLayout) -> dict[str, Tensor]:
+    """HF weights from the megatron state dicts of all TP ranks (``shards[r]`` is rank r's)."""
+    out: dict[str, Tensor] = {}
+    for name in megatron_names(layout):
+        out.update(hf_tensors(name, [shard[name] for shard in shards], layout))
+    return out
+
+
+def hf_tensors(name: str, shards: Sequence[Tensor], layout: LlamaLayout) -> Iterator[tuple[str, Tensor]]:
+    """The HF tensors that megatron's ``name`` holds, from its shards on every TP rank."""
+    tp = len(shards)
+    if name == "embedding.word_embeddings.weight":
+        yield "model.embed_tokens.weight", torch.cat(list(shards))[: layout.vocab_size]
+        return
+    if name == "output_layer.weight":
+        yield "lm_head.weight", torch.cat(list(shards))[: layout.vocab_size]
+        return
+    if name == "decoder.final_layernorm.weight":
+        yield "model.norm.weight", shards[0]
+        return
+    layer, part = _split_layer_name(name)
+    hf = f"{HF_LAYER}{layer}."
+    if part == "input_layernorm.weight":
+        yield hf + "input_layernorm.weight", shards[0]
+    elif part == "pre_mlp_layernorm.weight":
+        yield hf + "post_attention_layernorm.weight", shards[0]
+    elif part in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = part.rsplit(".", 1)[1]
+        q, k, v = _split_qkv(torch.cat(list(shards)), layout)
+        yield from ((f"{hf}self_attn.{x}_proj.{kind}", t) for x, t in zip("qkv", (q, k, v), strict=True))
+    elif part == "self_attention.linear_proj.weight":
+        yield hf + "self_attn.o_proj.weight", torch.cat(list(shards), dim=1)
+    elif part == "mlp.linear_fc1.weight":
+        halves = [shard.chunk(2, dim=0) for shard in shards]
+        yield hf + "mlp.gate_proj.weight", torch.cat([gate for gate, _ in halves])
+        yield hf + "mlp.up_proj.weight", torch.cat([up for _, up in halves])
+    elif part == "mlp.linear_fc2.weight":
+        yield hf + "mlp.down_proj.weight", torch.cat(list(shards), dim=1)
+    else:
+        raise KeyError(f"megatron's {name} has no HF counterpart (tp={tp})")
+
+
+def _split_qkv(fused: Tensor, layout: LlamaLayout) -> tuple[Tensor, Tensor, Tensor]:
+    groups, d, per = layout.num_kv_heads, layout.head_dim, layout.heads_per_group
+    rest = fused.shape[1:]
+    grouped = fused.reshape(groups, (per + 2) * d, *rest)
+    q, k, v = grouped.split([per * d, d, d], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)

@@ -1,0 +1,150 @@
+"""The megatron backend on CPU (gloo): HF <-> Megatron conversion at TP=1 (in-process, a world
+of one) and TP=2 (torchrun, 2 processes); DPO at TP=2 and at DP=2 follows the TP=1 trajectory on
+the same global batch; a resumed TP=2 run ends bit-exact; only the main rank writes outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import DATA, REPO, dpo_config, head_jsonl, read_metrics, subprocess_env, write_yaml
+from safetensors.torch import load_file
+
+pytest.importorskip("megatron.core")
+
+CHECKS = REPO / "tests" / "helpers" / "megatron_checks.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+# Float32 on CPU: sharded matmuls and reductions sum in another order than one process does.
+LOGIT_TOLERANCE = 1e-4
+LOSS_TOLERANCE = 1e-5
+
+
+def small_dpo(tmp_path: Path, name: str, backend: dict[str, Any], **sections: Any) -> str:
+    """A 4-step DPO run of the tiny model on 32 shipped pairs (no eval split), as a config file."""
+    train = tmp_path / "train.jsonl"
+    if not train.exists():
+        head_jsonl(DATA / "preference_train.jsonl", train, 32)
+    config = dpo_config(
+        tmp_path / name,
+        backend={"name": "megatron", **backend},
+        data={"train": str(train), "eval": None, "max_length": 64},
+        **sections,
+    )
+    return write_yaml(tmp_path / f"{name}.yaml", config)
+
+
+def run_in_process(config: str) -> None:
+    import align
+    from align.cli import load_config
+    from align.plugins import default_plugins
+
+    plugins = default_plugins()
+    align.train(load_config(config, [], None, plugins), plugins)
+
+
+def torchrun(tmp_path: Path, tp: int, runs: list[str]) -> dict[str, Any]:
+    """Run the checks and ``runs`` under torchrun (2 processes); rank 0's report."""
+    spec = tmp_path / f"spec_tp{tp}.json"
+    report = tmp_path / f"report_tp{tp}.json"
+    spec.write_text(json.dumps({"tp": tp, "runs": runs, "report": str(report)}))
+    command = [*TORCHRUN, "--master_port", str(29500 + os.getpid() % 1000), str(CHECKS), str(spec)]
+    done = subprocess.run(
+        ["timeout", "300", *command], env=subprocess_env(), capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result: dict[str, Any] = json.loads(report.read_text())
+    return result
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(output_dir, "train")]
+
+
+def assert_conversion_exact(report: dict[str, dict[str, float | bool]]) -> None:
+    assert set(report) == {"llama", "llama_tied", "qwen2"}
+    for name, numbers in report.items():
+        assert numbers["round_trip_identical"] is True, name
+        for key in ("logits", "logps", "entropy"):
+            assert numbers[key] < LOGIT_TOLERANCE, (name, key, numbers[key])
+
+
+def test_conversion_at_tp1_matches_transformers_and_round_trips() -> None:
+    sys.path.insert(0, str(CHECKS.parent))
+    from megatron_checks import conversion_report
+
+    assert_conversion_exact(conversion_report(tp=1))
+
+
+def test_megatron_tp1_dpo_follows_the_hf_backend(tmp_path: Path) -> None:
+    """The same run on both backends in one process: the same losses and final weights (to
+    float32 rounding), and the final model is an HF checkpoint."""
+    megatron = small_dpo(tmp_path, "megatron", {})
+    hf = write_yaml(
+        tmp_path / "hf.yaml",
+        {**_yaml(megatron), "backend": {"name": "hf"}, "output_dir": str(tmp_path / "hf")},
+    )
+    run_in_process(megatron)
+    run_in_process(hf)
+    assert train_losses(tmp_path / "megatron") == pytest.approx(
+        train_losses(tmp_path / "hf"), abs=LOSS_TOLERANCE
+    )
+    assert train_losses(tmp_path / "hf")[-1] < train_losses(tmp_path / "hf")[0] - 0.05  # it learns
+    ours, theirs = (
+        load_file(tmp_path / "megatron/final/model.safetensors"),
+        load_file(tmp_path / "hf/final/model.safetensors"),
+    )
+    assert set(ours) == set(theirs)
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5
+
+
+@pytest.mark.slow
+def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(tmp_path: Path) -> None:
+    """One torchrun launch (2 processes, gloo): the conversion at TP=2, DPO at TP=2 (checkpoint
+    at step 2), the same run resumed from that checkpoint, and DPO at DP=2 (TP=1)."""
+    tp1 = small_dpo(tmp_path, "tp1", {})
+    tp2 = small_dpo(tmp_path, "tp2", {"tensor_model_parallel_size": 2}, trainer={"save_every": 2})
+    resumed = small_dpo(
+        tmp_path,
+        "tp2_resumed",
+        {"tensor_model_parallel_size": 2},
+        resume=str(tmp_path / "tp2/checkpoints/step_2"),
+    )
+    dp2 = small_dpo(tmp_path, "dp2", {})
+    run_in_process(tp1)
+    report = torchrun(tmp_path, tp=2, runs=[tp2, resumed, dp2])
+
+    assert report["world_size"] == 2
+    assert_conversion_exact(report["conversion"])
+    reference = train_losses(tmp_path / "tp1")
+    assert len(reference) == 4 and reference[-1] < reference[0] - 0.05
+    assert train_losses(tmp_path / "tp2") == pytest.approx(reference, abs=LOSS_TOLERANCE)
+    assert train_losses(tmp_path / "dp2") == pytest.approx(reference, abs=LOSS_TOLERANCE)
+    # Each step logged once: only the main rank writes metrics.
+    assert [m["step"] for m in read_metrics(tmp_path / "tp2", "train")] == [1, 2, 3, 4]
+
+    # The resumed run repeats steps 3-4 exactly, and ends with the same weights, bit for bit.
+    assert train_losses(tmp_path / "tp2_resumed") == train_losses(tmp_path / "tp2")[2:]
+    first, second = (
+        load_file(tmp_path / "tp2/final/model.safetensors"),
+        load_file(tmp_path / "tp2_resumed/final/model.safetensors"),
+    )
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+    # The other rank's optimizer state (its shards) is in the checkpoint.
+    assert (tmp_path / "tp2/checkpoints/step_2/ranks/rank_1.pt").is_file()
+    tp1_final = load_file(tmp_path / "tp1/final/model.safetensors")
+    assert max(float((first[k] - tp1_final[k]).abs().max()) for k in first) < 1e-4
+    shutil.rmtree(tmp_path / "tp2/checkpoints", ignore_errors=True)
+
+
+def _yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    loaded: dict[str, Any] = yaml.safe_load(Path(path).read_text())
+    return loaded
