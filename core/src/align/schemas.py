@@ -27,6 +27,8 @@ BUILTIN_PACKAGES = frozenset(
         "align-rs",
         "align-grpo",
         "align-ppo",
+        "align-spin",
+        "align-spr",
     }
 )
 
