@@ -14,6 +14,8 @@ import pytest
 import torch
 from helpers import (
     ALIGN,
+    DATA,
+    QUIET_TRAINER,
     TINY_MODEL,
     assert_same_weights,
     assert_user_error,
@@ -26,6 +28,7 @@ from helpers import (
     subprocess_env,
     write_yaml,
 )
+from helpers.online import arith_config
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -239,3 +242,53 @@ def test_lora_without_the_plugin_is_a_config_error(tmp_path: Path) -> None:
     assert "model.lora: no installed plugin applies LoRA adapters" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_kto_with_lora_scores_its_reference_as_the_policy_without_adapters(tmp_path: Path) -> None:
+    """KTO builds its reference through the backend: with LoRA that is the policy with adapters
+    off, so before any update the implicit rewards (policy - reference) are exactly 0, and the
+    run learns (desirable rewards above undesirable ones) without a second model."""
+    config = {
+        "algo": "kto",
+        "output_dir": str(tmp_path / "kto"),
+        "model": LORA_MODEL,
+        "data": {
+            "format": "unpaired",
+            "train": str(DATA / "unpaired_train.jsonl"),
+            "eval": str(DATA / "unpaired_eval.jsonl"),
+            "max_length": 128,
+        },
+        "loss": {"name": "kto", "beta": 0.1},
+        "trainer": {"max_steps": 6, "batch_size": 8, **QUIET_TRAINER},
+        "optim": {"lr": 5e-3},
+    }
+    result = train(config)
+    before, after = result.eval_before, result.eval_after
+    assert before["reward_desirable"] == 0.0 and before["reward_undesirable"] == 0.0
+    assert after["reward_desirable"] - after["reward_undesirable"] > 0.0
+
+
+def test_grpo_with_lora_refits_the_engine_with_merged_weights(warm_model: Path, tmp_path: Path) -> None:
+    """Two GRPO iterations with LoRA and a KL term: the engine starts on the merged policy and is
+    refit after the first update, so in the second iteration its log-probs are still the
+    trainer's (mismatch 1 to rounding) although the policy moved away from its reference."""
+    out = tmp_path / "grpo"
+    config = arith_config("grpo", out, warm_model)
+    config["model"]["lora"] = {"r": 8, "alpha": 32, "dropout": 0.0}
+    config = merge(
+        config,
+        dict(
+            iterations=2,
+            prompts_per_iteration=8,
+            kl={"coef": 0.05},
+            trainer={"batch_size": 16},
+            optim={"lr": 2e-2},
+        ),
+    )
+    result = train(config)
+    first, second = read_metrics(out, "rollout")
+    assert first["kl"] == 0.0  # policy == reference before any update (adapters start at zero)
+    assert second["kl"] > 1e-4  # the policy moved: the refit had something to carry
+    assert second["logprob_mismatch"] == pytest.approx(1.0, abs=1e-3)
+    assert second["refit_s"] > 0.0
+    assert (result.final_dir / "adapter_model.safetensors").is_file()
