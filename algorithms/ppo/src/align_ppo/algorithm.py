@@ -80,6 +80,9 @@ class PPO(align.OnlineAlgorithm):
         # The initial policy, for the KL penalty; not built when there is none.
         self.reference = ctx.backend.build_model("reference") if cfg.kl.coef > 0 else None
         self.critic: align.Critic | None = None
+        self.eval_rewards = {
+            name: align.build_reward(reward, ctx.registry) for name, reward in cfg.eval_rewards.items()
+        }
 
     def setup(self, learner: Any) -> None:
         """The critic is built here, before a resume restores it (a local one is a trainable)."""
@@ -323,6 +326,31 @@ class PPO(align.OnlineAlgorithm):
                 min=1
             )
         return align.LossOutput(loss, metrics)
+
+    # ---- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, batches: Any) -> dict[str, float]:
+        """Held-out reward (``OnlineAlgorithm.evaluate``), plus each of ``eval_rewards`` on the
+        same greedy answers: the accuracy of a checkable task while training on a reward model."""
+        rollouts = self.rollouts()
+        self.sync_engine()
+        samples: list[align.Sample] = []
+        for batch in batches:
+            samples += rollouts.generate(batch.rows, self.seeded(self.config.eval_sampling, 0)).samples
+        if not samples:
+            return {}
+        metrics = {
+            "reward": sum(s.reward for s in samples) / len(samples),
+            "completion_tokens": sum(len(s.completion_ids) for s in samples) / len(samples),
+        }
+        prompts, texts, rows = (
+            [s.prompt.prompt for s in samples],
+            [s.text for s in samples],
+            [s.prompt.row for s in samples],
+        )
+        for name, reward in self.eval_rewards.items():
+            metrics[name] = float(torch.as_tensor(reward(prompts, texts, rows)).float().mean())
+        return metrics
 
     # ---- the critic and state ----------------------------------------------------------
     def _critic(self) -> align.Critic:

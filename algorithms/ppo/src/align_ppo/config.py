@@ -88,6 +88,11 @@ class PPOConfig(align.OnlineConfig):
     critic_warmup_iterations: int = Field(
         0, ge=0, description="First iterations in which only the critic trains (the policy does not)."
     )
+    eval_rewards: dict[str, align.RewardConfig] = Field(
+        default_factory=dict,
+        description="More rewards for the held-out evaluation only, by metric name, e.g. accuracy: "
+        "{name: exact_match} while training on a reward model.",
+    )
     importance_correction: ImportanceCorrectionConfig | None = Field(
         None,
         description="Weigh each token by min(p_trainer / p_engine, cap) (truncated importance sampling).",
