@@ -457,7 +457,7 @@ def main() -> None:
     ]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {choices}")
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     failures: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
@@ -468,37 +468,62 @@ def main() -> None:
             for variant in variants if repeat % 2 == 0 else variants[::-1]:
                 if variant in failures:
                     continue
-                started = time.perf_counter()
+                started, load = time.perf_counter(), os.getloadavg()[0]
                 result = launch(variant, args, workdir)
                 took = time.perf_counter() - started
                 if "failed" in result:
                     failures[variant] = result["failed"]
                     print(f"{variant} failed after {took:.0f}s:\n{result['failed'][-1500:]}", flush=True)
                     continue
+                # The machine's 1-minute load average around the run: the timings mean little above ~2.
+                result["load_average"] = {"before": load, "after": os.getloadavg()[0]}
                 runs[variant].append(result)
-                print(f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s", flush=True)
+                print(
+                    f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s "
+                    f"(load {load:.1f} -> {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
+                if args.json:  # after every run: a run stopped midway keeps what it measured
+                    save_record(Path(args.json), args, load_before, runs, failures, complete=False)
     summary = {v: summarize(r) for v, r in runs.items() if r}
     print(
         f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "
         f"{args.threads} threads, "
         f"{PROMPTS_PER_STEP} prompts x {GROUP} completions x {NEW_TOKENS} tokens per step, "
         f"{', '.join(sorted({precision_of(v) for v in variants}))}; "
-        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n"
+        f"load average (1, 5, 15 min) {fmt_load(load_before)} before, {fmt_load(os.getloadavg())} after\n"
     )
     print(table(summary))
     print("\nthe split of a step (medians, s):\n" + split_table(summary))
     print("\n" + "\n".join(ratios(summary)))
     if args.json:
-        record = {
-            "args": vars(args),
-            "load_average": {"before": load_before, "after": os.getloadavg()[0]},
-            "runs": runs,
-            "summary": summary,
-            "failures": {v: text[-1500:] for v, text in failures.items()},
-        }
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        save_record(Path(args.json), args, load_before, runs, failures, complete=True)
     if args.plot and summary:
         plot_split(summary, Path(args.plot))
+
+
+def fmt_load(load: tuple[float, ...]) -> str:
+    return "/".join(f"{value:.1f}" for value in load)
+
+
+def save_record(
+    path: Path,
+    args: argparse.Namespace,
+    load_before: tuple[float, ...],
+    runs: dict[str, list[dict[str, Any]]],
+    failures: dict[str, str],
+    complete: bool,
+) -> None:
+    """Every run's numbers, the summary of those so far, and the load around them."""
+    record = {
+        "args": vars(args),
+        "complete": complete,
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "runs": runs,
+        "summary": {v: summarize(r) for v, r in runs.items() if r},
+        "failures": {v: text[-1500:] for v, text in failures.items()},
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
