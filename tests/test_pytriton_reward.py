@@ -1,0 +1,381 @@
+"""align-pytriton's reward server: a child server on free local ports, its scores equal to the
+local `model` reward's, `align serve reward` stopping on a signal, no tritonserver left when
+the run that started it is killed, and every fault (not up in time, dies mid-run, hangs,
+answers the wrong shape, a transient failure) a user error naming the server.
+
+One reward server is shared by the module (tritonserver starts in seconds, not milliseconds).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from helpers import DATA, QUIET_TRAINER, TINY_MODEL, head_jsonl, write_yaml
+
+import align
+from align.loading import validate_run_config
+from align_pytriton import (
+    RemoteRewardConfig,
+    RewardServerError,
+    ServerStartError,
+    ServerTimeout,
+    ServerUnavailable,
+)
+from align_pytriton.client import ServerClient
+from align_pytriton.launcher import free_ports, model_ready, wait_until_ready
+from align_pytriton.reward import RemoteReward
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_SERVER = Path(__file__).resolve().parent / "pytriton_fake_server.py"
+PROMPTS = ["What is 2+2?", "Say hi", [{"role": "user", "content": "Name a colour"}], "x" * 300, "7*6?"]
+COMPLETIONS = ["4", "hello there", [{"role": "assistant", "content": "blue"}], "y", "It is 42."]
+
+
+@pytest.fixture(scope="module")
+def registry() -> align.Registry:
+    return align.load_plugins().registry
+
+
+def reward_cfg(registry: align.Registry, section: dict[str, Any]) -> align.RewardConfig:
+    cfg = registry.get("reward", section["name"]).config.model_validate(section)
+    assert isinstance(cfg, align.RewardConfig)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory: pytest.TempPathFactory, registry: align.Registry) -> Path:
+    """A tiny Bradley-Terry reward model after a few steps (its scores differ per text)."""
+    tmp = tmp_path_factory.mktemp("rm")
+    config = {
+        "algo": "reward",
+        "output_dir": str(tmp / "run"),
+        "model": TINY_MODEL,
+        "data": {
+            "train": head_jsonl(DATA / "preference_train.jsonl", tmp / "train.jsonl", 32),
+            "max_length": 64,
+        },
+        "trainer": {"max_steps": 3, "batch_size": 8, **QUIET_TRAINER},
+        "optim": {"lr": 3e-3},
+    }
+    plugins = align.load_plugins()
+    result = align.train(validate_run_config(config, plugins.registry), plugins)
+    return Path(result.final_dir)
+
+
+@pytest.fixture(scope="module")
+def served_model(reward_model: Path, registry: align.Registry) -> Iterator[align.RewardSource]:
+    """The `remote` reward serving the trained model from a child server (3 rows a request, so
+    one call sends several requests at once)."""
+    served = reward_cfg(registry, {"name": "model", "path": str(reward_model), "max_length": 64})
+    remote = align.build_reward(RemoteRewardConfig(serve=served, batch_size=2, timeout_s=60), registry)
+    yield remote
+    remote.source.close()  # type: ignore[attr-defined]
+
+
+def test_remote_scores_equal_the_local_model_reward(
+    served_model: align.RewardSource, reward_model: Path, registry: align.Registry
+) -> None:
+    local = align.build_reward(
+        reward_cfg(registry, {"name": "model", "path": str(reward_model), "max_length": 64}), registry
+    )
+    expected = local(PROMPTS, COMPLETIONS)
+    remote = served_model(PROMPTS, COMPLETIONS)
+    assert remote.dtype == torch.float32 and remote.shape == (5,)
+    assert expected.std() > 1e-4  # the rows score differently: equality means something
+    torch.testing.assert_close(remote, expected, rtol=1e-5, atol=1e-5)
+    assert served_model([], []).shape == (0,)
+
+
+def test_the_child_server_listens_on_localhost_only(served_model: align.RewardSource) -> None:
+    client: ServerClient = served_model.source.client  # type: ignore[attr-defined]
+    assert client.url.startswith("http://127.0.0.1:")
+    assert model_ready(client.url, "reward")
+    port = int(client.url.rsplit(":", 1)[1])
+    with pytest.raises(OSError):  # the port is taken on 127.0.0.1 ...
+        bind(("127.0.0.1", port))
+    other = outside_address()
+    if other is not None:  # ... and nobody listens on the machine's other address
+        with pytest.raises(OSError):
+            connect((other, port))
+
+
+def bind(address: tuple[str, int]) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(address)
+
+
+def connect(address: tuple[str, int]) -> None:
+    import socket
+
+    with socket.create_connection(address, timeout=2):
+        pass
+
+
+def outside_address() -> str | None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: picks the outward interface
+            address: str = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+def test_a_server_that_dies_mid_run_is_named(served_model: align.RewardSource) -> None:
+    """Last user of the shared server: kills it."""
+    client: ServerClient = served_model.source.client  # type: ignore[attr-defined]
+    assert served_model(["p"], ["abcd"]).shape == (1,)
+    assert client.child is not None
+    os.kill(client.child.process.pid, signal.SIGKILL)
+    client.child.process.wait(10)
+    with pytest.raises(
+        RewardServerError, match=r"reward server \(child process \d+, .*\) died \(exit code -9\)"
+    ) as info:
+        served_model(["p"], ["abcd"])
+    assert isinstance(info.value.__cause__, ServerUnavailable)
+
+
+def test_remote_reward_config_needs_url_or_serve(registry: align.Registry) -> None:
+    with pytest.raises(ValueError, match="exactly one of url"):
+        RemoteRewardConfig()
+    with pytest.raises(ValueError, match="must start with http://"):
+        RemoteRewardConfig(url="grpc://127.0.0.1:8001")
+    run = {
+        "algo": "rs",
+        "output_dir": "unused",
+        "data": {"train": "p.jsonl"},
+        "reward": {"name": "remote", "serve": {"name": "length", "target": 5}},
+    }
+    cfg = validate_run_config(run, registry)
+    assert cfg.reward.serve.name == "length"  # type: ignore[attr-defined]  # widened to any installed reward
+
+
+# ---- processes ----------------------------------------------------------------------------
+def run_and_wait(conn: Any) -> None:
+    """A run (forked from pytest: nothing to import) that starts a reward server, scores once,
+    sends its result and the server's pid, and waits to be killed."""
+    try:
+        registry = align.load_plugins().registry
+        reward = RemoteReward(RemoteRewardConfig(serve=reward_cfg(registry, {"name": "length", "target": 4})))
+        conn.send((reward(["p"], ["abcd"]).tolist(), reward.child.process.pid))  # type: ignore[union-attr]
+    except Exception as exc:
+        conn.send((f"{type(exc).__name__}: {exc}", None))
+    time.sleep(300)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process under ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def command_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def wait_gone(pids: set[int], timeout_s: float) -> set[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        left = {p for p in pids if alive(p)}
+        if not left:
+            return left
+        time.sleep(0.2)
+    return {p for p in pids if alive(p)}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_the_run_leaves_no_server_and_no_tritonserver(signum: int) -> None:
+    fork = multiprocessing.get_context("fork")
+    receive, send = fork.Pipe(duplex=False)
+    run = fork.Process(target=run_and_wait, args=(send,), daemon=True)
+    run.start()
+    try:
+        assert receive.poll(120), "the run did not start its reward server within 120 s"
+        scores, child_pid = receive.recv()
+        assert scores == [0.0]  # length 4 at target 4
+        family = {child_pid, *descendants(child_pid)}
+        assert any("tritonserver" in command_of(p) for p in family)
+        os.kill(run.pid, signum)  # type: ignore[arg-type]
+        run.join(30)
+        left = wait_gone(family, 30)
+        assert not left, [command_of(p) for p in left]
+    finally:
+        if run.is_alive():
+            run.kill()
+
+
+def test_align_serve_reward_serves_on_the_configured_ports_and_stops_on_sigint(tmp_path: Path) -> None:
+    http, grpc, metrics = free_ports(3)
+    config = write_yaml(tmp_path / "serve.yaml", {"reward": {"name": "length", "target": 2}})
+    align_cli = str(Path(sys.executable).with_name("align"))
+    ports = [f"server.http_port={http}", f"server.grpc_port={grpc}", f"server.metrics_port={metrics}"]
+    server = subprocess.Popen(
+        [align_cli, "serve", "reward", config, *ports], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{http}"
+        wait_until_ready(url, "reward", "align serve", 120)
+        family = descendants(server.pid)
+        reward = RemoteReward(RemoteRewardConfig(url=url))
+        assert reward(["a", "b"], ["ab", "abcd"]).tolist() == [0.0, -1.0]  # -|len - 2| / 2
+        reward.close()
+        server.send_signal(signal.SIGINT)
+        assert server.wait(60) == 0
+        assert not wait_gone(family, 30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_serve_config_errors_are_user_errors(tmp_path: Path) -> None:
+    from align_pytriton.serve import serve_kind
+
+    plugins = align.load_plugins()
+    bad = write_yaml(tmp_path / "bad.yaml", {"reward": {"name": "length"}, "server": {"http_prot": 1}})
+    with pytest.raises(align.ConfigError, match=r"server.*http_prot"):
+        serve_kind("reward", bad, [], plugins)
+    nested = write_yaml(tmp_path / "nested.yaml", {"reward": {"name": "remote", "url": "http://127.0.0.1:1"}})
+    with pytest.raises(align.ConfigError, match="cannot serve the 'remote' reward"):
+        serve_kind("reward", nested, [], plugins)
+    with pytest.raises(align.ConfigError, match="not found"):
+        serve_kind("reward", str(tmp_path / "missing.yaml"), [], plugins)
+
+
+# ---- faults -------------------------------------------------------------------------------
+def test_a_server_not_ready_in_time_is_named_and_stopped(registry: align.Registry) -> None:
+    served = reward_cfg(registry, {"name": "length", "target": 4})
+    reward = RemoteReward(RemoteRewardConfig(serve=served, startup_timeout_s=0.5))
+    child = reward.child
+    assert child is not None
+    with pytest.raises(
+        RewardServerError,
+        match=r"reward server \(child process \d+, http://127.0.0.1:\d+\) was not ready within 0.5 s",
+    ) as info:
+        reward(["p"], ["c"])
+    assert isinstance(info.value.__cause__, ServerStartError)
+    assert child.returncode is not None  # stopped, not left behind
+
+
+def test_a_url_where_nothing_listens_is_named(registry: align.Registry) -> None:
+    (port,) = free_ports(1)
+    reward = align.build_reward(
+        RemoteRewardConfig(url=f"http://127.0.0.1:{port}", startup_timeout_s=0.5), registry
+    )
+    with pytest.raises(
+        RewardServerError, match=f"reward server at http://127.0.0.1:{port} was not ready within 0.5 s"
+    ):
+        reward(["p"], ["c"])
+
+
+class FlakyClient:
+    """Stands in for FuturesModelClient: fails the first ``failures`` requests with a refused
+    connection, then answers ``[n, 1]`` zeros."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def infer_batch(self, **inputs: np.ndarray) -> Future[dict[str, np.ndarray]]:
+        self.calls += 1
+        done: Future[dict[str, np.ndarray]] = Future()
+        if self.calls <= self.failures:
+            done.set_exception(ConnectionRefusedError(111, "Connection refused"))
+        else:
+            done.set_result({"reward": np.zeros((len(inputs["prompt"]), 1), dtype=np.float32)})
+        return done
+
+    def close(self, wait: bool = True) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("failures", "retries", "succeeds"), [(2, 2, True), (3, 2, False)])
+def test_transient_failures_are_retried_a_bounded_number_of_times(
+    failures: int, retries: int, succeeds: bool
+) -> None:
+    reward = RemoteReward(RemoteRewardConfig(url="http://127.0.0.1:9", retries=retries, retry_delay_s=0.01))
+    flaky = FlakyClient(failures)
+    reward.client._client = flaky  # connected: requests go to the stand-in
+    if succeeds:
+        assert reward(["p"], ["c"]).tolist() == [0.0]
+    else:
+        with pytest.raises(
+            RewardServerError, match=r"reward server at http://127.0.0.1:9 is not answering after 3 tries"
+        ) as info:
+            reward(["p"], ["c"])
+        assert isinstance(info.value.__cause__, ServerUnavailable)
+    assert flaky.calls == min(failures, retries) + 1
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[str]:
+    http, grpc, metrics = free_ports(3)
+    proc = subprocess.Popen(
+        [sys.executable, str(FAKE_SERVER), str(http), str(grpc), str(metrics)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{http}"
+    try:
+        wait_until_ready(url, "reward", "fake server", 120)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # tritonserver follows (parent-death signal)
+        proc.wait(10)
+
+
+def test_an_answer_of_the_wrong_shape_is_named(fake_server: str, registry: align.Registry) -> None:
+    reward = align.build_reward(RemoteRewardConfig(url=fake_server), registry)
+    assert reward(["p", "q"], ["abc", "de"]).tolist() == [3.0, 2.0]
+    with pytest.raises(
+        RewardServerError, match=rf"reward server at {fake_server} answered 'reward' with shape \(2, 2\)"
+    ):
+        reward(["shape", "q"], ["abc", "de"])
+
+
+def test_a_server_that_hangs_is_named_within_its_timeout(fake_server: str, registry: align.Registry) -> None:
+    reward = align.build_reward(RemoteRewardConfig(url=fake_server, timeout_s=1.5), registry)
+    with pytest.raises(
+        RewardServerError, match=rf"reward server at {fake_server} did not answer within 1.5 s"
+    ) as info:
+        reward(["hang"], ["abc"])
+    assert isinstance(info.value.__cause__, ServerTimeout)
