@@ -11,6 +11,7 @@ when returned.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,6 +54,18 @@ def critic_model_section(cfg: LocalCriticConfig, run: align.RunConfig) -> align.
     return model.model_copy(update={"path": str(path), "tokenizer": model.tokenizer or model.path})
 
 
+def planned_critic_steps(run: Any) -> int | None:
+    """The critic's own LR schedule length: one step per minibatch of every iteration, warm-up
+    included (it trains more steps than the policy). None (the run's) for a run config without
+    PPO's keys."""
+    try:
+        t = run.trainer
+        samples = run.prompts_per_iteration * run.sampling.n
+        return int(run.iterations * run.epochs * math.ceil(samples / (t.batch_size * t.grad_accum)))
+    except AttributeError:
+        return None
+
+
 class LocalCritic:
     """See the module docstring; the contract is ``align.Critic``'s."""
 
@@ -65,7 +78,7 @@ class LocalCritic:
             )
         self.cfg, self.backend, self.learner = cfg, backend, learner
         self.model: nn.Module = backend.build_model(ROLE, critic_model_section(cfg, ctx.config))
-        learner.add_trainable(ROLE, self.model, optim=cfg.optim)
+        learner.add_trainable(ROLE, self.model, optim=cfg.optim, total_steps=planned_critic_steps(ctx.config))
 
     def values(self, batch: align.TokenBatch) -> Future[Tensor]:
         try:
