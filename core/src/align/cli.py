@@ -17,6 +17,7 @@ from rich.table import Table
 from align.commands import Command, plugin_commands
 from align.config import RunConfig
 from align.errors import UserError
+from align.learner import process_rank
 from align.loading import apply_overrides, check_paths, read_yaml, validate_run_config
 from align.plugins import GROUP, Plugins, default_plugins
 from align.registry import KINDS
@@ -85,7 +86,8 @@ def cmd_run(args: argparse.Namespace, plugins: Plugins) -> None:
     overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
     cfg = load_config(args.config, overrides, args.algo, plugins)
     result = train(cfg, plugins)
-    _print_result(result)
+    if process_rank() == 0:  # one summary for a distributed run, from its main rank
+        _print_result(result)
 
 
 def _print_result(result: RunResult) -> None:
