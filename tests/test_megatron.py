@@ -59,6 +59,7 @@ def torchrun(tmp_path: Path, tp: int, runs: list[str]) -> dict[str, Any]:
         ["timeout", "300", *command], env=subprocess_env(), capture_output=True, text=True, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    print("torchrun report:", report.read_text()[-300:])
     result: dict[str, Any] = json.loads(report.read_text())
     return result
 
@@ -82,33 +83,36 @@ def test_conversion_at_tp1_matches_transformers_and_round_trips() -> None:
     assert_conversion_exact(conversion_report(tp=1))
 
 
-def test_megatron_tp1_dpo_follows_the_hf_backend(tmp_path: Path) -> None:
-    """The same run on both backends in one process: the same losses and final weights (to
-    float32 rounding), and the final model is an HF checkpoint."""
-    megatron = small_dpo(tmp_path, "megatron", {})
-    hf = write_yaml(
-        tmp_path / "hf.yaml",
-        {**_yaml(megatron), "backend": {"name": "hf"}, "output_dir": str(tmp_path / "hf")},
+@pytest.fixture(scope="module")
+def tp1_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The TP=1 DPO run (in-process, a world of one) the other layouts are compared with."""
+    folder = tmp_path_factory.mktemp("megatron")
+    run_in_process(small_dpo(folder, "tp1", {}))
+    return folder / "tp1"
+
+
+def test_megatron_tp1_dpo_follows_the_hf_backend(tp1_run: Path, tmp_path: Path) -> None:
+    """The same run on both backends: the same losses and final weights (to float32
+    rounding), and the final model is an HF checkpoint."""
+    config = _yaml(str(tp1_run.parent / "tp1.yaml"))
+    run_in_process(
+        write_yaml(
+            tmp_path / "hf.yaml", {**config, "backend": {"name": "hf"}, "output_dir": str(tmp_path / "hf")}
+        )
     )
-    run_in_process(megatron)
-    run_in_process(hf)
-    assert train_losses(tmp_path / "megatron") == pytest.approx(
-        train_losses(tmp_path / "hf"), abs=LOSS_TOLERANCE
-    )
-    assert train_losses(tmp_path / "hf")[-1] < train_losses(tmp_path / "hf")[0] - 0.05  # it learns
-    ours, theirs = (
-        load_file(tmp_path / "megatron/final/model.safetensors"),
-        load_file(tmp_path / "hf/final/model.safetensors"),
-    )
+    hf = train_losses(tmp_path / "hf")
+    assert train_losses(tp1_run) == pytest.approx(hf, abs=LOSS_TOLERANCE)
+    assert len(hf) == 4 and hf[-1] < hf[0] - 0.05  # it learns
+    ours = load_file(tp1_run / "final/model.safetensors")
+    theirs = load_file(tmp_path / "hf/final/model.safetensors")
     assert set(ours) == set(theirs)
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5
 
 
 @pytest.mark.slow
-def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(tmp_path: Path) -> None:
+def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(tp1_run: Path, tmp_path: Path) -> None:
     """One torchrun launch (2 processes, gloo): the conversion at TP=2, DPO at TP=2 (checkpoint
     at step 2), the same run resumed from that checkpoint, and DPO at DP=2 (TP=1)."""
-    tp1 = small_dpo(tmp_path, "tp1", {})
     tp2 = small_dpo(tmp_path, "tp2", {"tensor_model_parallel_size": 2}, trainer={"save_every": 2})
     resumed = small_dpo(
         tmp_path,
@@ -117,12 +121,11 @@ def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(tmp_path: Path) -> Non
         resume=str(tmp_path / "tp2/checkpoints/step_2"),
     )
     dp2 = small_dpo(tmp_path, "dp2", {})
-    run_in_process(tp1)
     report = torchrun(tmp_path, tp=2, runs=[tp2, resumed, dp2])
 
     assert report["world_size"] == 2
     assert_conversion_exact(report["conversion"])
-    reference = train_losses(tmp_path / "tp1")
+    reference = train_losses(tp1_run)
     assert len(reference) == 4 and reference[-1] < reference[0] - 0.05
     assert train_losses(tmp_path / "tp2") == pytest.approx(reference, abs=LOSS_TOLERANCE)
     assert train_losses(tmp_path / "dp2") == pytest.approx(reference, abs=LOSS_TOLERANCE)
@@ -138,7 +141,7 @@ def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(tmp_path: Path) -> Non
     assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
     # The other rank's optimizer state (its shards) is in the checkpoint.
     assert (tmp_path / "tp2/checkpoints/step_2/ranks/rank_1.pt").is_file()
-    tp1_final = load_file(tmp_path / "tp1/final/model.safetensors")
+    tp1_final = load_file(tp1_run / "final/model.safetensors")
     assert max(float((first[k] - tp1_final[k]).abs().max()) for k in first) < 1e-4
     shutil.rmtree(tmp_path / "tp2/checkpoints", ignore_errors=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,12 @@ def yaml_output_dir(path: str) -> str:
 def main(spec_path: str) -> None:
     warnings.filterwarnings("ignore")
     spec = json.loads(Path(spec_path).read_text())
+    started = time.perf_counter()
     report: dict[str, Any] = {"conversion": conversion_report(int(spec["tp"]))}
+    converted = time.perf_counter()
     report["losses"] = run_configs(spec.get("runs", []))
+    # Where a slow test's time goes (not asserted).
+    report["seconds"] = {"conversion": converted - started, "runs": time.perf_counter() - converted}
     report["world_size"] = dist.get_world_size()
     if dist.get_rank() == 0:
         Path(spec["report"]).write_text(json.dumps(report))
