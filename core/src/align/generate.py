@@ -5,7 +5,7 @@
 
 The same engines, data format (``prompts``) and rewards as online training, so what it shows
 is what an online method would sample. ``data.format=...`` picks another installed prompts
-format (one registered with ``batch=align.PromptBatch``), with its own ``data.*`` settings: a
+format (one registered with ``batch=align.PromptBatch`` or a subclass), with its own ``data.*`` settings: a
 plugin conditions prompts that way (SteerLM's ``steerlm_prompts`` puts the desired attribute
 values into each prompt exactly as its training did). Each output row holds the prompt, one completion, its
 index among the prompt's ``n``, why it stopped, its length in tokens, the reward when asked,
@@ -48,8 +48,8 @@ class GenerateConfig(StrictConfig):
     data: dict[str, Any] = Field(
         default_factory=dict,
         description="The prompts' data format (data.format, default 'prompts': any installed format with "
-        "batch align.PromptBatch) and its settings; train, max_length and columns.prompt come from "
-        "--prompts, max_length and prompt_column.",
+        "batch align.PromptBatch or a subclass) and its settings; train, max_length and columns.prompt "
+        "come from --prompts, max_length and prompt_column.",
     )
     max_length: int = Field(1024, gt=0, description="Prompt + completion tokens at most.")
     sampling: SamplingConfig = SamplingConfig()
@@ -143,7 +143,8 @@ def generate(cfg: GenerateConfig, plugins: Plugins) -> int:
 
 def _prompt_data(cfg: GenerateConfig, plugins: Plugins) -> PromptData:
     """The prompts' data format config: ``prompts`` unless ``data.format`` names another format
-    whose batch is ``PromptBatch`` (a plugin's conditioning of prompts), validated by its class."""
+    whose batch is a ``PromptBatch`` (a plugin's conditioning of prompts; a subclass keeps such a
+    format out of online algorithms' ``data.format`` choices), validated by its class."""
     section = {
         "format": "prompts",
         **cfg.data,
@@ -152,7 +153,8 @@ def _prompt_data(cfg: GenerateConfig, plugins: Plugins) -> PromptData:
         "columns": {"prompt": cfg.prompt_column, **cfg.data.get("columns", {})},
     }
     entry = plugins.registry.get("data_format", str(section["format"]))
-    if entry.meta.get("batch") is not PromptBatch:
+    batch = entry.meta.get("batch")
+    if not (isinstance(batch, type) and issubclass(batch, PromptBatch)):
         raise ConfigError(
             f"align generate: data.format={entry.name} ({entry.package}) is not a prompts format "
             "(registered with batch=align.PromptBatch); see `align list --kind data_format`"

@@ -29,6 +29,7 @@ BUILTIN_PACKAGES = frozenset(
         "align-ppo",
         "align-spin",
         "align-spr",
+        "align-steerlm",
     }
 )
 
