@@ -373,3 +373,13 @@ def test_annotate_refuses_unknown_attributes_and_bad_rows(
     result = run_cli(capsys, "annotate", "--model", str(attribute_model), "--data", data, "--out", out)
     assert_user_error(result, "in.jsonl, row 2: the completion is missing or empty")
     assert not Path(out).exists()
+
+
+def test_the_chat_template_variant_goes_through_the_tokenizers_template(tmp_path: Path) -> None:
+    rows = [{"prompt": "Q", "completion": "A", "verbosity": 2}]
+    _, data = load_format(tmp_path, rows, template="chat", system="Be kind.")
+    tok = byte_tokenizer()
+    assert tok.decode(data[0]["prompt_ids"]) == (
+        "<bos><|system|>Be kind.\n\nattributes: verbosity:2<|end|><|user|>Q<|end|><|assistant|>"
+    )
+    assert tok.decode(data[0]["completion_ids"]) == "A<|end|>"
