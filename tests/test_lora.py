@@ -30,7 +30,7 @@ from helpers import (
 )
 from helpers.online import arith_config
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import align
 
@@ -292,3 +292,33 @@ def test_grpo_with_lora_refits_the_engine_with_merged_weights(warm_model: Path, 
     assert second["logprob_mismatch"] == pytest.approx(1.0, abs=1e-3)
     assert second["refit_s"] > 0.0
     assert (result.final_dir / "adapter_model.safetensors").is_file()
+
+
+def test_reward_model_with_lora_trains_its_head_and_exports_a_merged_scorer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reward model trained with LoRA: adapters plus the score head in full (PEFT's SEQ_CLS);
+    the merged export is a sequence classifier giving the same scores as the adapter."""
+    config = merge(
+        dpo_config(tmp_path / "rm", model=LORA_MODEL, trainer={"max_steps": 3}),
+        {"algo": "reward", "loss": None},
+    )
+    result = train(config)
+    assert result.eval_after["accuracy"] >= result.eval_before["accuracy"]
+    saved = load_weights(result.final_dir)
+    assert any(name.endswith("score.weight") for name in saved)  # the head, trained in full
+    assert all("lora_" in name or "score" in name for name in saved)
+    out = tmp_path / "merged"
+    assert run_cli(capsys, "export", str(result.output_dir), "--merge", "--out", str(out)).code == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(out)
+
+    plugins = align.default_plugins()
+    cfg = align.validate_run_config(config, plugins.registry)
+    backend = align.build_backend(cfg, plugins)
+    scorer = backend.build_scorer(1, ["reward"])
+    backend.load_weights(scorer, result.final_dir)
+    batch = align.pad_sequences(PAIRS, pad_id=0)
+    with torch.no_grad():
+        adapted = backend.sequence_scores(scorer.eval(), batch)
+        exported = merged.eval()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert torch.allclose(exported, adapted, atol=1e-5)
