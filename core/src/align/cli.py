@@ -92,7 +92,12 @@ def cmd_run(args: argparse.Namespace, plugins: Plugins) -> None:
 
 def _print_result(result: RunResult) -> None:
     console.print(f"\n[bold green]done[/]: {result.steps} steps. Outputs in [bold]{result.output_dir}[/]")
-    console.print(f"  final model: {result.final_dir}  (transformers from_pretrained)")
+    # A LoRA run's final/ is a PEFT adapter (align-lora); anything else loads with from_pretrained.
+    if (result.final_dir / "adapter_config.json").is_file():
+        how = f"a LoRA adapter, PEFT format; full weights: align export {result.output_dir} --merge"
+    else:
+        how = "transformers from_pretrained"
+    console.print(f"  final model: {result.final_dir}  ({how})")
     console.print(f"  metrics:     {result.output_dir / 'metrics.jsonl'}")
     keys = [k for k in result.eval_after if k in result.eval_before]
     if not keys:
