@@ -31,7 +31,9 @@ def pairs(prompts: Path, rng: random.Random) -> list[dict[str, str]]:
     for row in rows:
         right = int(row["answer"])
         for _ in range(PAIRS_PER_PROMPT):
-            out.append({"prompt": row["prompt"], "chosen": str(right), "rejected": str(wrong_answer(rng, right))})
+            out.append(
+                {"prompt": row["prompt"], "chosen": str(right), "rejected": str(wrong_answer(rng, right))}
+            )
     return out
 
 
