@@ -118,10 +118,11 @@ def attribute_values(given: Any, cfg: Conditioning) -> dict[str, int]:
         raise MissingAttribute(
             f"no value for attribute {', '.join(repr(m) for m in missing)} (it has: {has})"
         )
-    return {name: _checked_value(name, given[name], cfg) for name in cfg.attributes}
+    return {name: check_value(name, given[name], cfg) for name in cfg.attributes}
 
 
-def _checked_value(name: str, value: Any, cfg: Conditioning) -> int:
+def check_value(name: str, value: Any, cfg: Conditioning) -> int:
+    """One value as an integer in range, else ``ValueError`` naming the attribute."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"attribute '{name}' must be an integer, got {value!r:.40}")
     if not math.isfinite(value) or value != int(value):

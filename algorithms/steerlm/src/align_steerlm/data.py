@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 import align
 from align_steerlm.conditioning import (
@@ -38,6 +38,7 @@ from align_steerlm.conditioning import (
     Prompt,
     Turn,
     attribute_values,
+    check_value,
     conversation_of,
     format_label,
     parse_label,
@@ -187,6 +188,13 @@ class SteerPromptData(Conditioning, align.PromptData):
     def _label_string(cls, value: Any) -> Any:
         return parse_label(value) if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _steer_in_range(self) -> SteerPromptData:
+        for name, value in self.steer.items():
+            if name in self.attributes:
+                check_value(name, value, self)
+        return self
+
 
 @dataclass
 class SteeredPrompts(align.PromptBatch):
@@ -212,10 +220,12 @@ class SteerPromptFormat(align.TokenizedFormat):
             conditioned = render(
                 conversation_of(prompt, self.cfg.system), format_label(values, self.cfg), self.cfg
             )
-        except ValueError as exc:
+        except MissingAttribute as exc:
             raise align.row_error(
                 source, index, f"{exc}; give it with data.steer=name:value,... or an 'attributes' column"
             ) from None
+        except ValueError as exc:
+            raise align.row_error(source, index, str(exc)) from None
         prompt_ids = self.encoder.encode_prompt(conditioned)
         status, prompt_ids, _ = self.encoder.fit(prompt_ids, [])
         record = {**row, self.cfg.attributes_column: values}  # the output rows say what was asked
