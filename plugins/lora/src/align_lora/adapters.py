@@ -73,7 +73,7 @@ class AdaptersOff(nn.Module):
             return base(*args, **kwargs)
 
     def train(self, mode: bool = True) -> AdaptersOff:
-        return self  # frozen: always scored as in eval mode
+        return super().train(False)  # frozen: always scored as in eval mode
 
 
 @contextmanager

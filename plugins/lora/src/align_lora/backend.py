@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ class LoraBackend:
         if section.lora is None or role not in TRAINED_ROLES:
             return built
         wrapped = wrap(built, section.lora, TRAINED_ROLES[role])
-        if getattr(getattr(self.inner, "cfg", None), "gradient_checkpointing", False):
+        if getattr(built, "is_gradient_checkpointing", False):
             # The frozen embeddings give the checkpointed blocks inputs without grad.
             wrapped.enable_input_require_grads()
         if role == "policy":
@@ -178,11 +178,9 @@ def _running_models(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
-        if args and isinstance(args[0], nn.Module):
-            scope: AbstractContextManager[nn.Module] = runnable(args[0])
-        else:
-            scope = nullcontext(None)  # type: ignore[arg-type]
-        with scope as runs:
-            return method(*((runs, *args[1:]) if args and runs is not None else args), **kwargs)
+        if not args or not isinstance(args[0], nn.Module):
+            return method(*args, **kwargs)
+        with runnable(args[0]) as runs:
+            return method(runs, *args[1:], **kwargs)
 
     return call
