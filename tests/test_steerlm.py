@@ -383,3 +383,15 @@ def test_the_chat_template_variant_goes_through_the_tokenizers_template(tmp_path
         "<bos><|system|>Be kind.\n\nattributes: verbosity:2<|end|><|user|>Q<|end|><|assistant|>"
     )
     assert tok.decode(data[0]["completion_ids"]) == "A<|end|>"
+
+
+def test_steer_values_are_checked_with_the_config(tmp_path: Path, capsys) -> None:
+    prompts = str(DATA / "steerlm_prompts.jsonl")
+    out = str(tmp_path / "o.jsonl")
+    for steer, message in (
+        ("verbosity:9", "'verbosity' is 9, outside 0..4"),
+        ("verbosity:high", "not a number"),
+    ):
+        steering = ["data.format=steerlm_prompts", "data.attributes=[verbosity]", f"data.steer={steer}"]
+        result = run_cli(capsys, "generate", "--prompts", prompts, "--out", out, *steering)
+        assert_user_error(result, "align generate, data", message)
