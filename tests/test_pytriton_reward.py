@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import DATA, QUIET_TRAINER, TINY_MODEL, head_jsonl, write_yaml
+from helpers import DATA, QUIET_TRAINER, TINY_MODEL, head_jsonl, read_metrics, run_cli, write_yaml
+from helpers.online import arith_config
 
 import align
 from align.loading import validate_run_config
@@ -135,6 +136,31 @@ def outside_address() -> str | None:
     except OSError:
         return None
     return None if address.startswith("127.") else address
+
+
+def test_an_online_run_scores_through_the_reward_server(
+    served_model: align.RewardSource, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rejection sampling with `reward: {name: remote, url: ...}` on the shared server."""
+    url = served_model.source.client.url  # type: ignore[attr-defined]
+    out = tmp_path / "rs"
+    config = arith_config(
+        "rs",
+        out,
+        Path("tiny"),
+        iterations=1,
+        prompts_per_iteration=4,
+        sampling={"n": 2},
+        min_reward=-100.0,
+        trainer={"batch_size": 8},
+    )
+    config["model"] = TINY_MODEL
+    config["reward"] = {"name": "remote", "url": url}
+    result = run_cli(capsys, "run", write_yaml(tmp_path / "rs.yaml", config))
+    assert result.code == 0, result.err
+    rollout = read_metrics(out, "rollout")[0]
+    assert rollout["reward_mean"] != 0.0  # the reward model's scores, not a default
+    assert read_metrics(out, "eval")[-1]["reward"] != 0.0
 
 
 def test_a_server_that_dies_mid_run_is_named(served_model: align.RewardSource) -> None:
