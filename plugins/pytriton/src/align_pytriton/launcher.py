@@ -30,7 +30,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from align_pytriton.errors import ServerStartError
 
 PR_SET_PDEATHSIG = 1
 LOG_TAIL_LINES = 8
-_RUNNING: weakref.WeakSet[ChildServer] = weakref.WeakSet()
+_RUNNING: set[ChildServer] = set()  # strong references: each is stopped at exit even if dropped
 
 
 def free_ports(count: int, host: str = LOCALHOST) -> list[int]:
