@@ -142,3 +142,25 @@ def test_a_loss_that_needs_per_token_reference_logprobs_is_a_config_error(tmp_pa
     }
     result = run_cli(capsys, "run", write_yaml(tmp_path / "spin.yaml", config))
     assert_user_error(result, "loss: 'ld_dpo' needs per-token reference log-probs")
+
+
+def test_reward_aware_losses_get_the_gold_minus_generated_reward_gap(warm_model, tmp_path, capsys):
+    """With a reward, each pair carries reward(gold) - reward(generated), so rpo_* losses train;
+    without one they stop with their own error."""
+    sections = {
+        "iterations": 1,
+        "prompts_per_iteration": 16,
+        "loss": {"name": "rpo_sq"},
+        "trainer": {"log_every": 1},
+    }
+    out = tmp_path / "spin"
+    result = run_cli(
+        capsys, "run", write_yaml(tmp_path / "spin.yaml", spin_config(out, warm_model, **sections))
+    )
+    assert result.code == 0, result.err
+    assert read_metrics(out, "rollout")[0]["pairs"] > 0
+    # On the first step the policy is its reference (z = 0): rpo_sq is then (eta * gap)^2 > 0.
+    assert read_metrics(out, "train")[0]["loss"] > 0
+    config = spin_config(tmp_path / "no_reward", warm_model, reward=None, **sections)
+    result = run_cli(capsys, "run", write_yaml(tmp_path / "no_reward.yaml", config))
+    assert_user_error(result, "rpo_sq", "needs the reward model's score")

@@ -43,8 +43,9 @@ class SPINConfig(align.OnlineConfig):
     loss: align.LossConfig | list[align.LossConfig]
     reward: align.RewardConfig | None = Field(  # type: ignore[assignment]
         None,
-        description="Optional: scores held-out answers (eval reward, win rate against the start model). "
-        "It sees row[<completion column>] = the gold response.",
+        description="Optional: scores held-out answers (eval reward, win rate against the start model) and "
+        "gives each pair reward(gold) - reward(generated) (rpo_* losses). It sees row[<completion column>] "
+        "= the gold response.",
     )
     sampling: align.SamplingConfig = Field(
         align.SamplingConfig(n=1, temperature=1.0, max_tokens=64),
@@ -69,8 +70,10 @@ class Pair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     example_id: int
+    sample: align.Sample
     ref_chosen: float = 0.0
     ref_rejected: float = 0.0
+    reward_gap: float | None = None  # reward(gold) - reward(generated), with a reward
 
 
 class SPIN(align.OnlineAlgorithm):
@@ -115,6 +118,8 @@ class SPIN(align.OnlineAlgorithm):
         metrics.update(iteration=number, pairs=len(pairs), **skipped)
         if pairs:
             started = time.perf_counter()
+            if self.reward is not None:
+                self.score_gold(pairs)
             self.score_reference(learner, pairs)
             self._train_on(learner, pairs)
             metrics["train_s"] = time.perf_counter() - started
@@ -155,8 +160,19 @@ class SPIN(align.OnlineAlgorithm):
             elif s.completion_ids == gold:
                 identical += 1
             else:
-                pairs.append(Pair(s.prompt.prompt_ids, gold, list(s.completion_ids), s.prompt.example_id))
+                pairs.append(Pair(s.prompt.prompt_ids, gold, list(s.completion_ids), s.prompt.example_id, s))
         return pairs, {"skipped_empty": empty, "skipped_identical": identical}
+
+    def score_gold(self, pairs: list[Pair]) -> None:
+        """With a reward, each pair's reward gap (gold minus generated): what the reward-aware
+        losses (``rpo_*``) read; the others ignore it."""
+        assert self.reward is not None
+        rows = [p.sample.prompt for p in pairs]
+        gold = self.reward(
+            [r.prompt for r in rows], [r.row[self.completion_column] for r in rows], [r.row for r in rows]
+        )
+        for pair, value in zip(pairs, gold.tolist(), strict=True):
+            pair.reward_gap = value - pair.sample.reward
 
     @torch.no_grad()
     def score_reference(self, learner: Any, pairs: list[Pair]) -> None:
@@ -185,6 +201,7 @@ class SPIN(align.OnlineAlgorithm):
 
     # ---- batches and the loss ----------------------------------------------------------
     def collate(self, pairs: list[Pair]) -> SPINPairs:
+        gaps = [p.reward_gap for p in pairs]
         sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [
             (p.prompt_ids, p.rejected_ids) for p in pairs
         ]
@@ -194,6 +211,7 @@ class SPIN(align.OnlineAlgorithm):
             example_ids=torch.tensor([p.example_id for p in pairs]),
             ref_chosen=torch.tensor([p.ref_chosen for p in pairs], dtype=torch.float64),
             ref_rejected=torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float64),
+            reward_gap=None if None in gaps else torch.tensor(gaps, dtype=torch.float32),
         )
 
     def loss(self, batch: SPINPairs) -> align.LossOutput:
@@ -207,6 +225,7 @@ class SPIN(align.OnlineAlgorithm):
             rejected_lengths=rejected.count,
             ref_chosen_logps=batch.ref_chosen.to(device, dtype),
             ref_rejected_logps=batch.ref_rejected.to(device, dtype),
+            reward_gap=batch.reward_gap,
         )
         out = align.combine_losses(self.losses, pairs)
         out.metrics |= self.margin_metrics(pairs)
@@ -327,6 +346,7 @@ class SPINPairs:
     example_ids: Tensor
     ref_chosen: Tensor
     ref_rejected: Tensor
+    reward_gap: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
