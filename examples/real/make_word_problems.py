@@ -12,7 +12,18 @@ from pathlib import Path
 
 HERE = Path(__file__).parent / "data"
 NAMES = ["Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Emma", "Max", "Zoe", "Jack", "Lily"]
-THINGS = ["apples", "marbles", "books", "stickers", "pencils", "cookies", "cards", "shells", "coins", "balloons"]
+THINGS = [
+    "apples",
+    "marbles",
+    "books",
+    "stickers",
+    "pencils",
+    "cookies",
+    "cards",
+    "shells",
+    "coins",
+    "balloons",
+]
 ADD = [
     "{name} has {a} {things}. {name} gets {b} more. How many {things} does {name} have now?",
     "There are {a} {things} in a box. {name} puts in {b} more. How many {things} are in the box?",
