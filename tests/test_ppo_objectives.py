@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from align_ppo.objectives import AdaptiveKLController, explained_variance, gae, token_rewards, value_loss, whiten
+
+from align_ppo.objectives import (
+    AdaptiveKLController,
+    explained_variance,
+    gae,
+    token_rewards,
+    value_loss,
+    whiten,
+)
 
 MASK = torch.tensor([[True, True, True], [True, True, False]])
 
@@ -90,7 +98,8 @@ def test_value_loss_by_hand_across_the_clip_boundaries():
 
 def test_value_loss_gradient_is_zero_where_the_clipped_term_is_taken():
     values = torch.tensor([[1.5, 1.1]], requires_grad=True)
-    loss, _ = value_loss(values, torch.ones(1, 2), torch.full((1, 2), 2.0), torch.ones(1, 2, dtype=torch.bool), 0.2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, _ = value_loss(values, torch.ones(1, 2), torch.full((1, 2), 2.0), mask, 0.2)
     loss.backward()
     assert values.grad is not None
     # 1.5 is clipped to 1.2 (a constant): no gradient; 1.1: d/dV 0.5 (V - 2)^2 / 2 tokens = (1.1 - 2) / 2
