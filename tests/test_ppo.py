@@ -118,6 +118,52 @@ def test_critic_warmup_trains_the_critic_and_leaves_the_policy(warm_model, tmp_p
     assert shared and max(float((critic[n] - policy[n]).abs().max()) for n in shared) > 1e-5
 
 
+def test_every_option_runs_and_logs(warm_model, tmp_path, capsys):
+    """k3 KL with the adaptive controller, clip-higher, dual clip, truncated importance sampling,
+    entropy bonus, no whitening, the plain value loss, another aggregation, gradient
+    accumulation, two epochs: all together, for two iterations."""
+    out = tmp_path / "all"
+    config = ppo_config(
+        out,
+        warm_model,
+        epochs=2,
+        clip_high=0.28,
+        dual_clip=3.0,
+        importance_correction={"cap": 2.0},
+        entropy_coef=0.01,
+        whiten_advantages=False,
+        aggregation="seq_mean_token_mean",
+        kl={"coef": 0.1, "estimator": "k3", "adaptive": {"target": 1.0, "horizon": 50}},
+        critic={"name": "local", "value_clip": None, "optim": {"lr": 1e-3}},
+        **{"lambda": 1.0, "gamma": 0.99},
+        trainer={"batch_size": 4, "grad_accum": 2, "eval_every": 1},
+    )
+    result = run_cli(capsys, "run", write_yaml(tmp_path / "run.yaml", config))
+    assert result.code == 0, result.err
+    rollouts = read_metrics(out, "rollout")
+    assert len(rollouts) == 2 and len(read_metrics(out, "eval")) == 3
+    # KL below target: the coefficient falls by the largest step, 0.2 x 16 / 50.
+    assert rollouts[1]["kl_coef"] == pytest.approx(0.1 * (1 - 0.2 * 16 / 50))
+    assert rollouts[0]["critic_clip_fraction"] == 0.0  # value_clip: null
+    train = read_metrics(out, "train")
+    assert len(train) == 2 * 2 * 2  # 16 samples in steps of 8, two epochs, two iterations
+    assert all("entropy" in row and "dual_clip_fraction" in row for row in train)
+
+
+def test_gradient_accumulation_equals_one_big_batch(warm_model, tmp_path, capsys):
+    """The policy loss's denominator is the whole minibatch's, so micro-batches add up to it."""
+    finals = []
+    for name, trainer in (("big", {"batch_size": 16}), ("accumulated", {"batch_size": 4, "grad_accum": 4})):
+        out = tmp_path / name
+        config = ppo_config(out, warm_model, iterations=1, trainer=trainer, optim={"name": "sgd", "lr": 0.5})
+        result = run_cli(capsys, "run", write_yaml(tmp_path / f"{name}.yaml", config))
+        assert result.code == 0, result.err
+        finals.append(load_weights(out / "final"))
+    assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-6
+    warm = load_weights(warm_model)
+    assert max(float((finals[0][n] - warm[n]).abs().max()) for n in warm) > 1e-4  # it did train
+
+
 # A critic plugin that keeps its own state (as a critic server does): zero values, a count of its
 # training steps that save() writes into the checkpoint and load() reads back.
 COUNTING_CRITIC = """
