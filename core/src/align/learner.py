@@ -693,8 +693,9 @@ class Learner:
             trainable.module.train()
         shown = self.config.trainer.progress if self.is_main else False
         with Progress(self.total_steps, self.step, shown) as progress:
-            self.progress = progress
-            if any(stats.values()):
+            # A distributed run's other ranks print no progress: the main rank's says it all.
+            self.progress = progress if self.is_main else None
+            if any(stats.values()) and self.is_main:
                 progress.note("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
             try:
                 self.algorithm.drive(self)

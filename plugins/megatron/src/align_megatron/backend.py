@@ -160,10 +160,19 @@ class MegatronBackend:
 
     def save_pretrained(self, model: nn.Module, path: Path) -> None:
         """An HF checkpoint (safetensors, config, tokenizer) of the whole model, written by the
-        main rank only; every rank must call it (the gathers are collective)."""
+        main rank only (checkpoints and final/ are shared folders); every rank must call it (the
+        gathers are collective)."""
+        self._write_hf(model, path, every_rank=False)
+
+    def save_merged(self, model: nn.Module, path: Path) -> None:
+        """The same HF folder, written by every rank to its own ``path``: what a rollout engine
+        starts from (each rank runs its own engine, from a folder of its own)."""
+        self._write_hf(model, path, every_rank=True)
+
+    def _write_hf(self, model: nn.Module, path: Path, every_rank: bool) -> None:
         meg = _megatron(model)
         state = {name: tensor.contiguous() for name, tensor in self.named_weights(model)}
-        if not self.is_main:
+        if not (self.is_main or every_rank):
             return
         path.mkdir(parents=True, exist_ok=True)
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
