@@ -71,7 +71,15 @@ def test_heldout_reward_rises_with_the_local_critic(warm_model, tmp_path, capsys
     # The critic learns: its loss falls from the first iteration's (values start from a fresh head).
     assert rollouts[-1]["critic_loss"] < rollouts[0]["critic_loss"]
     for row in rollouts:
-        assert {"generate_s", "experience_s", "train_s", "critic_wait_s", "refit_s"} <= row.keys()
+        assert {
+            "generate_s",
+            "score_s",
+            "policy_logps_s",
+            "reference_logps_s",
+            "critic_values_send_s",
+        } <= row.keys()
+        assert {"critic_wait_s", "actor_train_s", "critic_train_send_s", "critic_train_wait_s"} <= row.keys()
+        assert row["train_s"] >= row["actor_train_s"] + row["critic_train_send_s"]
         assert 0 <= row["train_clip_fraction"] <= 1 and 0 <= row["critic_clip_fraction"] <= 1
     assert len(read_metrics(out, "train")) == 6 * 2 * 2  # 128 samples in steps of 64, two epochs
 

@@ -131,10 +131,13 @@ class PPO(align.OnlineAlgorithm):
         cfg = self.config
         size = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
         chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
-        pending = [self._critic().values(self.lay_out(chunk)) for chunk in chunks]
+        with _timed(metrics, "critic_values_send_s"):  # a local critic computes them here
+            pending = [self._critic().values(self.lay_out(chunk)) for chunk in chunks]
         with align.precision_scope(cfg.trainer.precision, self.ctx.policy):
-            old, entropy = self.token_logps(self.ctx.policy, chunks, with_entropy=True)
-            ref = self.token_logps(self.reference, chunks)[0] if self.reference is not None else None
+            with _timed(metrics, "policy_logps_s"):
+                old, entropy = self.token_logps(self.ctx.policy, chunks, with_entropy=True)
+            with _timed(metrics, "reference_logps_s"):
+                ref = self.token_logps(self.reference, chunks)[0] if self.reference is not None else None
         with _timed(metrics, "critic_wait_s"):
             values = self._gather_values(pending, chunks)
         mask = _left_mask([len(s.completion_ids) for s in samples])
@@ -230,18 +233,21 @@ class PPO(align.OnlineAlgorithm):
         generator = torch.Generator().manual_seed(cfg.seed + 7919 * self.iteration)
         per_step = t.batch_size * t.grad_accum
         critic_steps: list[Future[dict[str, float]]] = []
+        timings = {"critic_train_send_s": 0.0, "actor_train_s": 0.0}
         policy_totals: dict[str, float] = {}
         policy_steps = 0
         for _ in range(cfg.epochs):
             order = torch.randperm(len(experience), generator=generator).tolist()
             for start in range(0, len(order), per_step):
                 chosen = [experience[i] for i in order[start : start + per_step]]
-                critic_steps.append(self._critic().train(self.critic_batch(chosen)))
+                with _timed(timings, "critic_train_send_s", add=True):  # a local critic trains here
+                    critic_steps.append(self._critic().train(self.critic_batch(chosen)))
                 if not train_policy:
                     continue
                 micro = [chosen[j : j + t.batch_size] for j in range(0, len(chosen), t.batch_size)]
                 normalizer = self.step_normalizer(chosen) / len(micro)
-                step = learner.train_step([self.collate(m, normalizer) for m in micro], self.loss)
+                with _timed(timings, "actor_train_s", add=True):
+                    step = learner.train_step([self.collate(m, normalizer) for m in micro], self.loss)
                 for key, value in step.items():
                     policy_totals[key] = policy_totals.get(key, 0.0) + float(value)
                 policy_steps += 1
@@ -252,9 +258,12 @@ class PPO(align.OnlineAlgorithm):
         metrics.update({f"train_{k}": policy_totals[k] / policy_steps for k in keep if k in policy_totals})
         # The critic's last step finishes while the actor refits; its metrics are read here.
         critic_totals: dict[str, float] = {}
-        for future in critic_steps:
-            for key, value in future.result().items():
+        with _timed(timings, "critic_train_wait_s"):
+            results = [future.result() for future in critic_steps]
+        for result in results:
+            for key, value in result.items():
                 critic_totals[key] = critic_totals.get(key, 0.0) + float(value)
+        metrics.update(timings)
         metrics.update({f"critic_{k}": v / len(critic_steps) for k, v in critic_totals.items()})
         return metrics
 
@@ -392,9 +401,11 @@ def _padded(rows: list[Tensor], mask: Tensor) -> Tensor:
 
 
 @contextmanager
-def _timed(metrics: dict[str, float], key: str) -> Iterator[None]:
+def _timed(metrics: dict[str, float], key: str, add: bool = False) -> Iterator[None]:
+    """Seconds spent inside, into ``metrics[key]`` (added to what is there with ``add``)."""
     started = time.perf_counter()
     try:
         yield
     finally:
-        metrics[key] = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        metrics[key] = metrics.get(key, 0.0) + elapsed if add else elapsed
