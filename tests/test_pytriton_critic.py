@@ -3,7 +3,7 @@ critic model's on the same weights (padded and packed), one train request is one
 clipped value loss (by hand) and the critic learns, calls keep their order without the actor
 waiting for a train, save/load continue bit for bit, a dead server is an align.CriticError
 naming it, and PPO runs with it (its state in the actor's checkpoint, a killed run resumed
-bit-exact).
+bit-exact, and equal to the same run with the local critic).
 
 One critic server (a child process) is shared by the module's unit tests.
 """
@@ -208,3 +208,14 @@ def test_killed_ppo_run_with_a_remote_critic_resumes_bit_exact(
     rows = read_metrics(straight, "rollout")
     assert [row["iteration"] for row in rows] == [1, 2, 3, 4]
     assert read_metrics(killed, "rollout")[-1]["critic_loss"] == rows[-1]["critic_loss"]
+    # The same run with the local critic: at a constant learning rate the remote critic is the
+    # same computation in another process, so the policy and the critic's metrics are the same.
+    local = tmp_path / "local"
+    local_config = run_config(local, critic={"name": "local", "optim": {"lr": 1e-2}}, **sections)
+    local_config["critic"] = {"name": "local", "value_clip": 0.2, "optim": {"lr": 1e-2}}
+    assert run_cli(capsys, "run", write_yaml(tmp_path / "local.yaml", local_config)).code == 0
+    assert_same_weights(load_weights(local / "final"), load_weights(straight / "final"))
+    keys = ("critic_loss", "critic_grad_norm", "critic_clip_fraction", "critic_explained_variance")
+    assert [[row[k] for k in keys] for row in read_metrics(local, "rollout")] == [
+        [row[k] for k in keys] for row in rows
+    ]

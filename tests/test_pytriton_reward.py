@@ -336,15 +336,16 @@ class FlakyClient:
     """Stands in for FuturesModelClient: fails the first ``failures`` requests with a refused
     connection, then answers ``[n, 1]`` zeros."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, error: Exception | None = None) -> None:
         self.failures = failures
+        self.error = error or ConnectionRefusedError(111, "Connection refused")
         self.calls = 0
 
     def infer_batch(self, **inputs: np.ndarray) -> Future[dict[str, np.ndarray]]:
         self.calls += 1
         done: Future[dict[str, np.ndarray]] = Future()
         if self.calls <= self.failures:
-            done.set_exception(ConnectionRefusedError(111, "Connection refused"))
+            done.set_exception(self.error)
         else:
             done.set_result({"reward": np.zeros((len(inputs["prompt"]), 1), dtype=np.float32)})
         return done
@@ -369,6 +370,25 @@ def test_transient_failures_are_retried_a_bounded_number_of_times(
             reward(["p"], ["c"])
         assert isinstance(info.value.__cause__, ServerUnavailable)
     assert flaky.calls == min(failures, retries) + 1
+
+
+@pytest.mark.parametrize(
+    ("error", "tries"),
+    [(ConnectionRefusedError(111, "Connection refused"), 2), (ConnectionResetError(104, "reset"), 1)],
+)
+def test_a_request_that_changes_state_is_retried_only_when_refused(error: Exception, tries: int) -> None:
+    """A dropped connection may have delivered a train step: it is not sent twice."""
+    cfg = RemoteRewardConfig(url="http://127.0.0.1:9", retries=2, retry_delay_s=0.01)
+    client = ServerClient("train server", "http://127.0.0.1:9", "train", cfg, idempotent=False)
+    flaky = FlakyClient(1, error)
+    client._client = flaky
+    future = client.submit({"prompt": np.zeros((1, 1))}, {"reward": (1, 1)})
+    if tries == 2:
+        assert future.result()["reward"].shape == (1, 1)
+    else:
+        with pytest.raises(ServerUnavailable, match="train server is not answering"):
+            future.result()
+    assert flaky.calls == tries
 
 
 @pytest.fixture(scope="module")

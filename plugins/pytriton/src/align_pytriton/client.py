@@ -47,6 +47,7 @@ class ServerClient:
         child: ChildServer | None = None,
         batched: bool = True,
         text_outputs: tuple[str, ...] = (),
+        idempotent: bool = True,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -55,6 +56,9 @@ class ServerClient:
         self.label = label
         self.batched = batched  # a model without a batch dimension takes whole requests (infer_sample)
         self.text_outputs = text_outputs  # outputs of bytes (JSON), not numbers
+        # a request that changes the server's state (a train step) is retried only when it
+        # cannot have arrived (a refused connection), never after a dropped one
+        self.idempotent = idempotent
         self._client: Any = None
         self._lock = threading.Lock()
         self._closed = False
@@ -146,7 +150,8 @@ class ServerClient:
         tries: int,
     ) -> None:
         child_exited = self.child is not None and self.child.returncode is not None
-        if is_transient(exc) and tries < self.cfg.retries and not child_exited and not self._closed:
+        retryable = is_transient(exc) if self.idempotent else is_refused(exc)
+        if retryable and tries < self.cfg.retries and not child_exited and not self._closed:
             delay = self.cfg.retry_delay_s * 2**tries
             timer = threading.Timer(delay, self._attempt, args=(inputs, expect, result, tries + 1))
             timer.daemon = True
@@ -204,3 +209,9 @@ def connect_or_start(
         return f"{kind} server at {cfg.url}", str(cfg.url), None
     server = ChildServer(kind, serve, **child)
     return server.label, server.url, server
+
+
+def is_refused(exc: BaseException) -> bool:
+    """The server refused the connection: the request never reached it."""
+    text = f"{exc} {exc.__cause__ or ''}".lower()
+    return isinstance(exc, ConnectionRefusedError) or "connection refused" in text or "errno 111" in text

@@ -98,6 +98,8 @@ class CriticModel:
                 "`critic: {name: remote, ...}` section"
             )
         self.cfg, self.run = cfg, run
+        if run.trainer.num_threads:  # as the run computes, so that values match a local critic's
+            torch.set_num_threads(run.trainer.num_threads)
         torch.manual_seed(run.seed)
         self.backend = align.build_backend(run, plugins)
         if not isinstance(self.backend, align.TokenScoringBackend):
@@ -198,10 +200,16 @@ def model_section(cfg: RemoteCriticConfig, run: align.RunConfig) -> align.ModelC
 
 
 def build_optimizer(cfg: align.OptimConfig, params: Any) -> torch.optim.Optimizer:
-    """The critic's optimizer at a constant learning rate (the server has no run schedule)."""
+    """The critic's optimizer at a constant learning rate (the server has no run schedule), made
+    as the learner makes the local critic's (fused AdamW where every parameter allows it: the
+    same update, rounded the same way)."""
+    params = list(params)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
+    )
 
 
 def value_loss(
@@ -209,7 +217,8 @@ def value_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped value loss, the mean over masked tokens of
     ``max((V - R)^2, (old_V + clamp(V - old_V, -c, c) - R)^2) / 2`` (``(V - R)^2 / 2`` without
-    ``c``); ``clip_fraction`` is the share of tokens where the clipped term is strictly larger."""
+    ``c``); ``clip_fraction`` is the share of tokens where the clipped term is strictly larger,
+    ``explained_variance`` the values' (before the step)."""
     values = values.float()
     unclipped = (values - returns) ** 2
     if clip is None:
@@ -220,7 +229,17 @@ def value_loss(
     tokens = mask.sum().clamp(min=1)
     loss = 0.5 * torch.where(mask, per_token, torch.zeros_like(per_token)).sum() / tokens
     value_mean = torch.where(mask, values.detach(), torch.zeros_like(values)).sum() / tokens
-    return loss, {"clip_fraction": (taken & mask).sum() / tokens, "value_mean": value_mean}
+    stats = {"clip_fraction": (taken & mask).sum() / tokens, "value_mean": value_mean}
+    return loss, stats | {"explained_variance": explained_variance(values.detach(), returns, mask)}
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var(R - V) / Var(R)`` over the masked tokens (0 for fewer than two tokens, or
+    returns that do not vary): 1 for a perfect critic, 0 for one no better than a constant."""
+    r, v = returns[mask].float(), values[mask].float()
+    if r.numel() < 2 or float(r.var()) == 0.0:
+        return torch.zeros(())
+    return 1 - (r - v).var() / r.var()
 
 
 def critic_endpoints(critic: CriticModel) -> list[Endpoint]:
@@ -290,7 +309,14 @@ class RemoteCritic:
         self.label, url, self.child = connect_or_start("critic", cfg, serve, settings_at=("critic", "server"))
         self.clients = {
             m: ServerClient(
-                self.label, url, m, cfg, self.child, batched=m == INFER, text_outputs=("metrics",)
+                self.label,
+                url,
+                m,
+                cfg,
+                self.child,
+                batched=m == INFER,
+                text_outputs=("metrics",),
+                idempotent=m != TRAIN,
             )
             for m in (INFER, TRAIN, SAVE, LOAD)
         }
