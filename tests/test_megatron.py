@@ -14,7 +14,17 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import DATA, REPO, dpo_config, head_jsonl, read_metrics, subprocess_env, write_yaml
+from helpers import (
+    DATA,
+    REPO,
+    assert_user_error,
+    dpo_config,
+    head_jsonl,
+    read_metrics,
+    run_cli,
+    subprocess_env,
+    write_yaml,
+)
 from safetensors.torch import load_file
 
 pytest.importorskip("megatron.core")
@@ -81,6 +91,28 @@ def test_conversion_at_tp1_matches_transformers_and_round_trips() -> None:
     from megatron_checks import conversion_report
 
     assert_conversion_exact(conversion_report(tp=1))
+
+
+@pytest.mark.parametrize(
+    ("sections", "fragments"),
+    [
+        ({"trainer": {"precision": "bf16_mixed"}}, ("trainer.precision", "bf16_mixed", "megatron")),
+        ({"backend": {"pipeline_model_parallel_size": 2}}, ("pipeline_model_parallel_size", "only 1")),
+        ({"backend": {"tensor_model_parallel_size": 2}}, ("tensor_model_parallel_size", "(2 x 1)", "(1)")),
+        ({"algo": "reward"}, ("reward",)),
+    ],
+)
+def test_what_megatron_cannot_run_is_a_user_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sections: dict[str, Any], fragments: tuple[str, ...]
+) -> None:
+    """Exit 2 with the key at fault, before anything is written."""
+    backend = sections.pop("backend", {})
+    config = _yaml(small_dpo(tmp_path, "run", backend, **sections))
+    if config["algo"] == "reward":
+        config.pop("loss")
+    result = run_cli(capsys, "run", write_yaml(tmp_path / "bad.yaml", config))
+    assert_user_error(result, *fragments)
+    assert not (tmp_path / "run" / "final").exists()
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from align import BackendConfig, ConfigError, ModelConfig, RunConfig, SequenceLogps, TokenBatch, TokenLogps
 from align_megatron.conversion import LlamaLayout, hf_tensors, layout_of, megatron_names, megatron_shard
+from align_megatron.cpu_shims import cpu_only
 from align_megatron.parallel import Parallelism, build_gpt, initialize, transformer_engine_available
 
 CAUSAL_ROLES = ("policy", "reference")
@@ -87,6 +88,14 @@ class MegatronBackend:
 
         self.run = run
         self.cfg: MegatronBackendConfig = run.backend  # type: ignore[assignment]
+        if run.trainer.precision == "bf16_mixed" and cpu_only():
+            # Megatron's linear layers replay their backward outside autocast in the weights'
+            # dtype: on CPU the autocast (bfloat16) activations' gradients then meet float32
+            # weights and the matmul fails.
+            raise ConfigError(
+                "trainer.precision: bf16_mixed does not run on backend megatron without a GPU; use "
+                "fp32, or bf16 (bfloat16 weights)"
+            )
         self.par: Parallelism = initialize(
             self.cfg.tensor_model_parallel_size,
             self.cfg.pipeline_model_parallel_size,
