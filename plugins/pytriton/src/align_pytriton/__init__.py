@@ -1,8 +1,11 @@
 """align-pytriton: critic and reward-model servers on NVIDIA PyTriton, and their clients.
 
-- ``align serve reward CONFIG``: a reward server (``infer``) for any installed reward;
-- ``reward: {name: remote, url: http://HOST:PORT}`` (or ``serve: {...}`` to start one as a
-  child process): an online run's rewards computed by that server.
+- ``align serve reward CONFIG``: a reward server (model ``reward``) for any installed reward;
+- ``align serve critic RUN_CONFIG``: a critic server (``critic_infer``, ``critic_train``,
+  ``critic_save``, ``critic_load``) built from a PPO run config;
+- ``reward: {name: remote, url: http://HOST:PORT}`` (or ``serve: {...}``) and
+  ``critic: {name: remote}`` (or ``url: ...``): an online run's rewards and PPO's critic
+  computed by those servers; without a url the run starts the server as a child process.
 
 See docs/servers.md.
 """
