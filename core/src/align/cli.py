@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -85,9 +86,30 @@ def load_config(path: str, overrides: Sequence[str], algo: str | None, plugins: 
 def cmd_run(args: argparse.Namespace, plugins: Plugins) -> None:
     overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
     cfg = load_config(args.config, overrides, args.algo, plugins)
+    processes = int(getattr(cfg.backend, "nproc_per_node", 1) or 1)
+    if processes > 1 and "RANK" not in os.environ:  # not under torchrun yet: start it
+        raise SystemExit(launch_processes(processes, args))
     result = train(cfg, plugins)
     if process_rank() == 0:  # one summary for a distributed run, from its main rank
         _print_result(result)
+
+
+def launch_processes(processes: int, args: argparse.Namespace) -> int:
+    """``align run`` with the same arguments in ``processes`` processes on this node, under
+    ``torchrun --standalone`` (a free local port); its exit code. A distributed backend asks for
+    it with ``backend.nproc_per_node``."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+    ]
+    command += ["-m", "align.cli", "run", args.config, *args.overrides]
+    command += ["--algo", args.algo] if args.algo else []
+    command += ["--resume"] if args.resume else []
+    return subprocess.run(command, check=False).returncode
 
 
 def _print_result(result: RunResult) -> None:
