@@ -115,6 +115,30 @@ def test_what_megatron_cannot_run_is_a_user_error(
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_nproc_per_node_makes_align_run_start_torchrun(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``backend.nproc_per_node: 2`` outside torchrun: ``align run`` runs itself again under
+    ``torchrun --standalone`` with the same config, overrides and flags, and exits with its code
+    (the launched command is captured here, not run)."""
+    import align.cli
+
+    launched: list[list[str]] = []
+
+    def fake_run(command: list[str], check: bool) -> subprocess.CompletedProcess[str]:
+        launched.append(command)
+        return subprocess.CompletedProcess(command, 3)
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(align.cli.subprocess, "run", fake_run)
+    config = small_dpo(tmp_path, "run", {"nproc_per_node": 2, "tensor_model_parallel_size": 2})
+    result = run_cli(capsys, "run", config, "trainer.max_steps=2", "--resume")
+    assert result.code == 3
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert launched == [[*torchrun, "-m", "align.cli", "run", config, "trainer.max_steps=2", "--resume"]]
+    assert not (tmp_path / "run").exists()  # the launched processes do the run
+
+
 @pytest.fixture(scope="module")
 def tp1_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The TP=1 DPO run (in-process, a world of one) the other layouts are compared with."""

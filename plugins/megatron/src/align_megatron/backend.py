@@ -50,6 +50,9 @@ class MegatronBackendConfig(BackendConfig):
         1, ge=1, description="Pipeline stages (only 1 runs yet). Data parallel = world / (TP x PP)."
     )
     sequence_parallel: bool = Field(False, description="Split norms/dropout over the sequence (GPU only).")
+    nproc_per_node: int = Field(
+        1, ge=1, description="Processes on this node; > 1: `align run` starts them under torchrun itself."
+    )
 
 
 class MegatronModel(nn.Module):
