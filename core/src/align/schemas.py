@@ -30,6 +30,7 @@ BUILTIN_PACKAGES = frozenset(
         "align-spin",
         "align-spr",
         "align-steerlm",
+        "align-pytriton",
     }
 )
 
