@@ -243,7 +243,7 @@ def test_asking_for_more_verbosity_gives_longer_completions(
         rows = steered(capsys, steerlm_run / "final", tmp_path / f"v{level}.jsonl", level)
         assert len(rows) == 12 and all(row["attributes"] == {"verbosity": level} for row in rows)
         lengths[level] = sum(len(row["completion"]) for row in rows) / len(rows)
-    # the task's answers are ~22 characters at verbosity 0 and ~60 at 4
+    # the task's answers are 22 characters on average at verbosity 0 and 65 at 4
     assert lengths[4] > lengths[0] + 15, lengths
 
 

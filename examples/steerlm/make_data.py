@@ -2,7 +2,7 @@
 
 A "how do I ..." question is answered at five levels of verbosity: level ``v`` (0-4) is the
 task's first sentence followed by ``v`` more, so the answer's length measures the attribute
-(about 20 characters at 0, 60 at 4). Training rows hold every level for each task, with the
+(22 characters on average at 0, 65 at 4). Training rows hold every level for each task, with the
 level in a ``verbosity`` column (HelpSteer's layout: the ``steerlm`` format and the attribute
 model's ``scored`` format both read it); held-out rows and prompts use tasks never seen in
 training.
