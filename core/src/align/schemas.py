@@ -31,6 +31,7 @@ BUILTIN_PACKAGES = frozenset(
         "align-spr",
         "align-steerlm",
         "align-pytriton",
+        "align-megatron",
     }
 )
 
