@@ -1,6 +1,6 @@
 """A misbehaving reward server for the fault tests of align-pytriton (not a test module).
 
-    python tests/pytriton_fake_server.py HTTP_PORT GRPC_PORT METRICS_PORT
+    python tests/pytriton_fake_server.py HTTP_PORT GRPC_PORT METRICS_PORT WORKSPACE
 
 Serves a ``reward`` model with the reward server's inputs whose answer depends on the prompt:
 "hang" sleeps for a minute, "shape" answers two values per row, anything else answers the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from pytriton.decorators import batch
@@ -33,7 +34,7 @@ def infer(prompt: np.ndarray, completion: np.ndarray, row: np.ndarray) -> dict[s
     return {"reward": lengths}
 
 
-def main(http: int, grpc: int, metrics: int) -> None:
+def main(http: int, grpc: int, metrics: int, workspace: Path) -> None:
     settings = ServerSettings(http_port=http, grpc_port=grpc, metrics_port=metrics, max_queue_delay_us=0)
     endpoint = Endpoint(
         name="reward",
@@ -41,8 +42,8 @@ def main(http: int, grpc: int, metrics: int) -> None:
         inputs=[(name, np.bytes_, (1,)) for name in ("prompt", "completion", "row")],
         outputs=[("reward", np.float32, (-1,))],
     )
-    serve(settings, [endpoint], "fake reward server")
+    serve(settings, [endpoint], "fake reward server", workspace)  # the test removes it
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:4]))
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))

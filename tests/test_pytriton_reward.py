@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,7 +256,7 @@ def test_killing_the_run_leaves_no_server_and_no_tritonserver(signum: int) -> No
     run = fork.Process(target=run_and_wait, args=(send,), daemon=True)
     run.start()
     try:
-        assert receive.poll(120), "the run did not start its reward server within 120 s"
+        assert receive.poll(300), "the run did not start its reward server within 300 s"
         scores, child_pid = receive.recv()
         assert scores == [0.0]  # length 4 at target 4
         family = {child_pid, *descendants(child_pid)}
@@ -279,7 +280,7 @@ def test_align_serve_reward_serves_on_the_configured_ports_and_stops_on_sigint(t
     )
     try:
         url = f"http://127.0.0.1:{http}"
-        wait_until_ready(url, "reward", "align serve", 120)
+        wait_until_ready(url, "reward", "align serve", 300)
         family = descendants(server.pid)
         reward = RemoteReward(RemoteRewardConfig(url=url))
         assert reward(["a", "b"], ["ab", "abcd"]).tolist() == [0.0, -1.0]  # -|len - 2| / 2
@@ -319,6 +320,8 @@ def test_a_server_not_ready_in_time_is_named_and_stopped(registry: align.Registr
         reward(["p"], ["c"])
     assert isinstance(info.value.__cause__, ServerStartError)
     assert child.returncode is not None  # stopped, not left behind
+    assert (child.folder / "server.log").exists()  # kept for the message's reader ...
+    shutil.rmtree(child.folder)  # ... who is this test
 
 
 def test_a_url_where_nothing_listens_is_named(registry: align.Registry) -> None:
@@ -392,17 +395,18 @@ def test_a_request_that_changes_state_is_retried_only_when_refused(error: Except
 
 
 @pytest.fixture(scope="module")
-def fake_server() -> Iterator[str]:
+def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     http, grpc, metrics = free_ports(3)
+    workspace = tmp_path_factory.mktemp("fake") / "workspace"  # killed with SIGKILL: not left in ~/.cache
     proc = subprocess.Popen(
-        [sys.executable, str(FAKE_SERVER), str(http), str(grpc), str(metrics)],
+        [sys.executable, str(FAKE_SERVER), str(http), str(grpc), str(metrics), str(workspace)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{http}"
     try:
-        wait_until_ready(url, "reward", "fake server", 120)
+        wait_until_ready(url, "reward", "fake server", 300)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # tritonserver follows (parent-death signal)

@@ -119,7 +119,15 @@ class ChildServer:
         self.url = f"http://{host}:{http}"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "align_pytriton.serve", kind, str(config_path)],
+                [
+                    sys.executable,
+                    "-m",
+                    "align_pytriton.serve",
+                    kind,
+                    str(config_path),
+                    "--folder",
+                    str(self.folder),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

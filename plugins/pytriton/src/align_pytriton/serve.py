@@ -9,8 +9,10 @@ command without the CLI (how a run starts its child servers).
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,21 @@ def run(args: argparse.Namespace, plugins: align.Plugins) -> None:
     serve_kind(args.kind, args.config, list(args.overrides), plugins)
 
 
-def serve_kind(kind: str, path: str, overrides: Sequence[str], plugins: align.Plugins) -> None:
+def child_arguments(parser: argparse.ArgumentParser) -> None:
+    arguments(parser)
+    parser.add_argument(
+        "--folder",
+        help="(a run's child server) the temporary folder of its config and log: PyTriton's workspace "
+        "goes there, and it is removed if the run that started the server is gone when it stops",
+    )
+
+
+def serve_kind(
+    kind: str, path: str, overrides: Sequence[str], plugins: align.Plugins, workspace: Path | None = None
+) -> None:
     data = apply_overrides(read_config(path), overrides)
     if kind == "critic":
-        _serve_critic(data, plugins, path)
+        _serve_critic(data, plugins, path, workspace)
         return
     unknown = sorted(set(data) - {kind, "server"})
     if unknown:
@@ -48,14 +61,15 @@ def serve_kind(kind: str, path: str, overrides: Sequence[str], plugins: align.Pl
             f"{path}: unknown keys {unknown}; a {kind} server config has `{kind}:` and `server:`"
         )
     settings = validated(ServerSettings, data.get("server") or {}, f"{path}, server")
-    starters: dict[str, Callable[[dict[str, Any], ServerSettings, align.Plugins, str], None]] = {
-        "reward": _serve_reward,
-    }
-    starters[kind](data.get(kind) or {}, settings, plugins, path)
+    _serve_reward(data.get(kind) or {}, settings, plugins, path, workspace)
 
 
 def _serve_reward(
-    section: dict[str, Any], settings: ServerSettings, plugins: align.Plugins, path: str
+    section: dict[str, Any],
+    settings: ServerSettings,
+    plugins: align.Plugins,
+    path: str,
+    workspace: Path | None,
 ) -> None:
     from align_pytriton.reward import reward_endpoint
     from align_pytriton.server import serve
@@ -69,16 +83,16 @@ def _serve_reward(
     entry = plugins.registry.get("reward", str(section["name"]))
     cfg = validated(entry.config, section, f"{path}, reward")
     reward = align.build_reward(cfg, plugins.registry)
-    serve(settings, [reward_endpoint(reward)], f"reward server ({cfg.name})")
+    serve(settings, [reward_endpoint(reward)], f"reward server ({cfg.name})", workspace)
 
 
-def _serve_critic(data: dict[str, Any], plugins: align.Plugins, path: str) -> None:
+def _serve_critic(data: dict[str, Any], plugins: align.Plugins, path: str, workspace: Path | None) -> None:
     from align_pytriton.critic import CriticModel, critic_endpoints
     from align_pytriton.server import serve
 
     run = align.validate_run_config(data, plugins.registry, source=path)
     critic = CriticModel(run, plugins)
-    serve(run.critic.server, critic_endpoints(critic), f"critic server ({run.model.path})")  # type: ignore[attr-defined]
+    serve(run.critic.server, critic_endpoints(critic), f"critic server ({run.model.path})", workspace)  # type: ignore[attr-defined]
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -121,13 +135,24 @@ def validated(cls: type[BaseModel], data: Any, where: str) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command without the CLI's parser; user errors print one line and exit 2."""
     parser = argparse.ArgumentParser(prog="python -m align_pytriton.serve")
-    arguments(parser)
+    child_arguments(parser)
     args = parser.parse_args(argv)
+    folder = Path(args.folder) if args.folder else None
+    parent = os.getppid()
     try:
-        run(args, align.load_plugins())
+        serve_kind(
+            args.kind,
+            args.config,
+            list(args.overrides),
+            align.load_plugins(),
+            folder / "workspace" if folder else None,
+        )
     except align.UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if folder is not None and os.getppid() != parent:  # orphaned: nobody else will remove it
+            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

@@ -15,6 +15,7 @@ import sysconfig
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -46,9 +47,12 @@ def prepare_environment() -> None:
         os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
-def serve(settings: ServerSettings, endpoints: Sequence[Endpoint], label: str) -> None:
+def serve(
+    settings: ServerSettings, endpoints: Sequence[Endpoint], label: str, workspace: Path | None = None
+) -> None:
     """Serve ``endpoints`` until a stop signal; raise ``ServerStartError`` if tritonserver cannot
-    start or dies."""
+    start or dies. ``workspace``: where PyTriton puts its model store and sockets (default a new
+    folder under ~/.cache/pytriton, removed when it stops cleanly)."""
     prepare_environment()
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
@@ -70,7 +74,7 @@ def serve(settings: ServerSettings, endpoints: Sequence[Endpoint], label: str) -
         log_verbose=0,
     )
     try:
-        with Triton(config=config) as triton:
+        with Triton(config=config, workspace=workspace) as triton:
             for ep in endpoints:
                 size = ep.max_batch_size or settings.max_batch_size
                 batcher = DynamicBatcher(max_queue_delay_microseconds=settings.max_queue_delay_us)
