@@ -263,7 +263,7 @@ def test_killing_the_run_leaves_no_server_and_no_tritonserver(signum: int) -> No
         assert any("tritonserver" in command_of(p) for p in family)
         os.kill(run.pid, signum)  # type: ignore[arg-type]
         run.join(30)
-        left = wait_gone(family, 30)
+        left = wait_gone(family, 60)
         assert not left, [command_of(p) for p in left]
     finally:
         if run.is_alive():

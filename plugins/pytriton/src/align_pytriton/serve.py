@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,8 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if folder is not None and os.getppid() != parent:  # orphaned: nobody else will remove it
+        if folder is not None and os.getppid() != parent:  # orphaned: nobody else cleans up
             shutil.rmtree(folder, ignore_errors=True)
+            # tritonserver's Python stubs outlive it by seconds: take this session's stragglers
+            # down now, this process last (nobody waits for its exit code)
+            if os.getpgid(0) == os.getpid():  # only a group of our own (a run's child server)
+                os.killpg(os.getpid(), signal.SIGKILL)
     return 0
 
 
