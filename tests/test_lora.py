@@ -315,6 +315,7 @@ def test_reward_model_with_lora_trains_its_head_and_exports_a_merged_scorer(
     plugins = align.default_plugins()
     cfg = align.validate_run_config(config, plugins.registry)
     backend = align.build_backend(cfg, plugins)
+    assert isinstance(backend, align.ScoringBackend)
     scorer = backend.build_scorer(1, ["reward"])
     backend.load_weights(scorer, result.final_dir)
     batch = align.pad_sequences(PAIRS, pad_id=0)
