@@ -164,3 +164,16 @@ def test_reward_aware_losses_get_the_gold_minus_generated_reward_gap(warm_model,
     config = spin_config(tmp_path / "no_reward", warm_model, reward=None, **sections)
     result = run_cli(capsys, "run", write_yaml(tmp_path / "no_reward.yaml", config))
     assert_user_error(result, "rpo_sq", "needs the reward model's score")
+
+
+def test_an_earlier_runs_iterations_block_a_new_run_and_overwrite_replaces_them(warm_model, tmp_path, capsys):
+    out = tmp_path / "spin"
+    leftover = out / "iterations" / "iteration_9"
+    leftover.mkdir(parents=True)  # from an earlier run with more iterations
+    config = spin_config(out, warm_model, iterations=1, prompts_per_iteration=16)
+    path = write_yaml(tmp_path / "spin.yaml", config)
+    assert_user_error(run_cli(capsys, "run", path), "already holds a run", "iterations")
+    assert leftover.is_dir()  # nothing was changed
+    result = run_cli(capsys, "run", path, "overwrite=true")
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in (out / "iterations").iterdir()) == ["iteration_1"]

@@ -52,6 +52,11 @@ class Algorithm:
     averaging the loss and its metrics over the eval split (weighted by ``LossOutput.weight``);
     ``drive`` to the offline loop."""
 
+    # What this algorithm writes into output_dir besides the learner's own outputs (checkpoints,
+    # metrics, final/...), e.g. SPIN's ``iterations``: a new run refuses a folder holding them
+    # unless ``overwrite=true``, which replaces them with the rest of the earlier run.
+    run_outputs: tuple[str, ...] = ()
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.config = ctx.config

@@ -520,8 +520,9 @@ class Learner:
 
     def _claim_for_a_new_run(self) -> None:
         """A new run never mixes with an earlier one, nor deletes it unless asked to."""
-        earlier = [self.output_dir / name for name in EARLIER_RUN_OUTPUTS]
-        earlier = [path for path in earlier if path.exists()]
+        algorithm = self.plugins.registry.get("algorithm", self.config.algo).factory
+        names = (*EARLIER_RUN_OUTPUTS, *getattr(algorithm, "run_outputs", ()))
+        earlier = [path for path in (self.output_dir / name for name in names) if path.exists()]
         if not earlier:
             return
         if not self.config.overwrite:

@@ -78,6 +78,7 @@ class Pair:
 
 class SPIN(align.OnlineAlgorithm):
     config: SPINConfig
+    run_outputs = (ITERATIONS_DIR,)  # overwrite=true replaces an earlier run's iterations too
 
     def __init__(self, ctx: align.Context) -> None:
         super().__init__(ctx)
