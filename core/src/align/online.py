@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +21,11 @@ from pydantic import Field
 
 from align.algorithm import Algorithm, Context
 from align.backends import save_merged
+from align.batches import TokenBatch
 from align.builtin.prompts import PromptRow, prompt_rows
 from align.config import RewardConfig, RolloutEngineConfig, RunConfig
 from align.errors import UserError
+from align.layout import lay_out
 from align.registry import Registry
 from align.rollout import EngineError, EngineSpec, RolloutEngine, SamplingConfig
 
@@ -270,6 +272,28 @@ class OnlineAlgorithm(Algorithm):
         self._rollouts: Rollouts | None = None
         self._engine_is_stale = False  # the policy changed since the engine's last refit
         self.pad_id = ctx.backend.tokenizer.pad_token_id
+
+    def lay_out(self, samples: Sequence[Sample]) -> TokenBatch:
+        """Samples as one token batch (prompt, then completion scored), padded or packed as
+        ``data.padding_free`` says."""
+        sequences = [(s.prompt.prompt_ids, s.completion_ids) for s in samples]
+        return lay_out(sequences, self.pad_id, getattr(self.config.data, "padding_free", False))
+
+    def completion_logps(
+        self, model: Any, chunks: Iterable[Sequence[Sample]], with_entropy: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each sample's per-token log-probs (and entropies) of its completion under ``model``,
+        float32, one forward per chunk (the caller sizes the chunks to fit memory)."""
+        logps: list[torch.Tensor] = []
+        entropies: list[torch.Tensor] = []
+        for chunk in chunks:
+            out = self.ctx.backend.token_logps(model, self.lay_out(chunk), with_entropy=with_entropy)
+            for row, sample in enumerate(chunk):
+                length = len(sample.completion_ids)
+                logps.append(out.values[row, :length].float())
+                if out.entropy is not None:
+                    entropies.append(out.entropy[row, :length].float())
+        return logps, entropies
 
     def make_reward(self) -> RewardSource | None:
         """The run's reward, built when the algorithm starts and kept for the whole run. An

@@ -202,17 +202,8 @@ class CriticFree(align.OnlineAlgorithm):
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Each sample's per-token log-probs (and entropies) under ``model``, in micro-batches."""
         size = self.config.trainer.eval_batch_size or self.config.trainer.batch_size
-        logps: list[Tensor] = []
-        entropies: list[Tensor] = []
-        for start in range(0, len(samples), size):
-            part = samples[start : start + size]
-            out = self.ctx.backend.token_logps(model, self.lay_out(part), with_entropy=with_entropy)
-            for row, sample in enumerate(part):
-                length = len(sample.completion_ids)
-                logps.append(out.values[row, :length].float())
-                if out.entropy is not None:
-                    entropies.append(out.entropy[row, :length].float())
-        return logps, entropies
+        chunks = [samples[start : start + size] for start in range(0, len(samples), size)]
+        return self.completion_logps(model, chunks, with_entropy)
 
     def shaped_rewards(
         self, scored: list[ScoredSample], num_groups: int, metrics: dict[str, float]
@@ -310,10 +301,6 @@ class CriticFree(align.OnlineAlgorithm):
         for row, item in enumerate(samples):
             mask[row, : len(item.sample.completion_ids)] = item.trained
         return objectives.global_normalizer(mask, self.config.aggregation, width)
-
-    def lay_out(self, samples: list[align.Sample]) -> align.TokenBatch:
-        sequences = [(s.prompt.prompt_ids, s.completion_ids) for s in samples]
-        return align.lay_out(sequences, self.pad_id, self.config.data.padding_free)
 
     def collate(self, items: list[ScoredSample], normalizer: float) -> RolloutBatch:
         width = max(len(item.sample.completion_ids) for item in items)

@@ -135,9 +135,9 @@ class PPO(align.OnlineAlgorithm):
             pending = [self._critic().values(self.lay_out(chunk)) for chunk in chunks]
         with align.precision_scope(cfg.trainer.precision, self.ctx.policy):
             with _timed(metrics, "policy_logps_s"):
-                old, entropy = self.token_logps(self.ctx.policy, chunks, with_entropy=True)
+                old, entropy = self.completion_logps(self.ctx.policy, chunks, with_entropy=True)
             with _timed(metrics, "reference_logps_s"):
-                ref = self.token_logps(self.reference, chunks)[0] if self.reference is not None else None
+                ref = self.completion_logps(self.reference, chunks)[0] if self.reference is not None else None
         with _timed(metrics, "critic_wait_s"):
             values = self._gather_values(pending, chunks)
         mask = _left_mask([len(s.completion_ids) for s in samples])
@@ -178,21 +178,6 @@ class PPO(align.OnlineAlgorithm):
         if entropy:
             metrics["entropy"] = float(torch.cat(entropy).mean())
         return experience
-
-    def token_logps(
-        self, model: Any, chunks: list[list[align.Sample]], with_entropy: bool = False
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Each sample's per-token log-probs (and entropies) under ``model``, chunk by chunk."""
-        logps: list[Tensor] = []
-        entropies: list[Tensor] = []
-        for chunk in chunks:
-            out = self.ctx.backend.token_logps(model, self.lay_out(chunk), with_entropy=with_entropy)
-            for row, sample in enumerate(chunk):
-                length = len(sample.completion_ids)
-                logps.append(out.values[row, :length].float())
-                if out.entropy is not None:
-                    entropies.append(out.entropy[row, :length].float())
-        return logps, entropies
 
     def _gather_values(self, pending: list[Future[Tensor]], chunks: list[list[align.Sample]]) -> list[Tensor]:
         """The critic's answers, checked: one row per sample, at least its length wide."""
@@ -284,10 +269,6 @@ class PPO(align.OnlineAlgorithm):
         for row, item in enumerate(items):
             mask[row, : len(item.sample.completion_ids)] = True
         return objectives.global_normalizer(mask, self.config.aggregation, width)
-
-    def lay_out(self, samples: list[align.Sample]) -> align.TokenBatch:
-        sequences = [(s.prompt.prompt_ids, s.completion_ids) for s in samples]
-        return align.lay_out(sequences, self.pad_id, self.config.data.padding_free)
 
     def collate(self, items: list[Experience], normalizer: float) -> PolicyBatch:
         mask = _left_mask([len(item.sample.completion_ids) for item in items])

@@ -87,9 +87,8 @@ class RejectionSampling(align.OnlineAlgorithm):
 
     # ---- batches and the loss ----------------------------------------------------------
     def collate(self, samples: list[align.Sample]) -> align.SFTTokens:
-        sequences = [(s.prompt.prompt_ids, s.completion_ids) for s in samples]
         return align.SFTTokens(
-            tokens=align.lay_out(sequences, self.pad_id, self.config.data.padding_free),
+            tokens=self.lay_out(samples),
             example_ids=torch.tensor([s.prompt.example_id for s in samples]),
         )
 

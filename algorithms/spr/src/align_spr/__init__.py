@@ -132,9 +132,8 @@ class SPR(align.OnlineAlgorithm):
 
     # ---- batches and the loss ----------------------------------------------------------
     def collate(self, samples: list[align.Sample], weights: list[float]) -> WeightedTokens:
-        sequences = [(s.prompt.prompt_ids, s.completion_ids) for s in samples]
         return WeightedTokens(
-            tokens=align.lay_out(sequences, self.pad_id, self.config.data.padding_free),
+            tokens=self.lay_out(samples),
             example_ids=torch.tensor([s.prompt.example_id for s in samples]),
             weights=torch.tensor(weights, dtype=torch.float32),
         )
