@@ -103,7 +103,7 @@ def test_remote_scores_equal_the_local_model_reward(
 def test_the_child_server_listens_on_localhost_only(served_model: align.RewardSource) -> None:
     client: ServerClient = served_model.source.client  # type: ignore[attr-defined]
     assert client.url.startswith("http://127.0.0.1:")
-    assert model_ready(client.url, "reward")
+    assert model_ready(client.url, "reward", timeout_s=30)  # a loaded machine answers slowly
     port = int(client.url.rsplit(":", 1)[1])
     with pytest.raises(OSError):  # the port is taken on 127.0.0.1 ...
         bind(("127.0.0.1", port))
