@@ -76,12 +76,26 @@ def reward_model(tmp_path_factory: pytest.TempPathFactory, registry: align.Regis
     return Path(result.final_dir)
 
 
-@pytest.fixture(scope="module")
-def served_model(reward_model: Path, registry: align.Registry) -> Iterator[align.RewardSource]:
-    """The `remote` reward serving the trained model from a child server (3 rows a request, so
+def serve_model(reward_model: Path, registry: align.Registry) -> align.RewardSource:
+    """The `remote` reward serving the trained model from a child server (2 rows a request, so
     one call sends several requests at once)."""
     served = reward_cfg(registry, {"name": "model", "path": str(reward_model), "max_length": 64})
-    remote = align.build_reward(RemoteRewardConfig(serve=served, batch_size=2, timeout_s=60), registry)
+    return align.build_reward(RemoteRewardConfig(serve=served, batch_size=2, timeout_s=60), registry)
+
+
+@pytest.fixture(scope="module")
+def served_model(reward_model: Path, registry: align.Registry) -> Iterator[align.RewardSource]:
+    """One server shared by the module's tests; none of them stops it."""
+    remote = serve_model(reward_model, registry)
+    yield remote
+    remote.source.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def own_served_model(reward_model: Path, registry: align.Registry) -> Iterator[align.RewardSource]:
+    """A server of the test's own, for a test that kills it (test order is not guaranteed
+    under xdist, so the shared one must survive every test)."""
+    remote = serve_model(reward_model, registry)
     yield remote
     remote.source.close()  # type: ignore[attr-defined]
 
@@ -101,6 +115,7 @@ def test_remote_scores_equal_the_local_model_reward(
 
 
 def test_the_child_server_listens_on_localhost_only(served_model: align.RewardSource) -> None:
+    assert served_model(["p"], ["abcd"]).shape == (1,)  # the child server starts on first use
     client: ServerClient = served_model.source.client  # type: ignore[attr-defined]
     assert client.url.startswith("http://127.0.0.1:")
     assert model_ready(client.url, "reward", timeout_s=30)  # a loaded machine answers slowly
@@ -164,8 +179,8 @@ def test_an_online_run_scores_through_the_reward_server(
     assert read_metrics(out, "eval")[-1]["reward"] != 0.0
 
 
-def test_a_server_that_dies_mid_run_is_named(served_model: align.RewardSource) -> None:
-    """Last user of the shared server: kills it."""
+def test_a_server_that_dies_mid_run_is_named(own_served_model: align.RewardSource) -> None:
+    served_model = own_served_model
     client: ServerClient = served_model.source.client  # type: ignore[attr-defined]
     assert served_model(["p"], ["abcd"]).shape == (1,)
     assert client.child is not None
