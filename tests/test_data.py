@@ -281,6 +281,17 @@ def test_chat_messages_go_through_the_chat_template(tmp_path):
     assert row["prompt_ids"] == expected_prompt
 
 
+def test_a_template_with_a_newline_after_end_of_turn_gets_no_second_eos(tmp_path, monkeypatch):
+    """ChatML-style templates (SmolLM2, Qwen) render ``<|im_end|>\\n``: the completion ends at the
+    end-of-turn token, not at an extra EOS appended after the newline."""
+    chatml = TOKENIZER.chat_template.replace("<|end|>", "<|end|>\n")
+    monkeypatch.setattr(TOKENIZER, "chat_template", chatml)
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    row = sft(tmp_path, rows).load("train")[0]
+    assert TOKENIZER.decode(row["completion_ids"]) == "hello<|end|>"
+    assert row["completion_ids"].count(EOS) == 1
+
+
 def test_conversational_preference_rows(tmp_path):
     prompt = [{"role": "user", "content": "2+2?"}]
     rows = [

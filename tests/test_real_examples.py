@@ -109,4 +109,5 @@ def test_the_pairs_go_through_smollm2s_chat_template(smollm2_dir: Path):
     for ids in (row["chosen_ids"], row["rejected_ids"]):
         assert ids[-1] == tokenizer.eos_token_id == 2
     first = json.loads((REAL / "data" / "format_train.jsonl").read_text().splitlines()[0])
-    assert tokenizer.decode(row["chosen_ids"]).startswith(first["chosen"][0]["content"] + "<|im_end|>")
+    # Ends at the end-of-turn token: no newline and no second <|im_end|> after it.
+    assert tokenizer.decode(row["chosen_ids"]) == first["chosen"][0]["content"] + "<|im_end|>"

@@ -89,9 +89,18 @@ class Encoder:
             raise ValueError("the chat template renders the prompt differently inside the conversation")
         prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
         completion_ids = tok(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-        if not completion_ids or completion_ids[-1] != tok.eos_token_id:
-            completion_ids.append(tok.eos_token_id)
-        return prompt_ids, completion_ids
+        return prompt_ids, self._end_at_eos(completion_ids)
+
+    def _end_at_eos(self, completion_ids: list[int]) -> list[int]:
+        """End a templated completion at its EOS. Templates such as ChatML put a newline after
+        the end-of-turn token (``<|im_end|>\\n``); appending another EOS after it would teach the
+        model to write ``<|im_end|>\\n<|im_end|>``, so whitespace after the last EOS is dropped."""
+        eos = self.tokenizer.eos_token_id
+        if eos in completion_ids:
+            last = len(completion_ids) - 1 - completion_ids[::-1].index(eos)
+            if not self.tokenizer.decode(completion_ids[last + 1 :]).strip():
+                return completion_ids[: last + 1]
+        return [*completion_ids, eos]
 
     def fit(self, prompt: list[int], completions: list[list[int]]) -> tuple[str, list[int], list[list[int]]]:
         """Apply the length rules; returns (status, prompt, completions)."""
