@@ -6,6 +6,7 @@ from transformers.utils import logging as hf_logging
 from align import Register, hookimpl
 from align_hf.backend import HFBackend, HFBackendConfig, sequence_logps
 from align_hf.engine import HFEngine, HFEngineConfig, build_hf_engine
+from align_hf.hydra import HydraBackend, build_hf_backend
 from align_hf.models import tiny_llama
 from align_hf.tokenizer import byte_tokenizer
 
@@ -16,6 +17,7 @@ __all__ = [
     "HFBackendConfig",
     "HFEngine",
     "HFEngineConfig",
+    "HydraBackend",
     "byte_tokenizer",
     "sequence_logps",
     "tiny_llama",
@@ -24,7 +26,7 @@ __all__ = [
 
 @hookimpl
 def register_backends(register: Register) -> None:
-    register(HFBackendConfig)(HFBackend)
+    register(HFBackendConfig)(build_hf_backend)
 
 
 @hookimpl

@@ -25,6 +25,19 @@ class HFBackendConfig(BackendConfig):
     name: Literal["hf"] = "hf"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    num_layers_unfrozen: int | None = Field(
+        None,
+        gt=0,
+        description="Hydra (trlX's num_layers_unfrozen): only the top k transformer blocks, the final "
+        "norm and the (untied) output head train; the reference is the policy's frozen trunk (same "
+        "tensors) plus a frozen copy of that top, and a local critic branches from the trunk. null: "
+        "every weight trains (docs/hydra.md).",
+    )
+    hydra_critic: bool = Field(
+        True,
+        description="With num_layers_unfrozen: a critic built from the policy's model section is the "
+        "shared trunk plus its own k blocks and a value head, not a second model; false: a full one.",
+    )
     chunk_tokens: int | None = Field(
         1024,
         gt=0,
