@@ -24,7 +24,7 @@ from helpers import (
 import align.cli
 import align_hf.backend
 from align import ConfigError, default_plugins
-from align.cli import load_config
+from align.cli import EXTENSION_KINDS, load_config
 from align.loading import apply_overrides
 
 KINDS = {
@@ -248,7 +248,7 @@ def test_list_json_reports_every_kind_with_its_package(capsys):
     for row in rows:
         assert {"kind", "name", "package"} <= row.keys()
     ok = {(r["kind"], r["name"]): r for r in rows if r.get("status", "ok") == "ok"}
-    assert {kind for kind, _ in ok} <= KINDS
+    assert {kind for kind, _ in ok} <= KINDS | set(EXTENSION_KINDS)
     assert ok["algorithm", "dpo"]["package"] == "align-dpo"
     assert ok["algorithm", "sft"]["package"] == "align-sft"
     assert ok["loss", "dpo"]["package"] == "align-dpo"
@@ -269,6 +269,17 @@ def test_list_kind_filters(capsys, kind):
     assert {row["name"] for row in rows} == expected
     if kind in ("algorithm", "loss", "backend", "data_format"):
         assert rows, f"the built-in plugins register at least one {kind}"
+
+
+def test_list_shows_backend_wrappers_and_plugin_commands(capsys):
+    """Hook-based contributions have no registry entry; the listing still names their package."""
+    rows = json.loads(run_cli(capsys, "list", "--json").out)
+    listed = {(r["kind"], r["name"]): r["package"] for r in rows}
+    assert listed["backend_wrapper", "lora"] == "align-lora"
+    assert listed["command", "align export"] == "align-lora"
+    assert listed["command", "align serve"] == "align-pytriton"
+    commands = json.loads(run_cli(capsys, "list", "--kind", "command", "--json").out)
+    assert {r["kind"] for r in commands} == {"command"} and len(commands) >= 3
 
 
 def test_list_table_and_unknown_kind(capsys):

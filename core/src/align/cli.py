@@ -54,9 +54,9 @@ def _parser(extra: dict[str, Command]) -> argparse.ArgumentParser:
     listing = sub.add_parser(
         "list",
         help="installed algorithms, losses, engines, rewards, data formats, backends, callbacks, "
-        "lifecycle plugins",
+        "lifecycle plugins, backend wrappers and plugin commands",
     )
-    listing.add_argument("--kind", choices=KINDS)
+    listing.add_argument("--kind", choices=(*KINDS, *EXTENSION_KINDS))
     listing.add_argument("--json", action="store_true")
     gen = sub.add_parser("generate", help="completions (and rewards) for a file of prompts, as JSONL")
     gen.add_argument("--model", default="tiny", help="model folder, HF id, or tiny (the embedded default)")
@@ -137,7 +137,41 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> None:
     console.print(f"{args.config}: valid {cfg.algo} config")
 
 
+# Plugin contributions that are hooks rather than registry entries, listed so that a user can
+# see which package adds `align serve` or wraps every backend (align-lora).
+EXTENSION_KINDS = ("backend_wrapper", "command")
+
+
+def extension_rows(plugins: Plugins) -> list[dict[str, Any]]:
+    versions = dict(plugins.origin.values())
+
+    def row(kind: str, name: str, package: str) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "name": name,
+            "package": package,
+            "version": versions.get(package, ""),
+            "status": "ok",
+        }
+
+    wrappers = [
+        row(
+            "backend_wrapper",
+            impl.plugin_name,
+            plugins.origin.get(impl.plugin_name, (impl.plugin_name, ""))[0],
+        )
+        for impl in plugins.manager.hook.wrap_backend.get_hookimpls()
+    ]
+    commands = [
+        row("command", f"align {command.name}", command.package)
+        for command in plugin_commands(plugins, dict.fromkeys(COMMANDS, "align")).values()
+    ]
+    return sorted(wrappers, key=lambda r: r["name"]) + sorted(commands, key=lambda r: r["name"])
+
+
 def list_rows(plugins: Plugins, kind: str | None) -> list[dict[str, Any]]:
+    if kind in EXTENSION_KINDS:
+        return [r for r in extension_rows(plugins) if r["kind"] == kind]
     rows = [
         {
             "kind": e.kind,
@@ -150,6 +184,7 @@ def list_rows(plugins: Plugins, kind: str | None) -> list[dict[str, Any]]:
         for e in plugins.registry.entries(kind)
     ]
     if kind is None:
+        rows += extension_rows(plugins)
         rows += [
             {
                 "kind": "plugin",
