@@ -232,3 +232,17 @@ def test_grouped_run_logs_less_padding(tmp_path: Path):
         runs[grouped] = [row["pad_fraction"] for row in read_metrics(out, "train")]
     assert all(0 <= p < 1 for p in runs[False] + runs[True])
     assert sum(runs[True]) < sum(runs[False])
+
+
+def test_a_lora_run_shares_the_reference_cache_of_its_base_model(tmp_path: Path):
+    """With adapters off, a LoRA policy is its base model: the reference sums are the same."""
+    from align_dpo.reference import fingerprint
+
+    plugins = align.default_plugins()
+
+    def key(**model: Any) -> str:
+        cfg = validate_run_config(merge(small_run(tmp_path), {"model": model}), plugins.registry)
+        return fingerprint(cfg, "fixed", "d")[0]
+
+    assert key(lora={"r": 4}) == key()
+    assert key(dtype="bfloat16") != key()

@@ -168,7 +168,8 @@ def fingerprint(cfg: align.RunConfig, batching: str, digest: str) -> tuple[str, 
     key = {
         "format": CACHE_FORMAT,
         "torch": torch.__version__,
-        "model": cfg.model.model_dump(mode="json"),
+        # A LoRA policy's reference is its base model with the adapters off: the same sums.
+        "model": cfg.model.model_dump(mode="json", exclude={"lora"}),
         "weights": weights_signature(cfg.model.path),
         "backend": cfg.backend.model_dump(mode="json"),
         "padding_free": cfg.data.padding_free,
