@@ -35,6 +35,7 @@ from align.config import (
 )
 from align.critic import Critic, CriticBatch, CriticConfig, CriticError, build_critic
 from align.datafiles import row_error, text_or_messages
+from align.devices import DEVICE_CHOICES, module_device, resolve_device
 from align.errors import ConfigError, DataError, OutputWriteError, TrainingDiverged, UserError
 from align.hookspecs import hookimpl
 from align.layout import lay_out, pack_sequences, pad_sequences, row_lengths
@@ -73,6 +74,7 @@ from align.trainer import train
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEVICE_CHOICES",
     "AdvantageConfig",
     "Algorithm",
     "Backend",
@@ -156,6 +158,7 @@ __all__ = [
     "loss_function",
     "message_text",
     "model_sections",
+    "module_device",
     "objectives",
     "pack_sequences",
     "pad_sequences",
@@ -164,6 +167,7 @@ __all__ = [
     "precision_scope",
     "prompt_rows",
     "read_yaml",
+    "resolve_device",
     "resolve_losses",
     "row_error",
     "row_lengths",

@@ -152,18 +152,30 @@ def _verify_without_manifest(path: Path) -> str | None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """The CPU, Python and (once this process has used CUDA) every GPU's RNG state."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    # A checkpoint written on GPUs resumed where torch sees fewer (or none): the CPU RNG still
+    # resumes; the GPUs it cannot restore keep their seeded state.
+    if cuda is not None and torch.cuda.is_available():
+        for index, gpu_state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, index)
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
 def load_state(path: Path) -> dict[str, Any]:
     # weights_only: never unpickle arbitrary objects, even from our own files.
-    state: dict[str, Any] = torch.load(path / STATE_FILE, weights_only=True)
+    # map_location: optimizer state saved from GPU weights loads on a machine without one;
+    # ``Optimizer.load_state_dict`` moves it to each parameter's device.
+    state: dict[str, Any] = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
     return state
 
 

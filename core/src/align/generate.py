@@ -28,7 +28,7 @@ from align.builtin.prompts import PromptBatch, PromptData, PromptRow, prompt_row
 from align.config import ModelConfig, RunConfig, StrictConfig
 from align.errors import ConfigError, UserError
 from align.loading import apply_overrides, format_validation_error
-from align.online import Rollouts
+from align.online import Rollouts, backend_device
 from align.plugins import Plugins
 from align.rewards import build_reward
 from align.rollout import SamplingConfig
@@ -134,6 +134,7 @@ def generate(cfg: GenerateConfig, plugins: Plugins) -> int:
             max_model_len=cfg.max_length,
             seed=cfg.seed,
             reward=reward,
+            device=backend_device(backend),
         )
     try:
         return _write(cfg, rollouts, rows, data_cfg.columns.prompt)

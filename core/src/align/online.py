@@ -87,6 +87,7 @@ class Rollouts:
         max_model_len: int = 1024,
         seed: int = 0,
         reward: RewardSource | None = None,
+        device: str | None = None,
     ) -> None:
         self.tokenizer, self.reward = tokenizer, reward
         self.version = 0  # how many refits the engine has taken
@@ -97,6 +98,7 @@ class Rollouts:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             seed=seed,
+            device=device,
         )
         self.engine = build_engine(engine_cfg, registry, spec)
         self.engine_name = engine_cfg.name
@@ -200,6 +202,7 @@ def start_rollouts(
             max_model_len=max_model_len,
             seed=cfg.seed,
             reward=reward,
+            device=backend_device(ctx.backend),
         )
 
 
@@ -378,3 +381,10 @@ class OnlineAlgorithm(Algorithm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iteration = int(state["iteration"])
         self.prompts.position = int(state["prompt_position"])
+
+
+def backend_device(backend: object) -> str | None:
+    """The device a backend trains on (its ``device`` attribute), for the rollout engine to
+    follow; None for a backend that does not say."""
+    device = getattr(backend, "device", None)
+    return None if device is None else str(device)

@@ -68,6 +68,9 @@ class EngineSpec:
     pad_token_id: int | None = None
     seed: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+    device: str | None = None
+    """The trainer's device (``str(torch.device)``): where an in-process engine puts its model
+    unless its own config names one. None: the engine's own default."""
 
 
 @runtime_checkable
