@@ -32,7 +32,11 @@ class ModelRewardConfig(align.RewardConfig):
     )
     max_length: int = Field(1024, gt=1, description="Tokens of prompt + completion; longer ones are cut.")
     batch_size: int = Field(16, gt=0)
-    device: str = "cpu"
+    device: str = Field(
+        "auto",
+        description=f"Where the reward model runs ({align.DEVICE_CHOICES}); auto: the GPU when torch "
+        "sees one, else the CPU.",
+    )
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
@@ -41,6 +45,7 @@ class ModelReward:
 
     def __init__(self, cfg: ModelRewardConfig) -> None:
         self.cfg = cfg
+        self.device = align.resolve_device(cfg.device, "reward.device")
         hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.path)
@@ -55,7 +60,7 @@ class ModelReward:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(cfg.device).eval().requires_grad_(False)
+        self.model.to(self.device).eval().requires_grad_(False)
         self.num_labels = int(self.model.config.num_labels)
         if cfg.weights is None and self.num_labels != 1:
             raise align.ConfigError(
@@ -98,7 +103,7 @@ class ModelReward:
                     strict=True,
                 )
             ]
-            batch = align.pad_sequences(pairs, pad_id).to(self.cfg.device)
+            batch = align.pad_sequences(pairs, pad_id).to(self.device)
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             out.append(logits.float().cpu())
         return torch.cat(out) if out else torch.zeros((0, self.num_labels))

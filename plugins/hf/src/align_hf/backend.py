@@ -12,7 +12,17 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from align import BackendConfig, ModelConfig, RunConfig, SequenceLogps, TokenBatch, TokenLogps
+from align import (
+    DEVICE_CHOICES,
+    BackendConfig,
+    ModelConfig,
+    RunConfig,
+    SequenceLogps,
+    TokenBatch,
+    TokenLogps,
+    module_device,
+    resolve_device,
+)
 from align_hf.models import load_causal_lm, load_scorer, load_tokenizer
 
 # The one head of a scorer built for a role, by role.
@@ -45,6 +55,12 @@ class HFBackendConfig(BackendConfig):
         "token slots each, trimmed to their longest row): less padding and cache-sized activations, "
         "same math. null: one pass. Accelerators always take one pass.",
     )
+    device: str = Field(
+        "auto",
+        description=f"Where every model of the run lives and computes ({DEVICE_CHOICES}); auto: the "
+        "GPU when torch sees one, else the CPU. The hf rollout engine follows it unless its own "
+        "device is set.",
+    )
 
 
 class HFBackend:
@@ -53,6 +69,7 @@ class HFBackend:
     def __init__(self, run: RunConfig) -> None:
         self.run = run
         self.cfg: HFBackendConfig = run.backend  # type: ignore[assignment]
+        self.device = resolve_device(self.cfg.device, "backend.device")
         self.tokenizer = load_tokenizer(run.model)
         self._tokenizers: dict[str, Any] = {_tokenizer_source(run.model): self.tokenizer}
 
@@ -81,6 +98,7 @@ class HFBackend:
                 f"unknown model role '{role}'; roles: {', '.join((*CAUSAL_ROLES, *SCORER_LABELS))}"
             )
         built.config.pad_token_id = tokenizer.pad_token_id
+        built.to(self.device)
         if role in FROZEN_ROLES:
             built.eval()
             built.requires_grad_(False)
@@ -101,11 +119,19 @@ class HFBackend:
         for name, tensor in saved_state_dict(model).items():
             yield name, tensor.detach()
 
+    # The learner/backend boundary: token batches arrive on the CPU (collators build them
+    # there) and go to the model's device for the forward pass; what comes back is moved to
+    # where the batch came from (differentiably), so losses, metrics, rewards and advantages
+    # meet on one device. On the CPU both moves are no-ops.
     def sequence_logps(self, model: nn.Module, batch: TokenBatch) -> SequenceLogps:
-        return sequence_logps(model, batch, self.cfg.chunk_tokens)
+        device, home = module_device(model), batch.input_ids.device
+        out = sequence_logps(model, batch.to(device), self.cfg.chunk_tokens)
+        return SequenceLogps(out.sum.to(home), out.count.to(home))
 
     def token_logps(self, model: nn.Module, batch: TokenBatch, *, with_entropy: bool = False) -> TokenLogps:
-        return token_logps(model, batch, self.cfg.chunk_tokens, with_entropy=with_entropy)
+        device, home = module_device(model), batch.input_ids.device
+        out = token_logps(model, batch.to(device), self.cfg.chunk_tokens, with_entropy=with_entropy)
+        return _token_logps_to(out, home)
 
     def build_scorer(self, num_labels: int, label_names: Sequence[str] | None = None) -> nn.Module:
         """A sequence classifier (``AutoModelForSequenceClassification``) for reward models."""
@@ -113,24 +139,27 @@ class HFBackend:
             self.run.model, len(self.tokenizer), num_labels, self.cfg.attn_implementation, label_names
         )
         model.config.pad_token_id = self.tokenizer.pad_token_id
+        model.to(self.device)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model
 
     def sequence_scores(self, model: nn.Module, batch: TokenBatch) -> Tensor:
-        return sequence_scores(model, batch)
+        return sequence_scores(model, batch.to(module_device(model))).to(batch.input_ids.device)
 
     def token_scores(self, model: nn.Module, batch: TokenBatch) -> TokenLogps:
-        return token_scores(model, batch)
+        return _token_logps_to(token_scores(model, batch.to(module_device(model))), batch.input_ids.device)
 
     def save_pretrained(self, model: nn.Module, path: Path) -> None:
         model.save_pretrained(path, safe_serialization=True)  # type: ignore[operator]
         self.tokenizer.save_pretrained(path)
 
     def load_weights(self, model: nn.Module, path: Path) -> None:
+        # Read on the CPU whatever device wrote the files; load_state_dict copies into the
+        # model's own (possibly GPU) parameters.
         state: dict[str, Tensor] = {}
         for file in sorted(path.glob("*.safetensors")):
-            state |= load_file(file)
+            state |= load_file(file, device="cpu")
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         if unexpected or set(missing) - tied:
@@ -141,6 +170,11 @@ class HFBackend:
 
 def _tokenizer_source(cfg: ModelConfig) -> str:
     return cfg.tokenizer or cfg.path
+
+
+def _token_logps_to(out: TokenLogps, device: torch.device) -> TokenLogps:
+    entropy = out.entropy.to(device) if out.entropy is not None else None
+    return TokenLogps(out.values.to(device), out.mask.to(device), entropy)
 
 
 def saved_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -26,6 +26,7 @@ from align import (
     RolloutEngineConfig,
     SamplingConfig,
     check_prompts,
+    resolve_device,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -42,7 +43,11 @@ class HFEngineConfig(RolloutEngineConfig):
         description="Sequences (prompts x n) generated together. Bounds memory: the raw logits of "
         "every step of a batch are kept to compute the log-probs.",
     )
-    device: str | None = Field(None, description="torch device; default: cuda when available, else cpu.")
+    device: str | None = Field(
+        None,
+        description="torch device (auto | cpu | cuda | cuda:N); default: the trainer's (backend.device), "
+        "else cuda when available, else cpu.",
+    )
 
 
 class HFEngine:
@@ -50,7 +55,7 @@ class HFEngine:
 
     def __init__(self, cfg: HFEngineConfig, spec: EngineSpec) -> None:
         self.cfg, self.spec = cfg, spec
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(cfg.device or spec.device or "auto", "rollout_engine.device")
         with torch.random.fork_rng(devices=[]):  # loading may initialise (then overwrite) weights
             self.model: Any = _load(spec, cfg.attn_implementation).to(self.device)
         self.eos_token_id = _first(spec.eos_token_id, self.model.config.eos_token_id)

@@ -3,7 +3,7 @@ conversion for Llama-family models. See docs/megatron.md."""
 
 from align import Register, hookimpl
 from align_megatron.backend import MegatronBackend, MegatronBackendConfig, MegatronModel, vocab_parallel_logps
-from align_megatron.conversion import LlamaLayout, layout_of, to_hf, to_megatron
+from align_megatron.conversion import LlamaLayout, layout_of, megatron_names, to_hf, to_megatron
 from align_megatron.cpu_shims import apply_cpu_shims
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "MegatronModel",
     "apply_cpu_shims",
     "layout_of",
+    "megatron_names",
     "to_hf",
     "to_megatron",
     "vocab_parallel_logps",

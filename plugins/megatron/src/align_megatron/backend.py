@@ -105,7 +105,9 @@ class MegatronBackend:
             self.cfg.sequence_parallel,
         )
         # HF models are the starting point (and the tokenizer): the hf backend builds them.
-        self.hf = HFBackend(run.model_copy(update={"backend": HFBackendConfig(attn_implementation="eager")}))
+        # On the CPU: they are only read once, into the megatron model on its own device.
+        hf_cfg = HFBackendConfig(attn_implementation="eager", device="cpu")
+        self.hf = HFBackend(run.model_copy(update={"backend": hf_cfg}))
         self.tokenizer = self.hf.tokenizer
         self.is_main = self.par.is_main
 
