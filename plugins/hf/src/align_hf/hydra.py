@@ -271,11 +271,11 @@ class HydraCritic(nn.Module):
         super().__init__()
         branch.requires_grad_(True)
         self.model = BranchedDecoder(policy, branch)
-        hidden = int(policy.config.hidden_size)
+        config: Any = policy.config
         first = next(policy.parameters())
-        self.score = nn.Linear(hidden, 1, bias=False, device=first.device, dtype=first.dtype)
+        self.score = nn.Linear(int(config.hidden_size), 1, bias=False, device=first.device, dtype=first.dtype)
         # transformers' initialisation of a fresh sequence-classifier head.
-        nn.init.normal_(self.score.weight, std=float(getattr(policy.config, "initializer_range", 0.02)))
+        nn.init.normal_(self.score.weight, std=float(getattr(config, "initializer_range", 0.02)))
 
     @property
     def config(self) -> Any:
