@@ -404,6 +404,10 @@ class Learner:
         if not self.is_main:
             return self._save_rank_state()
         tmp = checkpoint.begin(self.output_dir, self.step)
+        # The other ranks write into tmp only once begin() has cleared and made it: without the
+        # barrier, a rank that needs no collective to save (TP=1) got there first, and begin's
+        # clearing deleted its file, or its folder under it (a crash of 1 in 3 CI runs).
+        barrier()
         with checkpoint.guarded_write(f"the checkpoint of step {self.step}", tmp, self.output_dir):
             self.backend.save_pretrained(self.context.policy, tmp / "model")
             for role, trainable in self._other_trainables():
@@ -421,6 +425,7 @@ class Learner:
         model, then add this rank's own trainer state to the checkpoint it is writing. Other
         trainables are saved by the main rank alone."""
         tmp = checkpoint.checkpoint_dir(self.output_dir) / f"step_{self.step}.tmp"
+        barrier()  # the main rank has made tmp (see save_checkpoint)
         self.backend.save_pretrained(self.context.policy, tmp / "model")  # writes on the main rank
         (tmp / RANKS_DIR).mkdir(parents=True, exist_ok=True)
         torch.save(self._state(), tmp / RANKS_DIR / f"rank_{process_rank()}.pt")
