@@ -1,0 +1,339 @@
+"""Finding the model config and the megatron weights in a NeMo checkpoint.
+
+Layouts read (``SUPPORTED`` says the same to the user):
+
+- a ``.nemo`` archive (a tar, plain or gzip) or its extracted folder, with ``model_config.yaml``
+  and the weights as
+  - ``model_weights.ckpt`` (TP=1), or ``mp_rank_00/model_weights.ckpt``, ``mp_rank_01/...`` (one
+    state dict per tensor-parallel rank, PP=1): a ``torch.save`` of megatron-core ``GPTModel``
+    names under ``model.`` (``model.module.`` with O2 mixed precision);
+  - ``model_weights/``: a megatron-core distributed checkpoint (``torch_dist``), any TP/PP;
+- a NeMo 2 checkpoint folder: ``context/model.yaml`` (the model's config under ``config:``) and
+  ``weights/``, a distributed checkpoint of names under ``module.``.
+
+Every layout ends as the state dicts of the TP ranks with megatron-core's local-spec names
+(``decoder.layers.{i}.input_layernorm.weight`` ...), which align_megatron's ``to_hf`` takes.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from align_nemo.errors import NemoFormatError
+from align_nemo.safety import check_dcp_metadata, load_state_dict
+
+SUPPORTED = (
+    "a .nemo archive (tar or tar.gz) or its extracted folder holding model_config.yaml and "
+    "model_weights.ckpt, mp_rank_NN/model_weights.ckpt (TP shards, PP=1) or a model_weights/ "
+    "distributed checkpoint (torch_dist); or a NeMo 2 checkpoint folder holding context/model.yaml "
+    "and weights/ (torch_dist)"
+)
+NEMO1_CONFIG = "model_config.yaml"
+WEIGHTS_FILE = "model_weights.ckpt"
+MODEL_PREFIXES = ("model.", "module.")
+MODEL_ROOTS = ("embedding.", "decoder.", "output_layer.")
+LAYERS = "decoder.layers."
+# megatron-core's dist checkpoints (and the TransformerEngine spec) name the layer norms after
+# the fused linear layer that applies them.
+FUSED_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+@dataclass
+class NemoCheckpoint:
+    """What a NeMo checkpoint holds, read into memory."""
+
+    source: Path
+    layout_name: str  # "nemo1 model_weights.ckpt (TP=2)", "nemo2 weights/ (torch_dist)" ...
+    config: dict[str, Any]
+    config_file: str  # where the config came from, for messages
+    shards: list[dict[str, Tensor]]  # one megatron state dict per TP rank
+    tokenizer_files: dict[str, Path] = field(default_factory=dict)  # name in the HF folder -> file
+
+
+def read_checkpoint(source: Path, workdir: Path, trust_pickle: bool) -> NemoCheckpoint:
+    """Read ``source`` (an archive or a folder); ``workdir`` is an empty folder an archive is
+    extracted into."""
+    if not source.exists():
+        raise NemoFormatError(f"{source}: no such file or folder")
+    if source.is_file():
+        folder = extract_archive(source, workdir)
+        return read_nemo1_folder(folder, source, trust_pickle)
+    if (source / "context").is_dir() and (source / "weights").is_dir():
+        return read_nemo2_folder(source, trust_pickle)
+    if (source / NEMO1_CONFIG).is_file():
+        return read_nemo1_folder(source, source, trust_pickle)
+    raise NemoFormatError(f"{source}: not a NeMo checkpoint this reads; supported: {SUPPORTED}")
+
+
+def extract_archive(archive: Path, workdir: Path) -> Path:
+    """Extract a ``.nemo`` tar (any compression tarfile knows) into ``workdir``; the folder
+    holding its ``model_config.yaml``. Members that would land outside ``workdir`` (absolute
+    paths, ``..``, links out) are refused by tarfile's ``data`` filter."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(workdir, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise NemoFormatError(
+            f"{archive}: not a readable .nemo archive ({error}); supported: {SUPPORTED}"
+        ) from error
+    for folder in (workdir, *sorted(p for p in workdir.iterdir() if p.is_dir())):
+        if (folder / NEMO1_CONFIG).is_file():
+            return folder
+    raise NemoFormatError(f"{archive}: the archive has no {NEMO1_CONFIG}; supported: {SUPPORTED}")
+
+
+# ---- NeMo 1 (.nemo) ---------------------------------------------------------------------------
+
+
+def read_nemo1_folder(folder: Path, source: Path, trust_pickle: bool) -> NemoCheckpoint:
+    config_file = _inside(source, folder, folder / NEMO1_CONFIG)
+    config = _read_yaml(folder / NEMO1_CONFIG, config_file)
+    tokenizer = _nemo1_tokenizer_files(config, folder)
+    if (folder / WEIGHTS_FILE).is_file():
+        where = _inside(source, folder, folder / WEIGHTS_FILE)
+        state = megatron_names_of(load_state_dict(folder / WEIGHTS_FILE, trust_pickle, where), where)
+        return NemoCheckpoint(source, f"nemo1 {WEIGHTS_FILE} (TP=1)", config, config_file, [state], tokenizer)
+    rank_files = _tp_rank_files(folder, source)
+    if rank_files:
+        wheres = [_inside(source, folder, path) for path in rank_files]
+        shards = [
+            megatron_names_of(load_state_dict(path, trust_pickle, where), where)
+            for path, where in zip(rank_files, wheres, strict=True)
+        ]
+        layout = f"nemo1 mp_rank_NN/{WEIGHTS_FILE} (TP={len(shards)})"
+        return NemoCheckpoint(source, layout, config, config_file, shards, tokenizer)
+    if (folder / "model_weights").is_dir():
+        where = _inside(source, folder, folder / "model_weights") + "/"
+        state = read_dist_checkpoint(folder / "model_weights", trust_pickle, where)
+        return NemoCheckpoint(
+            source, "nemo1 model_weights/ (torch_dist)", config, config_file, [state], tokenizer
+        )
+    raise NemoFormatError(
+        f"{source}: has {NEMO1_CONFIG} but no weights this reads (found: {_listing(folder)}); "
+        f"supported: {SUPPORTED}"
+    )
+
+
+def _tp_rank_files(folder: Path, source: Path) -> list[Path]:
+    """``mp_rank_00/model_weights.ckpt`` ... in rank order; pipeline-parallel shards refused."""
+    if any(folder.glob("tp_rank_*_pp_rank_*")):
+        raise NemoFormatError(
+            f"{source}: holds pipeline-parallel shards (tp_rank_NN_pp_rank_NNN/) which are not "
+            f"read yet; save it with PP=1 or as a distributed checkpoint. Supported: {SUPPORTED}"
+        )
+    ranks = sorted(
+        (int(m.group(1)), path)
+        for path in folder.glob(f"mp_rank_*/{WEIGHTS_FILE}")
+        if (m := re.fullmatch(r"mp_rank_(\d+)", path.parent.name))
+    )
+    if [rank for rank, _ in ranks] != list(range(len(ranks))):
+        raise NemoFormatError(
+            f"{source}: the tensor-parallel shards are not mp_rank_00 .. mp_rank_NN without gaps"
+        )
+    return [path for _, path in ranks]
+
+
+def _nemo1_tokenizer_files(config: Mapping[str, Any], folder: Path) -> dict[str, Path]:
+    """The tokenizer files the archive carries (``tokenizer.model: nemo:<file>`` ...), under the
+    names an HF folder gives them."""
+    tokenizer = config.get("tokenizer") or {}
+    found: dict[str, Path] = {}
+    for key, name in (
+        ("model", "tokenizer.model"),
+        ("vocab_file", "vocab.json"),
+        ("merge_file", "merges.txt"),
+    ):
+        value = tokenizer.get(key) if isinstance(tokenizer, Mapping) else None
+        if isinstance(value, str) and value.startswith("nemo:"):
+            path = folder / value[len("nemo:") :]
+            if path.is_file():
+                found[name] = path
+    return found
+
+
+# ---- NeMo 2 -----------------------------------------------------------------------------------
+
+
+def read_nemo2_folder(folder: Path, trust_pickle: bool) -> NemoCheckpoint:
+    model_yaml = folder / "context" / "model.yaml"
+    if not model_yaml.is_file():
+        raise NemoFormatError(
+            f"{folder}: a NeMo 2 checkpoint without context/model.yaml (only that file's config is "
+            f"read, not io.json's); supported: {SUPPORTED}"
+        )
+    document = _read_yaml(model_yaml, str(model_yaml))
+    config = document.get("config")
+    if not isinstance(config, dict):
+        raise NemoFormatError(f"{model_yaml}: has no config: section (the model's TransformerConfig)")
+    state = read_dist_checkpoint(folder / "weights", trust_pickle, str(folder / "weights"))
+    tokenizer = {
+        path.name: path
+        for path in sorted((folder / "context").rglob("*"))
+        if path.is_file() and path.name in TOKENIZER_FILES
+    }
+    return NemoCheckpoint(
+        folder, "nemo2 weights/ (torch_dist)", config, f"{model_yaml}:config", [state], tokenizer
+    )
+
+
+# ---- distributed checkpoints ------------------------------------------------------------------
+
+
+def read_dist_checkpoint(folder: Path, trust_pickle: bool, where: str) -> dict[str, Tensor]:
+    """The model tensors of a megatron-core ``torch_dist`` checkpoint as whole (unsharded)
+    tensors with local-spec names; other entries (optimizer state, ``_extra_state``,
+    ``common.pt``) are not read."""
+    backend = _dist_backend(folder, where)
+    if backend != "torch_dist":
+        raise NemoFormatError(f"{where}: a '{backend}' distributed checkpoint; only torch_dist is read")
+    if not trust_pickle:
+        check_dcp_metadata(folder, where)
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+
+    with _process_group():
+        wanted = {
+            key: tensor
+            for key, tensor in dist_checkpointing.load_tensors_metadata(str(folder)).items()
+            if _model_name(key) is not None and not key.endswith("_extra_state")
+        }
+        if not wanted:
+            raise NemoFormatError(
+                f"{where}: holds no model weights (no embedding.*, decoder.*, output_layer.*)"
+            )
+        loaded = get_default_load_sharded_strategy(str(folder)).load(wanted, str(folder))
+    return megatron_names_of(_unstack_layers(loaded, where), where)
+
+
+def _dist_backend(folder: Path, where: str) -> str:
+    import json
+
+    path = folder / "metadata.json"
+    try:
+        return str(json.loads(path.read_text())["sharded_backend"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise NemoFormatError(
+            f"{where}: no readable metadata.json: not a megatron-core distributed checkpoint"
+        ) from error
+
+
+@contextmanager
+def _process_group() -> Iterator[None]:
+    """megatron-core's loader asks torch.distributed for the rank: a world of one (gloo, a file
+    rendezvous, no network) unless the caller already runs in one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="align-nemo-pg-") as rendezvous:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}/store", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def _unstack_layers(tensors: Mapping[str, Tensor], where: str) -> dict[str, Tensor]:
+    """``decoder.layers.<part>`` saved with the layer as a leading axis (megatron-core's default
+    for homogeneous layers) as ``decoder.layers.{i}.<part>``."""
+    out: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        name = _model_name(key)
+        assert name is not None
+        rest = name[len(LAYERS) :] if name.startswith(LAYERS) else None
+        if rest is None or rest.split(".", 1)[0].isdigit():
+            out[name] = tensor
+            continue
+        for index, layer in enumerate(tensor.unbind(0)):
+            out[f"{LAYERS}{index}.{rest}"] = layer
+    return out
+
+
+# ---- names ------------------------------------------------------------------------------------
+
+
+def megatron_names_of(state: Mapping[str, Any], where: str) -> dict[str, Tensor]:
+    """A NeMo state dict with megatron-core local-spec names: the ``model.``/``module.``
+    prefixes dropped, fused layer-norm names renamed, ``_extra_state`` and non-model entries
+    dropped."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        name = _model_name(key)
+        if name is None or name.endswith("_extra_state"):
+            continue
+        if not isinstance(value, Tensor):
+            raise NemoFormatError(f"{where}: {key} is a {type(value).__name__}, not a tensor")
+        out[_unfused_norm(name)] = value
+    if not out:
+        sample = ", ".join(list(state)[:3])
+        raise NemoFormatError(
+            f"{where}: no megatron-core GPT weights (embedding.*, decoder.*, output_layer.*) in it "
+            f"(first keys: {sample}); legacy NeMo GPT (language_model.*) checkpoints are not read"
+        )
+    return out
+
+
+def _model_name(key: str) -> str | None:
+    """``key`` without its wrapper prefixes, or None when it is not a model weight."""
+    name = key
+    while name.startswith(MODEL_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name if name.startswith(MODEL_ROOTS) else None
+
+
+def _unfused_norm(name: str) -> str:
+    if not name.startswith(LAYERS):
+        return name
+    layer, part = name[len(LAYERS) :].split(".", 1)
+    return f"{LAYERS}{layer}.{FUSED_NORMS.get(part, part)}"
+
+
+def _inside(source: Path, folder: Path, path: Path) -> str:
+    """``path`` as the user knows it: ``model.nemo:mp_rank_00/model_weights.ckpt`` for a file
+    of an archive (``folder`` is where it was extracted), the path itself otherwise."""
+    return f"{source}:{path.relative_to(folder)}" if source.is_file() else str(path)
+
+
+def _read_yaml(path: Path, where: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise NemoFormatError(f"{where}: not readable YAML ({error})") from error
+    if not isinstance(loaded, dict):
+        raise NemoFormatError(f"{where}: not a mapping of config keys")
+    return loaded
+
+
+def _listing(folder: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+
+
+def stacked_dtype(shards: list[dict[str, Tensor]]) -> torch.dtype:
+    """The checkpoint's dtype (its embedding's)."""
+    return shards[0]["embedding.word_embeddings.weight"].dtype
