@@ -98,6 +98,27 @@ def test_reference_scores_as_the_initial_policy_on_the_policys_own_trunk(tmp_pat
     assert torch.equal(logps(backend, backend.build_reference()), initial)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path: Path) -> None:
+    """The top blocks (policy and critic branch) get their gradients with checkpointing too,
+    although their input (the frozen trunk's output) does not require grad."""
+    batch = align.pad_sequences(PAIRS, pad_id=0)
+    grads = []
+    for checkpointing in (False, True):
+        backend = hydra_backend(
+            tmp_path / str(checkpointing), num_layers_unfrozen=2, gradient_checkpointing=checkpointing
+        )
+        policy = backend.build_policy().train()
+        torch.manual_seed(0)  # the critic's fresh value head
+        critic = backend.build_model("critic").train()
+        (-backend.sequence_logps(policy, batch).sum.sum()).backward()
+        backend.token_scores(critic, batch).values.sum().backward()
+        trained = [*policy.named_parameters(), *critic.named_parameters()]
+        grads.append({name: p.grad for name, p in trained if p.requires_grad})
+    assert len(grads[0]) == len(grads[1]) and all(g is not None for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-6)
+
+
 def test_more_layers_than_the_model_has_and_lora_together_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(align.ConfigError, match=r"num_layers_unfrozen \(4\) is more than the 3"):
         hydra_backend(tmp_path, num_layers_unfrozen=4).build_policy()
