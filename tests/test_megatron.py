@@ -17,6 +17,7 @@ import torch
 from helpers import (
     DATA,
     REPO,
+    TINY_MODEL,
     assert_user_error,
     dpo_config,
     head_jsonl,
@@ -34,15 +35,19 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 # Float32 on CPU: sharded matmuls and reductions sum in another order than one process does.
 LOGIT_TOLERANCE = 1e-4
 LOSS_TOLERANCE = 1e-5
+# The tiny model with two layers: one per stage at PP=2.
+TWO_LAYERS = {**TINY_MODEL, "tiny": {**TINY_MODEL["tiny"], "num_layers": 2}}
 
 
 def small_dpo(tmp_path: Path, name: str, backend: dict[str, Any], **sections: Any) -> str:
-    """A 4-step DPO run of the tiny model on 32 shipped pairs (no eval split), as a config file."""
+    """A 4-step DPO run of the tiny model (two layers) on 32 shipped pairs (no eval split), as a
+    config file."""
     train = tmp_path / "train.jsonl"
     if not train.exists():
         head_jsonl(DATA / "preference_train.jsonl", train, 32)
     config = dpo_config(
         tmp_path / name,
+        model=TWO_LAYERS,
         backend={"name": "megatron", **backend},
         data={"train": str(train), "eval": None, "max_length": 64},
         **sections,
@@ -122,7 +127,10 @@ def test_conversion_at_tp1_matches_transformers_and_round_trips() -> None:
     ("sections", "fragments"),
     [
         ({"trainer": {"precision": "bf16_mixed"}}, ("trainer.precision", "bf16_mixed", "megatron")),
-        ({"backend": {"pipeline_model_parallel_size": 2}}, ("pipeline_model_parallel_size", "only 1")),
+        (
+            {"backend": {"pipeline_model_parallel_size": 2}},
+            ("pipeline_model_parallel_size", "(1 x 2)", "(1)"),
+        ),
         ({"backend": {"tensor_model_parallel_size": 2}}, ("tensor_model_parallel_size", "(2 x 1)", "(1)")),
         ({"algo": "reward"}, ("reward",)),
     ],
@@ -235,3 +243,46 @@ def _yaml(path: str) -> dict[str, Any]:
 
     loaded: dict[str, Any] = yaml.safe_load(Path(path).read_text())
     return loaded
+
+
+@pytest.mark.slow
+def test_pp2_and_sequence_parallel_follow_tp1_and_pp2_resumes_bit_exact(
+    tp1_run: Path, tmp_path: Path
+) -> None:
+    """One torchrun launch (2 processes, gloo): DPO at PP=2 (one layer per stage, a checkpoint
+    at step 2) follows the TP=1 trajectory on the same global batch, and the run resumed from its
+    step-2 checkpoint repeats steps 3-4 and ends with the same weights, bit for bit; DPO at TP=2
+    with sequence parallelism follows it too (losses and gradient norms)."""
+    pp2 = small_dpo(tmp_path, "pp2", {"pipeline_model_parallel_size": 2}, trainer={"save_every": 2})
+    resumed = small_dpo(
+        tmp_path,
+        "pp2_resumed",
+        {"pipeline_model_parallel_size": 2},
+        resume=str(tmp_path / "pp2/checkpoints/step_2"),
+    )
+    sequence_parallel = small_dpo(
+        tmp_path, "sp", {"tensor_model_parallel_size": 2, "sequence_parallel": True}
+    )
+    torchrun(tmp_path, tp=0, runs=[pp2, resumed, sequence_parallel])
+
+    reference = train_losses(tp1_run)
+    tp1_norms = [m["grad_norm"] for m in read_metrics(tp1_run, "train")]
+    sp_norms = [m["grad_norm"] for m in read_metrics(tmp_path / "sp", "train")]
+    assert train_losses(tmp_path / "sp") == pytest.approx(reference, abs=LOSS_TOLERANCE)
+    assert sp_norms == pytest.approx(tp1_norms, rel=1e-5)  # the norms' gradients summed over TP
+    assert train_losses(tmp_path / "pp2") == pytest.approx(reference, abs=LOSS_TOLERANCE)
+    assert [m["step"] for m in read_metrics(tmp_path / "pp2", "train")] == [1, 2, 3, 4]
+    grad_norms = [m["grad_norm"] for m in read_metrics(tmp_path / "pp2", "train")]
+    assert grad_norms == pytest.approx(tp1_norms, rel=1e-5)
+    assert train_losses(tmp_path / "pp2_resumed") == train_losses(tmp_path / "pp2")[2:]
+    first, second = (
+        load_file(tmp_path / "pp2/final/model.safetensors"),
+        load_file(tmp_path / "pp2_resumed/final/model.safetensors"),
+    )
+    # The final model is the whole model, both stages' layers, gathered on the main rank.
+    tp1_final = load_file(tp1_run / "final/model.safetensors")
+    assert set(first) == set(tp1_final)
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+    assert max(float((first[k] - tp1_final[k]).abs().max()) for k in first) < 1e-4
+    # The last stage's optimizer state (its layers) is in the checkpoint.
+    assert (tmp_path / "pp2/checkpoints/step_2/ranks/rank_1.pt").is_file()

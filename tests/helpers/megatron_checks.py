@@ -97,6 +97,7 @@ def conversion_report(tp: int) -> dict[str, dict[str, float | bool]]:
         original = hf.state_dict()
         if layout.tied_embeddings:
             original.pop("lm_head.weight", None)
+        assert entropy is not None  # asked for
         report[name] = {
             "logits": float((logits - expected).abs().max()),
             "logps": float((logps - hf_logps).abs().max()),

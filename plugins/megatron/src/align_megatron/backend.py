@@ -21,15 +21,25 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from align import BackendConfig, ConfigError, ModelConfig, RunConfig, SequenceLogps, TokenBatch, TokenLogps
-from align_megatron.conversion import LlamaLayout, hf_tensors, layout_of, megatron_names, megatron_shard
+from align_megatron.conversion import (
+    LlamaLayout,
+    hf_tensors,
+    layout_of,
+    megatron_names,
+    megatron_shard,
+    stage_local_name,
+    stage_of,
+)
 from align_megatron.cpu_shims import cpu_only
 from align_megatron.parallel import Parallelism, build_gpt, initialize, transformer_engine_available
+from align_megatron.pipeline import run_stages
 
 CAUSAL_ROLES = ("policy", "reference")
 FROZEN_ROLES = ("reference",)
@@ -47,9 +57,11 @@ class MegatronBackendConfig(BackendConfig):
     name: Literal["megatron"] = "megatron"
     tensor_model_parallel_size: int = Field(1, ge=1, description="Ranks each layer is split over.")
     pipeline_model_parallel_size: int = Field(
-        1, ge=1, description="Pipeline stages (only 1 runs yet). Data parallel = world / (TP x PP)."
+        1, ge=1, description="Pipeline stages (layers split evenly). Data parallel = world / (TP x PP)."
     )
-    sequence_parallel: bool = Field(False, description="Split norms/dropout over the sequence (GPU only).")
+    sequence_parallel: bool = Field(
+        False, description="Split the norms' activations over the sequence within the TP group (TP > 1)."
+    )
     nproc_per_node: int = Field(
         1, ge=1, description="Processes on this node; > 1: `align run` starts them under torchrun itself."
     )
@@ -58,12 +70,26 @@ class MegatronBackendConfig(BackendConfig):
 class MegatronModel(nn.Module):
     """A megatron-core GPTModel with what the conversion needs to write it back as HF."""
 
-    def __init__(self, gpt: nn.Module, layout: LlamaLayout, hf_config: Any, uses_te: bool) -> None:
+    def __init__(
+        self,
+        gpt: nn.Module,
+        layout: LlamaLayout,
+        hf_config: Any,
+        uses_te: bool,
+        stages: int = 1,
+        stage: int = 0,
+    ) -> None:
         super().__init__()
         self.gpt = gpt
         self.layout = layout
         self.hf_config = hf_config
         self.uses_te = uses_te
+        self.stages = stages  # pipeline stages, and which one this process holds
+        self.stage = stage
+
+    def held_names(self) -> list[str]:
+        """The (whole-model) megatron names of the weights this pipeline stage holds."""
+        return [n for n in megatron_names(self.layout) if stage_of(n, self.layout, self.stages) == self.stage]
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits ``[rows, width, vocab / TP]``: this rank's slice of the (padded) vocabulary."""
@@ -78,7 +104,9 @@ class MegatronModel(nn.Module):
         }
 
     def local_name(self, name: str) -> str:
-        """The module's name for the conversion's (local-spec) parameter name."""
+        """The module's name for the conversion's (local-spec, whole-model) parameter name: the
+        stage's own layer number, and TransformerEngine's fused norm names where it runs."""
+        name = stage_local_name(name, self.layout, self.stages)
         parts = name.split(".", 3)  # decoder, layers, i, the layer's own name
         if not self.uses_te or len(parts) < 4 or parts[3] not in TE_NAMES:
             return name
@@ -140,12 +168,13 @@ class MegatronBackend:
 
     def _empty_model(self, layout: LlamaLayout, hf_config: Any, dtype: torch.dtype) -> MegatronModel:
         gpt = build_gpt(layout, self.par, dtype, self.cfg.sequence_parallel)
-        return MegatronModel(gpt, layout, hf_config, transformer_engine_available())
+        uses_te = transformer_engine_available()
+        return MegatronModel(gpt, layout, hf_config, uses_te, self.par.pp, self.par.pp_rank)
 
     def _load(self, model: MegatronModel, get: Any) -> None:
         params = dict(model.gpt.named_parameters())
         with torch.no_grad():
-            for name in megatron_names(model.layout):
+            for name in model.held_names():
                 shard = megatron_shard(name, get, model.layout, self.par.tp_rank, self.par.tp)
                 target = params[model.local_name(name)]
                 if target.shape != shard.shape:
@@ -156,20 +185,26 @@ class MegatronBackend:
 
     # ---- weights out -----------------------------------------------------------------------
     def named_weights(self, model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-        """HF-named full tensors, gathered over the TP group one megatron tensor at a time (every
-        rank takes part in each gather and gets the whole tensor)."""
+        """HF-named full tensors, one megatron tensor at a time: gathered over the TP group on
+        the stage that holds it, then broadcast from that stage over the pipeline group (every
+        rank takes part in each step and gets the whole tensor)."""
         from megatron.core import parallel_state as ps
 
         meg = _megatron(model)
         params = dict(meg.gpt.named_parameters())
         group = ps.get_tensor_model_parallel_group()
         for name in megatron_names(meg.layout):
-            local = params[meg.local_name(name)].detach().contiguous()
-            shards = [torch.empty_like(local) for _ in range(self.par.tp)]
-            if self.par.tp > 1:
-                dist.all_gather(shards, local, group=group)
-            else:
-                shards = [local]
+            shards: list[Tensor] = []
+            if stage_of(name, meg.layout, self.par.pp) == self.par.pp_rank:
+                local = params[meg.local_name(name)].detach().contiguous()
+                shards = [torch.empty_like(local) for _ in range(self.par.tp)]
+                if self.par.tp > 1:
+                    dist.all_gather(shards, local, group=group)
+                else:
+                    shards = [local]
+            if self.par.pp > 1:
+                dtype = next(meg.gpt.parameters()).dtype
+                shards = _from_stage(shards, stage_of(name, meg.layout, self.par.pp), self.par, dtype)
             yield from hf_tensors(name, [s.cpu() for s in shards], meg.layout)
 
     def save_pretrained(self, model: nn.Module, path: Path) -> None:
@@ -224,11 +259,16 @@ class MegatronBackend:
         replicated = _megatron(module).replicated()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.par.dp > 1 and grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=ps.get_data_parallel_group())
-            for param, grad, piece in zip(params, grads, flat.split([g.numel() for g in grads]), strict=True):
-                param.grad = piece.view_as(grad)
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = _sum_gradients(params, grads, ps.get_data_parallel_group())
+        if self.cfg.sequence_parallel and self.par.tp > 1:
+            # Each TP rank ran the norms on its part of the sequence: a replicated weight's
+            # gradient is the sum of the ranks' parts.
+            norms = [i for i, p in enumerate(params) if id(p) in replicated]
+            if norms:
+                group = ps.get_tensor_model_parallel_group()
+                summed = _sum_gradients([params[i] for i in norms], [grads[i] for i in norms], group)
+                for i, grad in zip(norms, summed, strict=True):
+                    grads[i] = grad
         # A replicated weight's gradient is the same on every TP rank: counted on rank 0 only.
         owned = [
             g for p, g in zip(params, grads, strict=True) if id(p) not in replicated or self.par.tp_rank == 0
@@ -238,6 +278,8 @@ class MegatronBackend:
             squares += grad.detach().double().pow(2).sum()
         if self.par.tp > 1:
             dist.all_reduce(squares, group=ps.get_tensor_model_parallel_group())
+        if self.par.pp > 1:  # each stage holds its own layers
+            dist.all_reduce(squares, group=ps.get_pipeline_model_parallel_group())
         norm = float(squares.sqrt())
         if max_norm and grads:
             coef = min(1.0, max_norm / (norm + 1e-6))
@@ -283,7 +325,17 @@ class MegatronBackend:
         self, model: nn.Module, batch: TokenBatch, with_entropy: bool
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Log-probs (and entropies) of this DP rank's scored tokens, flat in row-major order,
-        with the sequence each belongs to."""
+        with the sequence each belongs to. Never in inference mode: megatron-core reuses one
+        global buffer (sequence parallelism's all-gathers) that, made in inference mode (a
+        cached reference pass), could not be written by a later training step."""
+        if not torch.is_inference_mode_enabled():
+            return self._score(model, batch, with_entropy)
+        with torch.inference_mode(False), torch.no_grad():
+            return self._score(model, batch, with_entropy)
+
+    def _score(
+        self, model: nn.Module, batch: TokenBatch, with_entropy: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         meg = _megatron(model)
         rows, weight = self._my_rows(batch)
         ids = batch.input_ids[rows].to(self.par.device)
@@ -294,18 +346,86 @@ class MegatronBackend:
             if batch.position_ids is not None
             else torch.arange(width, device=ids.device).expand_as(ids)
         )
-        logits = meg(ids, positions, _attention_mask(seq))
         scored = batch.loss_mask[rows][:, 1:].to(self.par.device)
         targets = ids[:, 1:][scored]
         owners = seq[:, 1:][scored]
-        local = logits[:, :-1][scored]
-        logps, entropy = vocab_parallel_logps(
-            local, targets, meg.layout.vocab_size, self.par.tp_rank, with_entropy
-        )
+
+        def from_logits(logits: Tensor) -> tuple[Tensor, Tensor | None]:
+            return vocab_parallel_logps(
+                logits[:, : width - 1][scored], targets, meg.layout.vocab_size, self.par.tp_rank, with_entropy
+            )
+
+        extra = (-width) % self.par.tp if self.cfg.sequence_parallel else 0
+        if extra:  # sequence parallelism splits the width evenly over the TP ranks
+            ids, positions = (F.pad(t, (0, extra)) for t in (ids, positions))
+            seq = F.pad(seq, (0, extra), value=-1)  # a sequence of its own, never scored
+        inputs = (ids, positions, _attention_mask(seq))
+        if self.par.pp == 1:
+            logps, entropy = from_logits(meg(*inputs))
+        else:
+            logps, entropy = self._pipelined(meg, inputs, from_logits, with_entropy, targets.numel())
         if weight != 1.0:
             logps = logps * weight
             entropy = entropy * weight if entropy is not None else None
         return logps, owners, entropy
+
+    def _pipelined(
+        self,
+        meg: MegatronModel,
+        inputs: tuple[Tensor, Tensor, Tensor],
+        from_logits: Any,
+        with_entropy: bool,
+        count: int,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``from_logits`` of the last stage's logits, run through the pipeline (see
+        ``align_megatron.pipeline``); every stage gets the ``count`` log-probs (and entropies)."""
+        rows, width = inputs[0].shape
+        # Megatron's hidden states between stages: [sequence (split over TP with sequence
+        # parallelism), rows, hidden].
+        length = width // self.par.tp if self.cfg.sequence_parallel else width
+        hidden_shape = (length, rows, meg.layout.hidden_size)
+
+        def last_stage(logits: Tensor) -> Tensor:
+            logps, entropy = from_logits(logits)
+            return logps if entropy is None else torch.cat([logps, entropy])
+
+        result = run_stages(meg.gpt, inputs, hidden_shape, last_stage, count * (2 if with_entropy else 1))
+        return (result[:count], result[count:]) if with_entropy else (result, None)
+
+
+def _sum_gradients(params: Sequence[nn.Parameter], grads: Sequence[Tensor], group: Any) -> list[Tensor]:
+    """The gradients summed over ``group`` in one flat all-reduce, set as the parameters'
+    ``.grad``."""
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    summed = []
+    for param, grad, piece in zip(params, grads, flat.split([g.numel() for g in grads]), strict=True):
+        param.grad = piece.view_as(grad)
+        summed.append(param.grad)
+    return summed
+
+
+def _from_stage(shards: list[Tensor], stage: int, par: Parallelism, dtype: torch.dtype) -> list[Tensor]:
+    """The TP shards of one tensor, which pipeline stage ``stage`` holds, on every stage: the
+    number of shards and their shapes go first, then each shard (a broadcast over the pipeline
+    group from that stage's rank)."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_pipeline_model_parallel_group()
+    source = dist.get_global_rank(group, stage)
+    shapes = torch.zeros(par.tp, 2, dtype=torch.int64)  # every megatron weight is 1-D or 2-D
+    if shards:
+        for i, shard in enumerate(shards):
+            shapes[i, : shard.dim()] = torch.tensor(shard.shape)
+            shapes[i, shard.dim() :] = -1
+    dist.broadcast(shapes, src=source, group=group)
+    received = []
+    for i in range(par.tp):
+        shape = [int(d) for d in shapes[i] if d >= 0]
+        shard = shards[i] if shards else torch.empty(shape, dtype=dtype, device=par.device)
+        dist.broadcast(shard, src=source, group=group)
+        received.append(shard)
+    return received
 
 
 def _megatron(model: nn.Module) -> MegatronModel:

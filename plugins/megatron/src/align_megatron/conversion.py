@@ -67,6 +67,21 @@ class LlamaLayout:
         """The vocabulary rounded up to a multiple of ``tp`` (megatron splits it evenly)."""
         return -(-self.vocab_size // tp) * tp
 
+    def check_pp(self, pp: int) -> None:
+        """Pipeline stages hold equal numbers of layers; tied embeddings stay on one stage."""
+        if self.num_layers % pp:
+            raise ConfigError(
+                f"backend.pipeline_model_parallel_size: {pp} does not divide the model's "
+                f"num_hidden_layers ({self.num_layers})"
+            )
+        if pp > 1 and self.tied_embeddings:
+            # megatron-core keeps a copy of tied embeddings on the last stage, set up with
+            # weight.data.cuda() and kept equal by an all-reduce of both copies' gradients.
+            raise ConfigError(
+                "backend.pipeline_model_parallel_size: models with tied embeddings "
+                "(tie_word_embeddings) run only with pipeline_model_parallel_size 1 yet"
+            )
+
     def check_tp(self, tp: int) -> None:
         """TP must divide the query groups and the MLP width (the vocabulary is padded)."""
         for what, size in (
@@ -151,6 +166,26 @@ def megatron_names(layout: LlamaLayout) -> list[str]:
     if not layout.tied_embeddings:
         names.append("output_layer.weight")
     return names
+
+
+def stage_of(name: str, layout: LlamaLayout, pp: int) -> int:
+    """The pipeline stage that holds megatron's ``name``: the embedding on the first, layers in
+    equal consecutive runs, the final norm and the output layer on the last."""
+    if name.startswith("embedding."):
+        return 0
+    if name.startswith(LAYER):
+        layer, _ = _split_layer_name(name)
+        return layer // (layout.num_layers // pp)
+    return pp - 1
+
+
+def stage_local_name(name: str, layout: LlamaLayout, pp: int) -> str:
+    """The name of megatron's (whole-model) ``name`` inside its stage's GPTModel, which numbers
+    its own layers from 0."""
+    if not name.startswith(LAYER):
+        return name
+    layer, part = _split_layer_name(name)
+    return f"{LAYER}{layer % (layout.num_layers // pp)}.{part}"
 
 
 def megatron_shard(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,13 +27,14 @@ MODEL_PARALLEL_SEED = 1234
 
 @dataclass(frozen=True)
 class Parallelism:
-    """Where this process sits: its global rank, and its TP and DP coordinates."""
+    """Where this process sits: its global rank, and its TP, PP and DP coordinates."""
 
     rank: int
     world_size: int
     tp: int
     tp_rank: int
     pp: int
+    pp_rank: int
     dp: int
     dp_rank: int
     device: torch.device
@@ -41,6 +42,14 @@ class Parallelism:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
 
 
 def initialize(tp: int, pp: int, sequence_parallel: bool) -> Parallelism:
@@ -74,6 +83,7 @@ def initialize(tp: int, pp: int, sequence_parallel: bool) -> Parallelism:
         tp=tp,
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp=pp,
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp=ps.get_data_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
         device=device,
@@ -81,16 +91,6 @@ def initialize(tp: int, pp: int, sequence_parallel: bool) -> Parallelism:
 
 
 def _check_sizes(tp: int, pp: int, sequence_parallel: bool) -> None:
-    if pp > 1:
-        raise ConfigError(
-            "backend.pipeline_model_parallel_size: only 1 runs yet (the pipeline schedule is not wired "
-            "to the algorithms' losses); see docs/megatron.md"
-        )
-    if sequence_parallel and cpu_only():
-        raise ConfigError(
-            "backend.sequence_parallel: needs GPUs (NCCL): gloo has no reduce-scatter, which sequence "
-            "parallelism is built on"
-        )
     if sequence_parallel and tp == 1:
         raise ConfigError("backend.sequence_parallel: needs tensor_model_parallel_size > 1")
 
@@ -121,8 +121,9 @@ def transformer_engine_available() -> bool:
 
 
 def build_gpt(layout: LlamaLayout, par: Parallelism, dtype: torch.dtype, sequence_parallel: bool) -> Any:
-    """An (uninitialised) megatron-core GPTModel with this layout, sharded for ``par``: the local
-    layer spec on CPU, TransformerEngine's where it runs."""
+    """An (uninitialised) megatron-core GPTModel with this layout, sharded for ``par`` (this
+    pipeline stage's layers, this TP rank's shards): the local layer spec on CPU,
+    TransformerEngine's where it runs."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -131,6 +132,7 @@ def build_gpt(layout: LlamaLayout, par: Parallelism, dtype: torch.dtype, sequenc
     from megatron.core.transformer import TransformerConfig
 
     layout.check_tp(par.tp)
+    layout.check_pp(par.pp)
     config = TransformerConfig(
         num_layers=layout.num_layers,
         hidden_size=layout.hidden_size,
@@ -148,6 +150,7 @@ def build_gpt(layout: LlamaLayout, par: Parallelism, dtype: torch.dtype, sequenc
         hidden_dropout=0.0,
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
+        pipeline_dtype=dtype,
         sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -156,11 +159,13 @@ def build_gpt(layout: LlamaLayout, par: Parallelism, dtype: torch.dtype, sequenc
         # Full float32 softmax in attention, as transformers' eager/sdpa paths compute it.
         attention_softmax_in_fp32=True,
     )
-    spec = (
+    spec: Any = (
         get_gpt_layer_with_transformer_engine_spec()
         if transformer_engine_available()
         else get_gpt_layer_local_spec(normalization="RMSNorm")
     )
+    if sequence_parallel and not transformer_engine_available():
+        spec = _sequence_parallel_local_spec(spec, layout.num_layers // par.pp)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -171,5 +176,28 @@ def build_gpt(layout: LlamaLayout, par: Parallelism, dtype: torch.dtype, sequenc
         position_embedding_type="rope",
         rotary_base=int(layout.rope_theta),
         rotary_percent=1.0,
+        pre_process=par.first_stage,  # the embedding
+        post_process=par.last_stage,  # the final norm and the output layer
     )
     return model.to(par.device)
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm, built from megatron's norm arguments, for sequence parallelism with the
+    local (CPU) layer spec. megatron-core's ``WrappedTorchNorm`` refuses sequence parallelism
+    because each TP rank then sees only its part of the sequence, so the weight's gradient is a
+    partial sum; ``MegatronBackend.finish_gradients`` sums it over the TP group."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = True  # type: ignore[attr-defined]  # megatron's own mark
+
+
+def _sequence_parallel_local_spec(layer: Any, num_layers: int) -> Any:
+    """The local layer spec with ``SequenceParallelRMSNorm`` for its norms, as a block spec of
+    ``num_layers`` layers (this stage's), so the final norm is one too."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    norms = {"input_layernorm": SequenceParallelRMSNorm, "pre_mlp_layernorm": SequenceParallelRMSNorm}
+    layer = replace(layer, submodules=replace(layer.submodules, **norms))
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceParallelRMSNorm)
