@@ -55,6 +55,13 @@ class LossConfig(PluginConfig):
 class BackendConfig(PluginConfig):
     """Base of model-backend configs."""
 
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="Processes on this node; > 1: `align run` starts them under torchrun itself. A "
+        "backend without its own parallelism (hf) runs them as data-parallel ranks (align.distributed).",
+    )
+
 
 class RewardConfig(PluginConfig):
     """Base of reward-source configs."""

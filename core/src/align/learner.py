@@ -31,7 +31,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from transformers import get_scheduler
 
-from align import checkpoint, resume
+from align import checkpoint, distributed, resume
 from align.algorithm import Algorithm, Context
 from align.backends import build_backend, save_merged
 from align.batches import LossOutput, TokenBatch, as_number
@@ -189,9 +189,16 @@ class Learner:
         """Whether this process writes the run's outputs (False on all but one rank of a
         distributed backend)."""
         backend = getattr(self, "backend", None)
-        if backend is None:  # before build(): torchrun's rank says it
+        if backend is None or self.data_parallel > 1:  # before build(), or the core's ranks
             return process_rank() == 0
         return bool(getattr(backend, "is_main", True))
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks whose gradients the learner averages (``align.distributed``): > 1 for a run of
+        several processes on a backend that does not distribute itself, else 1."""
+        backend = getattr(self, "backend", None)
+        return 1 if backend is None else distributed.actor_ranks(backend)
 
     # ---- trainables ------------------------------------------------------------------
     def add_trainable(
@@ -294,6 +301,8 @@ class Learner:
         self.unsaved = True
         metrics["tokens_per_s"] = metrics["tokens"] / max(1e-9, time.perf_counter() - started)
         metrics.update(extra_metrics or {})
+        if self.data_parallel > 1:  # each rank trained on its share: one step's numbers
+            metrics = distributed.reduce_metrics(metrics)
         if role == POLICY:
             self._after_policy_step(metrics)
         return metrics
@@ -326,6 +335,8 @@ class Learner:
         finish = getattr(self.backend, "finish_gradients", None)
         if callable(finish):  # a distributed backend syncs its ranks' gradients and norms them all
             return float(finish(trainable.module, trainable.params, max_norm))
+        if self.data_parallel > 1:
+            distributed.average_gradients(trainable.params)
         if max_norm:
             return float(torch.nn.utils.clip_grad_norm_(trainable.params, max_norm))
         return float(total_norm([p.grad for p in trainable.params if p.grad is not None]))
@@ -395,8 +406,11 @@ class Learner:
 
     def log(self, metrics: dict[str, Any], split: str = "train") -> None:
         """Report metrics of the current step that are not an optimizer step's (an online
-        method's generation throughput, refit time, reward...)."""
+        method's generation throughput, refit time, reward...). With data-parallel ranks every
+        rank calls it; the ranks' values are averaged."""
         self.unsaved = True
+        if self.data_parallel > 1:
+            metrics = distributed.reduce_metrics(metrics)
         self.hook.on_step_end(run=self.info, step=self.step, metrics={"split": split, **metrics})
 
     def save_checkpoint(self) -> Path:
@@ -413,6 +427,8 @@ class Learner:
             for role, trainable in self._other_trainables():
                 self._save_module(trainable.module, tmp / ROLES_DIR / role)
             self.algorithm.save_files(tmp)
+            if self.data_parallel > 1:
+                self._write_rank_states(tmp)
             barrier()  # the other ranks' states are in tmp before the manifest lists them
             path = checkpoint.commit(tmp, self._state(), self.config.trainer.keep_checkpoints)
         self.last_saved_step = self.step
@@ -426,13 +442,24 @@ class Learner:
         trainables are saved by the main rank alone."""
         tmp = checkpoint.checkpoint_dir(self.output_dir) / f"step_{self.step}.tmp"
         barrier()  # the main rank has made tmp (see save_checkpoint)
-        self.backend.save_pretrained(self.context.policy, tmp / "model")  # writes on the main rank
-        (tmp / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-        torch.save(self._state(), tmp / RANKS_DIR / f"rank_{process_rank()}.pt")
+        if self.data_parallel > 1:  # the same weights on every rank: the main rank writes it all
+            distributed.gather_to_main(self._state())
+        else:
+            self.backend.save_pretrained(self.context.policy, tmp / "model")  # writes on the main rank
+            (tmp / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+            torch.save(self._state(), tmp / RANKS_DIR / f"rank_{process_rank()}.pt")
         barrier()
         self.last_saved_step = self.step
         self.unsaved = False
         return tmp.with_suffix("")
+
+    def _write_rank_states(self, tmp: Path) -> None:
+        """The core's data-parallel ranks send their trainer states (RNG, optimizer) to the main
+        rank, which writes them as ranks/rank_<r>.pt: no rank but the main one writes."""
+        states = distributed.gather_to_main(self._state()) or []
+        (tmp / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+        for rank, state in enumerate(states[1:], start=1):
+            torch.save(state, tmp / RANKS_DIR / f"rank_{rank}.pt")
 
     def _state(self) -> dict[str, Any]:
         policy = self.trainables[POLICY]
@@ -477,7 +504,8 @@ class Learner:
             self.backend.save_pretrained(self.context.policy, folder)
 
         if not self.is_main:  # a distributed backend's save is collective; the main rank writes
-            write(partial)
+            if self.data_parallel == 1:
+                write(partial)
             return final
         with checkpoint.guarded_write("the final model", partial, self.output_dir):
             checkpoint.replace_folder(final, write)
@@ -564,6 +592,7 @@ class Learner:
             torch.set_num_threads(cfg.trainer.num_threads)
         seed_everything(cfg.seed)
         self.backend = build_backend(cfg, self.plugins)
+        distributed.start_process_group()  # for a backend that did not start one itself
         self.data_format = registry.get("data_format", cfg.data.format).factory(
             cfg.data, self.backend.tokenizer
         )

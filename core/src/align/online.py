@@ -14,11 +14,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from pydantic import Field
 
+from align import distributed
 from align.algorithm import Algorithm, Context
 from align.backends import save_merged
 from align.batches import TokenBatch
@@ -31,6 +32,8 @@ from align.rollout import EngineError, EngineSpec, RolloutEngine, SamplingConfig
 
 if TYPE_CHECKING:
     from align.protocols import RewardSource
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -253,6 +256,14 @@ class OnlineConfig(RunConfig):
     )
     iterations: int = Field(10, gt=0, description="Generate -> score -> train -> refit rounds.")
     prompts_per_iteration: int = Field(32, gt=0, description="Prompts sampled per iteration.")
+    generation_chunk: int | None = Field(
+        None,
+        gt=0,
+        description="Prompts per work item of the generation queue that data-parallel ranks "
+        "(backend.nproc_per_node > 1) share: a rank claims the next item when done with its last, so a "
+        "faster rank takes more. Item i is sampled with seed + its first prompt's index. null: one item "
+        "with one rank, else prompts / (4 x ranks).",
+    )
 
 
 class OnlineAlgorithm(Algorithm):
@@ -275,6 +286,9 @@ class OnlineAlgorithm(Algorithm):
         self._rollouts: Rollouts | None = None
         self._engine_is_stale = False  # the policy changed since the engine's last refit
         self.pad_id = ctx.backend.tokenizer.pad_token_id
+        # Data-parallel actors (align.distributed): ranks sharing generation and each step.
+        self.ranks = distributed.actor_ranks(ctx.backend)
+        self.work = distributed.WorkQueue()
 
     def lay_out(self, samples: Sequence[Sample]) -> TokenBatch:
         """Samples as one token batch (prompt, then completion scored), padded or packed as
@@ -286,17 +300,91 @@ class OnlineAlgorithm(Algorithm):
         self, model: Any, chunks: Iterable[Sequence[Sample]], with_entropy: bool = False
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each sample's per-token log-probs (and entropies) of its completion under ``model``,
-        float32, one forward per chunk (the caller sizes the chunks to fit memory)."""
+        float32, one forward per chunk (the caller sizes the chunks to fit memory). With
+        data-parallel ranks the chunks are dealt out between them (a collective call)."""
         logps: list[torch.Tensor] = []
         entropies: list[torch.Tensor] = []
-        for chunk in chunks:
-            out = self.ctx.backend.token_logps(model, self.lay_out(chunk), with_entropy=with_entropy)
-            for row, sample in enumerate(chunk):
-                length = len(sample.completion_ids)
-                logps.append(out.values[row, :length].float())
-                if out.entropy is not None:
-                    entropies.append(out.entropy[row, :length].float())
+        for chunk_logps, chunk_entropies in self._each_rank_does(list(chunks), model, with_entropy):
+            logps += chunk_logps
+            entropies += chunk_entropies
         return logps, entropies
+
+    def _each_rank_does(
+        self, chunks: list[Sequence[Sample]], model: Any, with_entropy: bool
+    ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Each chunk's (log-probs, entropies), chunk i computed by rank i mod ranks."""
+        me = distributed.rank() if self.ranks > 1 else 0
+        mine = {
+            i: self._chunk_logps(model, chunks[i], with_entropy) for i in range(me, len(chunks), self.ranks)
+        }
+        if self.ranks == 1:
+            return [mine[i] for i in range(len(chunks))]
+        done = {i: result for theirs in distributed.gather(mine) for i, result in theirs.items()}
+        return [done[i] for i in range(len(chunks))]
+
+    def _chunk_logps(
+        self, model: Any, chunk: Sequence[Sample], with_entropy: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        out = self.ctx.backend.token_logps(model, self.lay_out(chunk), with_entropy=with_entropy)
+        logps, entropies = [], []
+        for row, sample in enumerate(chunk):
+            length = len(sample.completion_ids)
+            logps.append(out.values[row, :length].float())
+            if out.entropy is not None:
+                entropies.append(out.entropy[row, :length].float())
+        return logps, entropies
+
+    def generate(self, rows: Sequence[PromptRow], sampling: SamplingConfig) -> RolloutResult:
+        """``sampling.n`` scored completions of each row: the engine's ``generate`` in work items
+        of ``generation_chunk`` prompts, which data-parallel ranks share through a load-balanced
+        queue (a collective call: every rank passes the same rows and gets every group, in row
+        order). Metrics: the rollout's, plus ``generated_prompts_rank<r>``."""
+        chunk = self._chunk_size(len(rows))
+        starts = list(range(0, len(rows), chunk))
+        started = time.perf_counter()
+
+        def work(item: int) -> RolloutResult:
+            first = starts[item]
+            seed = None if sampling.seed is None else sampling.seed + first
+            return self.rollouts().generate(
+                rows[first : first + chunk], sampling.model_copy(update={"seed": seed})
+            )
+
+        parts = self.work.run(len(starts), work)
+        if self.ranks == 1 and len(parts) == 1:
+            return parts[0]
+        result = RolloutResult([group for part in parts for group in part.groups])
+        samples, elapsed = result.samples, time.perf_counter() - started
+        tokens = sum(len(s.completion_ids) for s in samples)
+        result.metrics.update(
+            generate_s=elapsed,
+            generation_tokens_per_s=tokens / max(elapsed, 1e-9),
+            completion_tokens_mean=tokens / max(1, len(samples)),
+            truncated_fraction=sum(s.finish_reason == "length" for s in samples) / max(1, len(samples)),
+        )
+        if self.reward is not None and samples:
+            result.metrics["score_s"] = sum(part.metrics.get("score_s", 0.0) for part in parts)
+            result.metrics["reward_mean"] = sum(s.reward for s in samples) / len(samples)
+        if self.ranks > 1:
+            prompts_done = [0] * self.ranks
+            for item, owner in enumerate(self.work.last.ranks):
+                prompts_done[owner] += len(parts[item].groups)
+            for owner, count in enumerate(prompts_done):
+                result.metrics[f"generated_prompts_rank{owner}"] = count
+        return result
+
+    def _chunk_size(self, prompts: int) -> int:
+        if self.config.generation_chunk is not None:
+            return self.config.generation_chunk
+        if self.ranks == 1:
+            return max(1, prompts)
+        return max(1, math.ceil(prompts / (4 * self.ranks)))
+
+    def step_share(self, items: Sequence[T]) -> tuple[list[T], int]:
+        """This rank's share of one optimizer step's ``items`` and the number of parts the step
+        was split into (``align.distributed.share_of``): a loss normalised over the whole step
+        divides its denominator by the parts, since the learner averages the ranks' gradients."""
+        return distributed.share_of(items, self.ranks)
 
     def make_reward(self) -> RewardSource | None:
         """The run's reward, built when the algorithm starts and kept for the whole run. An
@@ -363,12 +451,12 @@ class OnlineAlgorithm(Algorithm):
     def evaluate(self, batches: Any) -> dict[str, float]:
         """Held-out reward: each eval prompt answered with ``eval_sampling`` (greedy by default),
         by the engine holding the policy's current weights."""
-        rollouts = self.rollouts()
+        self.rollouts()
         self.sync_engine()
         rewards: list[float] = []
         lengths: list[int] = []
         for batch in batches:
-            result = rollouts.generate(batch.rows, self.seeded(self.config.eval_sampling, 0))
+            result = self.generate(batch.rows, self.seeded(self.config.eval_sampling, 0))
             rewards += [s.reward for s in result.samples]
             lengths += [len(s.completion_ids) for s in result.samples]
         if not rewards:

@@ -102,8 +102,9 @@ class CriticFree(align.OnlineAlgorithm):
                 scored = self.score_groups(groups, metrics, old_pass=not reuse)
             with _timed(metrics, "train_s"):
                 metrics.update(self.train_on(learner, scored))
-            if reuse:  # the old log-probs' statistics, from the training forward's values
-                metrics.update(self._rollout_statistics(scored))
+            if reuse:  # the old log-probs' statistics, from the training forward's values (over
+                # this rank's share of the step with data-parallel ranks; the learner averages them)
+                metrics.update(self._rollout_statistics([s for s in scored if s.old_logps is not None]))
             metrics["old_logps_reused"] = float(reuse)
         metrics["refit_s"] += self.sync_engine()
         self.iteration += 1
@@ -124,9 +125,10 @@ class CriticFree(align.OnlineAlgorithm):
         rounds = 1 + (dynamic.max_extra_rounds if dynamic.enabled else 0)
         for round_index in range(rounds):
             rows = self.prompts.take(wanted - len(kept))
-            result = self.rollouts().generate(rows, self.seeded(cfg.sampling, self.iteration, round_index))
-            for key in totals:
-                totals[key] += result.metrics.get(key, 0.0)
+            result = self.generate(rows, self.seeded(cfg.sampling, self.iteration, round_index))
+            for key, value in result.metrics.items():  # with data-parallel ranks: who generated what
+                if key in totals or key.startswith("generated_prompts_rank"):
+                    totals[key] = totals.get(key, 0.0) + value
             generated += result.samples
             informative = [g for g in result.groups if not dynamic.enabled or len({s.reward for s in g}) > 1]
             kept += informative
@@ -281,10 +283,11 @@ class CriticFree(align.OnlineAlgorithm):
             order = torch.randperm(len(scored), generator=generator).tolist()
             for start in range(0, len(order), per_step):
                 chosen = [scored[i] for i in order[start : start + per_step]]
-                micro = [chosen[j : j + t.batch_size] for j in range(0, len(chosen), t.batch_size)]
+                mine, parts = self.step_share(chosen)  # all of it, but for data-parallel ranks
+                micro = [mine[j : j + t.batch_size] for j in range(0, len(mine), t.batch_size)]
                 # The step's loss is its samples' sum over the whole step's denominator; the learner
-                # averages the micro-batch losses, hence the division by their count.
-                normalizer = self.step_normalizer(chosen) / len(micro)
+                # averages the micro-batch losses (and the ranks' gradients), hence the divisions.
+                normalizer = self.step_normalizer(chosen) / len(micro) / parts
                 step_metrics = learner.train_step([self.collate(m, normalizer) for m in micro], self.loss)
                 for key, value in step_metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value)

@@ -86,6 +86,12 @@ class PPO(align.OnlineAlgorithm):
 
     def setup(self, learner: Any) -> None:
         """The critic is built here, before a resume restores it (a local one is a trainable)."""
+        if self.ranks > 1 and self.config.critic.name != "local":
+            raise align.ConfigError(
+                f"critic: '{self.config.critic.name}' with {self.ranks} data-parallel ranks "
+                "(backend.nproc_per_node) is not supported yet: every rank would train the server; use "
+                "critic: {name: local}, or one process"
+            )
         self.critic = align.build_critic(self.config.critic, self.ctx, learner)
 
     # ---- the driver --------------------------------------------------------------------
@@ -106,10 +112,10 @@ class PPO(align.OnlineAlgorithm):
     def run_iteration(self, learner: Any) -> None:
         cfg = self.config
         metrics: dict[str, float] = {"iteration": self.iteration + 1, "kl_coef": self.kl_coef}
-        rollouts = self.rollouts()
+        self.rollouts()
         metrics["refit_s"] = self.sync_engine()
         rows = self.prompts.take(cfg.prompts_per_iteration)
-        result = rollouts.generate(rows, self.seeded(cfg.sampling, self.iteration))
+        result = self.generate(rows, self.seeded(cfg.sampling, self.iteration))
         metrics.update(result.metrics)
         with _timed(metrics, "experience_s"):
             experience = self.make_experience(result.samples, metrics)
@@ -229,8 +235,9 @@ class PPO(align.OnlineAlgorithm):
                     critic_steps.append(self._critic().train(self.critic_batch(chosen)))
                 if not train_policy:
                     continue
-                micro = [chosen[j : j + t.batch_size] for j in range(0, len(chosen), t.batch_size)]
-                normalizer = self.step_normalizer(chosen) / len(micro)
+                mine, parts = self.step_share(chosen)  # all of it, but for data-parallel ranks
+                micro = [mine[j : j + t.batch_size] for j in range(0, len(mine), t.batch_size)]
+                normalizer = self.step_normalizer(chosen) / len(micro) / parts
                 with _timed(timings, "actor_train_s", add=True):
                     step = learner.train_step([self.collate(m, normalizer) for m in micro], self.loss)
                 for key, value in step.items():
@@ -322,11 +329,11 @@ class PPO(align.OnlineAlgorithm):
     def evaluate(self, batches: Any) -> dict[str, float]:
         """Held-out reward (``OnlineAlgorithm.evaluate``), plus each of ``eval_rewards`` on the
         same greedy answers: the accuracy of a checkable task while training on a reward model."""
-        rollouts = self.rollouts()
+        self.rollouts()
         self.sync_engine()
         samples: list[align.Sample] = []
         for batch in batches:
-            samples += rollouts.generate(batch.rows, self.seeded(self.config.eval_sampling, 0)).samples
+            samples += self.generate(batch.rows, self.seeded(self.config.eval_sampling, 0)).samples
         if not samples:
             return {}
         metrics = {

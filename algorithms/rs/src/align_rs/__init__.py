@@ -15,6 +15,7 @@ are a function of (seed, iteration), so a resumed run samples what the uninterru
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -48,7 +49,7 @@ class RejectionSampling(align.OnlineAlgorithm):
         cfg = self.config
         self.sync_engine()
         rows = self.prompts.take(cfg.prompts_per_iteration)
-        result = self.rollouts().generate(rows, self.seeded(cfg.sampling, self.iteration))
+        result = self.generate(rows, self.seeded(cfg.sampling, self.iteration))
         kept = self.select(result.groups)
         metrics = dict(result.metrics)
         metrics.update(iteration=self.iteration + 1, kept=len(kept))
@@ -82,7 +83,14 @@ class RejectionSampling(align.OnlineAlgorithm):
                 for start in range(0, len(order), t.batch_size)
             ]
             for start in range(0, len(micro), t.grad_accum):
-                learner.train_step([self.collate(m) for m in micro[start : start + t.grad_accum]], self.loss)
+                step = micro[start : start + t.grad_accum]
+                # Data-parallel ranks split the step's micro-batches; a rank's mean over its share,
+                # weighted by the share's size, averages over the ranks to the step's mean.
+                mine, parts = self.step_share(step)
+                weight = parts * len(mine) / len(step)
+                learner.train_step(
+                    [self.collate(m) for m in mine], partial(self.weighted_loss, weight=weight)
+                )
         self.policy_changed()
 
     # ---- batches and the loss ----------------------------------------------------------
@@ -97,6 +105,10 @@ class RejectionSampling(align.OnlineAlgorithm):
         logps = self.ctx.backend.sequence_logps(self.ctx.policy, batch.tokens)
         nll = -logps.sum.sum() / logps.count.sum().clamp(min=1)
         return align.LossOutput(nll, {"perplexity": nll.detach().exp()})
+
+    def weighted_loss(self, batch: align.SFTTokens, weight: float) -> align.LossOutput:
+        out = self.loss(batch)
+        return out if weight == 1.0 else align.LossOutput(out.loss * weight, out.metrics)
 
     @torch.no_grad()
     def logprob_mismatch(self, samples: list[align.Sample]) -> float:

@@ -151,7 +151,14 @@ class HFBackend:
         return _token_logps_to(token_scores(model, batch.to(module_device(model))), batch.input_ids.device)
 
     def save_pretrained(self, model: nn.Module, path: Path) -> None:
-        model.save_pretrained(path, safe_serialization=True)  # type: ignore[operator]
+        # transformers writes nothing on a rank other than 0 of a process group. The learner
+        # already has only the main rank write a run's outputs, and each data-parallel rank writes
+        # the folder its own rollout engine starts from, so every call here writes.
+        model.__dict__["should_save_on_this_rank"] = _every_rank_saves
+        try:
+            model.save_pretrained(path, safe_serialization=True)  # type: ignore[operator]
+        finally:
+            model.__dict__.pop("should_save_on_this_rank", None)
         self.tokenizer.save_pretrained(path)
 
     def load_weights(self, model: nn.Module, path: Path) -> None:
@@ -166,6 +173,10 @@ class HFBackend:
             raise RuntimeError(
                 f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
             )
+
+
+def _every_rank_saves(is_main_process: bool) -> bool:
+    return is_main_process
 
 
 def _tokenizer_source(cfg: ModelConfig) -> str:
