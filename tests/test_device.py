@@ -132,6 +132,18 @@ def test_dpo_on_the_gpu_learns_like_on_the_cpu(tmp_path, capsys):
 
 
 @cuda
+def test_an_untrained_policy_and_its_live_reference_agree_exactly_on_the_gpu(tmp_path, capsys):
+    """The same batch through the same weights gives the same sums on a GPU too (no atomic adds
+    in the per-sequence sums), so every implicit reward is exactly 0 before training. A
+    precomputed reference scores other batches (length-sorted) than evaluation does: the GPU's
+    matmul kernels depend on the batch's shape, so it agrees only to rounding there."""
+    out = dpo_run(tmp_path, capsys, "cuda", reference={"mode": "live"}, trainer={"max_steps": 1})
+    before = read_metrics(out, "eval")[0]
+    assert before["step"] == 0
+    assert before["reward_margin"] == 0.0 and before["reward_accuracy"] == 0.5
+
+
+@cuda
 def test_a_resumed_gpu_run_ends_near_the_uninterrupted_one(tmp_path, capsys):
     whole = dpo_run(tmp_path, capsys, "cuda", trainer={"save_every": 2})
     part = tmp_path / "part"

@@ -305,13 +305,21 @@ def _length_sorted_chunks(batch: TokenBatch, chunk_tokens: int) -> Iterator[Toke
 def _logps(model: nn.Module, batch: TokenBatch) -> SequenceLogps:
     """One forward pass over the whole batch, summed per sequence."""
     token_logps, owners, _ = _scored_logps(model, batch)
-    sums = torch.zeros(batch.num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(
-        0, owners, token_logps
-    )
     counts = torch.zeros(batch.num_sequences, dtype=torch.long, device=owners.device).index_add(
         0, owners, torch.ones_like(owners)
     )
-    return SequenceLogps(sums, counts)
+    if token_logps.device.type == "cpu":
+        sums = torch.zeros(batch.num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(
+            0, owners, token_logps
+        )
+        return SequenceLogps(sums, counts)
+    # On a GPU index_add adds atomically, in no fixed order: the same batch could give sums a
+    # rounding apart (an untrained policy and its reference would differ). One row per sequence,
+    # summed along the row, is reproducible.
+    width = int(counts.max()) if counts.numel() else 0
+    positions = _positions_in_sequence(owners, batch.num_sequences)
+    rows = token_logps.new_zeros(batch.num_sequences, width).index_put((owners, positions), token_logps)
+    return SequenceLogps(rows.sum(dim=1), counts)
 
 
 def _scored_logps(
