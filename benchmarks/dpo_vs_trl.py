@@ -14,6 +14,16 @@ sequences of a pair.
     python benchmarks/dpo_vs_trl.py --full    # 4 variants x 8 timed steps x 3 repeats (~25 minutes)
     python benchmarks/dpo_vs_trl.py --precision bf16   # the same in bf16 mixed precision
     python benchmarks/dpo_vs_trl.py --precision both   # fp32 and bf16 variants side by side
+    python benchmarks/dpo_vs_trl.py --device cuda --shape llama-134m --precision both --tf32
+                                              # on a GPU: a ~134M Llama, peak GPU memory too
+
+On a GPU (``--device cuda``; ``auto`` picks it when torch sees one) both sides train there:
+align with ``backend.device: cuda``, TRL without ``use_cpu``; ``--tf32`` lets fp32 matmuls use
+TF32 on both sides (``torch.set_float32_matmul_precision("high")``); each step's end waits for
+the GPU (``torch.cuda.synchronize``) before its time is taken, on both sides; "peak GPU MiB" is
+``torch.cuda.max_memory_allocated`` over the whole run (setup included); the matmul peak is the
+GPU's (8192-square ``torch.mm``, timed with CUDA events). ``--shape`` picks the model
+(``bench_model.SHAPES``: ``bench``, the 28.8M default; ``llama-134m``; ``llama-372m``).
 
 Variants: ``align`` (align's defaults: the reference precomputed once and cached, CPU row
 chunks), and one setting changed at a time: ``align-live`` (reference model kept, scored every
@@ -52,7 +62,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_model import run_worker, save_bench_llama
+from bench_model import SHAPES, run_worker, save_bench_llama
 
 VOCAB = 8192
 PAIRS = 256
@@ -108,23 +118,30 @@ def default_variants(preset: str, precision: str) -> str:
 
 
 # ---- the shared workload -------------------------------------------------------------------------
-def prepare(workdir: Path) -> None:
-    """Tokenizer + model (saved as an HF folder) and the pairs (text and their ids)."""
+def model_dir_of(workdir: Path, shape: str) -> Path:
+    return workdir / "model" if shape == "bench" else workdir / f"model-{shape}"
+
+
+def prepare(workdir: Path, shape: str = "bench") -> None:
+    """Tokenizer + model (saved as an HF folder) and the pairs (text and their ids). The pairs'
+    ids are below ``VOCAB`` whatever the model's vocabulary: the same text for every shape."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model_dir = workdir / "model"
+    model_dir = model_dir_of(workdir, shape)
     if (model_dir / "config.json").is_file() and (workdir / "pairs.jsonl").is_file():
         return
     specials = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
-    vocab = specials | {f"t{i}": i for i in range(len(specials), VOCAB)}
+    vocab = specials | {f"t{i}": i for i in range(len(specials), SHAPES[shape]["vocab"])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
     )
     tokenizer.save_pretrained(model_dir)
-    save_bench_llama(model_dir, seed=SEED, vocab_size=VOCAB)
+    save_bench_llama(model_dir, seed=SEED, vocab_size=VOCAB, shape=shape)
+    if (workdir / "pairs.jsonl").is_file():
+        return
     rng = random.Random(SEED)
 
     def ids(n: int) -> list[int]:
@@ -165,13 +182,15 @@ def peak_rss_mb() -> float:
 
 # ---- the machine's peak and a step's useful work -------------------------------------------------
 PEAK = "peak"  # the worker that measures matmul rates
-BENCH_LAYERS, BENCH_HIDDEN, BENCH_FFN = 6, 512, 1536  # bench_model.save_bench_llama's shape
 
 
-def measure_matmul_peak(threads: int) -> dict[str, float]:
-    """Best GFLOP/s of ``torch.mm`` on square matrices, per precision, on ``threads`` threads."""
+def measure_matmul_peak(threads: int, device: str = "cpu") -> dict[str, float]:
+    """Best GFLOP/s of ``torch.mm`` on square matrices, per precision, on ``threads`` threads
+    (on a GPU: 8192-square products timed with CUDA events)."""
     import torch
 
+    if device != "cpu":
+        return measure_gpu_matmul_peak(device)
     torch.set_num_threads(threads)
     best: dict[str, float] = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -189,34 +208,72 @@ def measure_matmul_peak(threads: int) -> dict[str, float]:
     return best
 
 
-def useful_flops_per_token(mean_sequence_length: float) -> float:
+def measure_gpu_matmul_peak(device: str) -> dict[str, float]:
+    """GFLOP/s of 8192-square ``torch.mm`` on the GPU in fp32 (TF32 when the worker allows it)
+    and bf16, random inputs, the median of 10 timed products after 3 warm-ups."""
+    import torch
+
+    size, rates = 8192, {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
+        times = []
+        for rep in range(13):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b)
+            end.record()
+            torch.cuda.synchronize()
+            if rep >= 3:
+                times.append(start.elapsed_time(end) / 1e3)
+        rates[name] = 2 * size**3 / statistics.median(times) / 1e9
+    return rates
+
+
+def useful_flops_per_token(mean_sequence_length: float, shape: str = "bench") -> float:
     """Training FLOPs per real token of the benchmark model (see the module docstring)."""
-    d, layers = BENCH_HIDDEN, BENCH_LAYERS
-    weights = layers * (4 * d * d + 3 * d * BENCH_FFN) + d * VOCAB  # attention, SwiGLU, LM head
+    dims = SHAPES[shape]
+    d, layers, vocab = dims["hidden"], dims["layers"], (VOCAB if shape == "bench" else dims["vocab"])
+    weights = layers * (4 * d * d + 3 * d * dims["ffn"]) + d * vocab  # attention, SwiGLU, LM head
     return 6 * weights + 6 * layers * d * mean_sequence_length
 
 
 def peak_share(
-    result: dict[str, float], peaks: dict[str, float], variant: str, tokens_per_sequence: float
+    result: dict[str, float],
+    peaks: dict[str, float],
+    variant: str,
+    tokens_per_sequence: float,
+    shape: str = "bench",
 ) -> float:
     precision = "bf16" if precision_of(variant) != "fp32" else "fp32"
-    return result["tokens_per_s"] * useful_flops_per_token(tokens_per_sequence) / (peaks[precision] * 1e9)
+    flops = useful_flops_per_token(tokens_per_sequence, shape)
+    return result["tokens_per_s"] * flops / (peaks[precision] * 1e9)
+
+
+def step_done(device: str) -> float:
+    """The time a step ends: after the GPU has finished its queued work."""
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 # ---- workers (one per subprocess) ----------------------------------------------------------------
-def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+def run_align(variant: str, workdir: Path, out: Path, steps: int, args: argparse.Namespace) -> dict[str, Any]:
     import align
     from align.loading import validate_run_config
 
+    threads, device = args.threads, args.device
     knobs = ALIGN_DEFAULTS | ALIGN_VARIANTS[variant]
-    backend = {"name": "hf", "attn_implementation": "sdpa"}
+    backend = {"name": "hf", "attn_implementation": "sdpa", "device": device}
     if "chunk_tokens" in knobs:
         backend["chunk_tokens"] = knobs["chunk_tokens"]
     config = {
         "algo": "dpo",
         "output_dir": str(out),
         "seed": SEED,
-        "model": {"path": str(workdir / "model")},
+        "model": {"path": str(model_dir_of(workdir, args.shape))},
         "backend": backend,
         "data": {
             "format": "preference",
@@ -229,7 +286,7 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
         "reference": {"mode": knobs["reference"]},
         "trainer": {
             "max_steps": steps,
-            "batch_size": BATCH_PAIRS,
+            "batch_size": args.batch_pairs,
             "max_grad_norm": 1.0,
             "lr_scheduler": "constant",
             "num_threads": threads,
@@ -247,12 +304,12 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
     class Timer:
         @align.hookimpl
         def on_train_start(self, run: Any) -> None:
-            marks.append(time.perf_counter())
+            marks.append(step_done(device))
 
         @align.hookimpl
         def on_step_end(self, run: Any, step: int, metrics: dict[str, Any]) -> None:
             if metrics.get("split") == "train":
-                marks.append(time.perf_counter())
+                marks.append(step_done(device))
                 tokens.append(int(metrics["tokens"]))
                 slots.append(metrics["tokens"] / (1.0 - metrics.get("pad_fraction", 0.0)))
 
@@ -263,23 +320,23 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
     return _result(marks, tokens, slots)
 
 
-def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+def run_trl(variant: str, workdir: Path, out: Path, steps: int, args: argparse.Namespace) -> dict[str, Any]:
     import datasets
     import torch
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+    threads, device = args.threads, args.device
     torch.set_num_threads(threads)
     precompute, bf16 = TRL_VARIANTS[variant]
-    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    model = AutoModelForCausalLM.from_pretrained(
-        workdir / "model", dtype=torch.float32, attn_implementation="sdpa"
-    )
+    model_dir = model_dir_of(workdir, args.shape)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     data = datasets.load_dataset("json", data_files=str(workdir / "pairs.jsonl"), split="train")
     args = trl.DPOConfig(
         output_dir=str(out),
         seed=SEED,
-        per_device_train_batch_size=BATCH_PAIRS,
+        per_device_train_batch_size=args.batch_pairs,
         max_steps=steps,
         learning_rate=LR,
         lr_scheduler_type="constant",
@@ -293,7 +350,7 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
         bf16=bf16,  # float32 weights (loaded so above), bfloat16 autocast
         fp16=False,
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=device == "cpu",
         report_to="none",
         save_strategy="no",
         logging_steps=max(1, steps),
@@ -307,10 +364,10 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *a: Any, **k: Any) -> None:
-            marks.append(time.perf_counter())
+            marks.append(step_done(device))
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
-            marks.append(time.perf_counter())
+            marks.append(step_done(device))
             tokens.append(pending[0])
             slots.append(pending[1])
             pending[:] = [0, 0]
@@ -332,12 +389,16 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
 
 
 def _result(marks: list[float], tokens: list[int], slots: list[float]) -> dict[str, Any]:
+    import torch
+
+    gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {
         "step_s": [b - a for a, b in itertools.pairwise(marks)],
         "tokens": tokens,
         "slots": slots,
         "setup_s": marks[0] - STARTED if marks else None,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if gpu else None,
     }
 
 
@@ -346,19 +407,23 @@ STARTED = time.perf_counter()
 
 def worker(args: argparse.Namespace) -> None:
     workdir, out = Path(args.workdir), Path(args.out)
+    if args.tf32:
+        import torch
+
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on a GPU, both sides alike
     if args.worker == PEAK:
-        out.write_text(json.dumps(measure_matmul_peak(args.threads)))
+        out.write_text(json.dumps(measure_matmul_peak(args.threads, args.device)))
         return
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         if args.worker in TRL_VARIANTS:
-            result = run_trl(args.worker, workdir, Path(tmp), args.total_steps, args.threads)
+            result = run_trl(args.worker, workdir, Path(tmp), args.total_steps, args)
         else:
-            result = run_align(args.worker, workdir, Path(tmp), args.total_steps, args.threads)
+            result = run_align(args.worker, workdir, Path(tmp), args.total_steps, args)
             from transformers import AutoTokenizer
 
             from align.builtin.data import PreferenceData, PreferenceFormat  # the ids align trained on
 
-            tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+            tokenizer = AutoTokenizer.from_pretrained(model_dir_of(workdir, args.shape))
             data = PreferenceFormat(
                 PreferenceData(train=str(workdir / "pairs.jsonl"), max_length=MAX_LENGTH), tokenizer
             )
@@ -368,8 +433,15 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ---- the driver ----------------------------------------------------------------------------------
+def worker_args(args: argparse.Namespace) -> list[str]:
+    """What every worker is told besides its variant: device, model, batch, TF32."""
+    extra = ["--device", args.device, "--shape", args.shape, "--batch-pairs", str(args.batch_pairs)]
+    return [*extra, "--tf32"] if args.tf32 else extra
+
+
 def launch(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    found, stderr = run_worker(__file__, variant, workdir, args.warmup + args.steps, args.threads)
+    total = args.warmup + args.steps
+    found, stderr = run_worker(__file__, variant, workdir, total, args.threads, worker_args(args))
     if found is None:
         raise SystemExit(f"{variant} failed:\n{stderr}")
     result: dict[str, Any] = found
@@ -394,21 +466,23 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
         "setup_s": statistics.median(run["setup_s"] for run in runs),
         "wall_s": statistics.median(run["wall_s"] for run in runs),
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        "peak_gpu_mib": max(run.get("peak_gpu_mib") or 0.0 for run in runs),
     }
 
 
 def table(summary: dict[str, dict[str, float]], repeats: int) -> str:
     lines = [
         "| variant | tokens/s (median; min-max) | median step s | share of matmul peak | pad fraction "
-        "| setup s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| setup s | peak RSS MiB | peak GPU MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         spread = f"{s['tokens_per_s_min']:,.0f}-{s['tokens_per_s_max']:,.0f}" if repeats > 1 else "-"
+        gpu = f"{s['peak_gpu_mib']:,.0f}" if s.get("peak_gpu_mib") else "-"
         lines.append(
-            f"| {name} | {s['tokens_per_s']:,.0f} ({spread}) | {s['median_step_s']:.2f} | "
+            f"| {name} | {s['tokens_per_s']:,.0f} ({spread}) | {s['median_step_s']:.3f} | "
             f"{s['peak_share']:.0%} | {s['pad_fraction']:.2f} | {s['setup_s']:.1f} | "
-            f"{s['peak_rss_mb']:,.0f} |"
+            f"{s['peak_rss_mb']:,.0f} | {gpu} |"
         )
     return "\n".join(lines)
 
@@ -421,7 +495,10 @@ def ratios(summary: dict[str, dict[str, float]]) -> list[str]:
         for t in same:
             speed = summary[a]["tokens_per_s"] / summary[t]["tokens_per_s"]
             memory = summary[a]["peak_rss_mb"] / summary[t]["peak_rss_mb"]
-            lines.append(f"{a} / {t}: {speed:.2f}x tokens/s at {memory:.2f}x peak RSS")
+            line = f"{a} / {t}: {speed:.2f}x tokens/s at {memory:.2f}x peak RSS"
+            if summary[a].get("peak_gpu_mib") and summary[t].get("peak_gpu_mib"):
+                line += f", {summary[a]['peak_gpu_mib'] / summary[t]['peak_gpu_mib']:.2f}x peak GPU memory"
+            lines.append(line)
     return lines
 
 
@@ -434,6 +511,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="untimed first steps per run")
     parser.add_argument("--repeats", type=int, help="runs per variant (alternating)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when torch sees a GPU)"
+    )
+    parser.add_argument(
+        "--shape", choices=tuple(SHAPES), default="bench", help="the model (bench_model.SHAPES)"
+    )
+    parser.add_argument("--batch-pairs", type=int, default=BATCH_PAIRS, help="preference pairs per step")
+    parser.add_argument("--tf32", action="store_true", help="fp32 matmuls in TF32 on a GPU (both sides)")
     parser.add_argument(
         "--precision",
         choices=("fp32", "bf16", "both"),
@@ -448,6 +533,10 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
         worker(args)
         return
@@ -464,7 +553,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        prepare(workdir)
+        prepare(workdir, args.shape)
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for repeat in range(args.repeats):
             for variant in variants if repeat % 2 == 0 else variants[::-1]:
@@ -474,7 +563,7 @@ def main() -> None:
                     f"repeat {repeat + 1}/{args.repeats} {variant}: {time.perf_counter() - started:.0f}s",
                     flush=True,
                 )
-        peaks, _ = run_worker(__file__, PEAK, workdir, 0, args.threads)
+        peaks, _ = run_worker(__file__, PEAK, workdir, 0, args.threads, worker_args(args))
         if peaks is None:
             raise SystemExit("the matmul peak measurement failed")
         tokens_per_sequence = statistics.mean(
@@ -482,16 +571,17 @@ def main() -> None:
         )
     summary = {v: summarize(r) for v, r in runs.items()}
     for variant, numbers in summary.items():
-        numbers["peak_share"] = peak_share(numbers, peaks, variant, tokens_per_sequence)
+        numbers["peak_share"] = peak_share(numbers, peaks, variant, tokens_per_sequence, args.shape)
+    where = args.device if args.device != "cpu" else f"{args.threads} threads"
     print(
-        f"\nmatmul peak on {args.threads} threads: {peaks['fp32']:.0f} GFLOP/s fp32, "
+        f"\nmatmul peak on {where}: {peaks['fp32']:.0f} GFLOP/s fp32{' (TF32)' if args.tf32 else ''}, "
         f"{peaks['bf16']:.0f} GFLOP/s bf16 ({peaks['bf16'] / peaks['fp32']:.2f}x); useful work "
-        f"{useful_flops_per_token(tokens_per_sequence) / 1e6:.0f} MFLOP per token "
+        f"{useful_flops_per_token(tokens_per_sequence, args.shape) / 1e6:.0f} MFLOP per token "
         f"(mean sequence {tokens_per_sequence:.0f} tokens)"
     )
     print(
         f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "
-        f"{args.threads} threads, {BATCH_PAIRS} pairs/step, "
+        f"{where}, model {args.shape}, {args.batch_pairs} pairs/step, "
         f"{', '.join(sorted({precision_of(v) for v in variants}))}; "
         f"load average at the end: {os.getloadavg()[0]:.1f}\n"
     )
