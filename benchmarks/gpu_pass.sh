@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_pass.sh setup tests     # versions, `align list`, the CUDA-relevant tests
 #   bash benchmarks/gpu_pass.sh setup dpo       # DPO align vs TRL on a ~134M Llama
 #   bash benchmarks/gpu_pass.sh setup megatron  # the megatron backend on one GPU vs hf
+#   bash benchmarks/gpu_pass.sh setup profile   # where a DPO step's time goes, fp32 vs bf16
+#   bash benchmarks/gpu_pass.sh setup retest    # the tests a GPU fix was for
 #
 # Logs and JSON go to $OUT (default: ./gpu_out).
 set -uo pipefail
@@ -41,6 +43,18 @@ tests() {
     "tests/test_grpo.py" "tests/test_ppo.py" -k "not slow" 2>&1 | tee "$OUT/tests.log" | tail -60
 }
 
+retest() {
+  # After a fix: the tests that failed on the GPU for a reason of align's (not the test's).
+  timeout 200 python3 -m pytest -q -n 8 --timeout 150 -p no:cacheprovider -rfE tests/test_device.py \
+    tests/test_training.py tests/test_preference_training.py tests/test_precision.py tests/test_lora.py \
+    -k "not slow" 2>&1 | tee "$OUT/retest.log" | tail -40
+}
+
+profile() {
+  timeout 120 python3 benchmarks/profile_gpu_step.py --shape "${SHAPE:-llama-134m}" 2>&1 | tee "$OUT/profile.log" |
+    grep -v "^-\|^ *$" | tail -60
+}
+
 dpo() {
   # Each precision: align (reference precomputed), TRL (its default: live reference), align with
   # a live reference (TRL's setting). Same model, data, batch and lengths on both sides.
@@ -61,7 +75,7 @@ megatron() {
   # hf backend), then the same 4-step DPO under torchrun --nproc_per_node 1 and on hf.
   python3 -c "from align_megatron.cpu_shims import cpu_only; print('megatron cpu shims apply:', cpu_only())" |
     tee "$OUT/megatron.log"
-  timeout 300 python3 -m pytest -q --timeout 280 -p no:cacheprovider -rfE tests/test_megatron.py -k "not slow" \
+  timeout 200 python3 -m pytest -q --timeout 180 -p no:cacheprovider -rfE tests/test_megatron.py -k "not slow" \
     2>&1 | tee -a "$OUT/megatron.log" | tail -30
   python3 - <<'PY' 2>&1 | tee -a "$OUT/megatron.log"
 import json, subprocess, sys
@@ -74,7 +88,7 @@ losses = {}
 for name, launcher in (("megatron", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]), ("hf", [])):
     config = dpo_config(root / name, backend={"name": name}, data={"train": train, "eval": None, "max_length": 64})
     done = subprocess.run([sys.executable, *launcher, "-m", "align.cli", "run", write_yaml(root / f"{name}.yaml", config)],
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=120)
     print(name, "exit", done.returncode, done.stderr[-1500:] if done.returncode else "")
     losses[name] = [m["loss"] for m in read_metrics(root / name, "train")] if done.returncode == 0 else None
 print("train losses:", json.dumps(losses))
