@@ -56,7 +56,14 @@ from align.online import (
 )
 from align.plugins import Plugins, default_plugins, load_plugins
 from align.precision import precision_scope
-from align.protocols import Backend, DataFormat, RewardSource, ScoringBackend, TokenScoringBackend
+from align.protocols import (
+    Backend,
+    DataFormat,
+    HiddenStatesBackend,
+    RewardSource,
+    ScoringBackend,
+    TokenScoringBackend,
+)
 from align.registry import Entry, Register, Registry
 from align.rewards import RewardError, build_reward, message_text
 from align.rollout import (
@@ -64,6 +71,7 @@ from align.rollout import (
     EngineError,
     EngineSpec,
     EngineUnavailable,
+    LogitsHook,
     NamedWeights,
     RolloutEngine,
     SamplingConfig,
@@ -95,7 +103,9 @@ __all__ = [
     "EngineSpec",
     "EngineUnavailable",
     "Entry",
+    "HiddenStatesBackend",
     "Learner",
+    "LogitsHook",
     "LoraConfig",
     "LossConfig",
     "LossFn",

@@ -112,6 +112,11 @@ class Algorithm:
         """Called on resume with the checkpoint's folder, before ``load_state_dict``: read back
         what ``save_files`` wrote."""
 
+    def final_files(self, folder: Path) -> None:
+        """Called while ``final/`` is written, with its folder, after the model: files that belong
+        with the final model besides its weights (ILQL's Q and V heads, which ``align generate``
+        steers with)."""
+
     def trainable(self) -> nn.Module:
         """The module whose parameters the optimizer updates."""
         return self.ctx.policy

@@ -57,6 +57,11 @@ class GenerateConfig(StrictConfig):
     out: Path
     overwrite: bool = False
     seed: int = 0
+    logits_hook: bool = Field(
+        True,
+        description="Steer sampling with what a plugin saved beside the model, when one did (ILQL's "
+        "heads: logits + beta (Q - V)); false: the plain policy.",
+    )
 
 
 def config_from_cli(
@@ -122,6 +127,8 @@ def generate(cfg: GenerateConfig, plugins: Plugins) -> int:
             f"completion within max_length={cfg.max_length} tokens; raise max_length=... or shorten them"
         )
     reward = build_reward(reward_cfg, registry) if reward_cfg is not None else None  # type: ignore[arg-type]
+    # A plugin that saved something beside the model to steer it with (ILQL's heads) hands it over.
+    hook = plugins.manager.hook.generation_logits_hook(model_path=cfg.model.path) if cfg.logits_hook else None
     with tempfile.TemporaryDirectory(prefix="align-generate-") as folder:
         model_dir = Path(folder) / "model"
         backend.save_pretrained(backend.build_policy(), model_dir)
@@ -134,6 +141,7 @@ def generate(cfg: GenerateConfig, plugins: Plugins) -> int:
             max_model_len=cfg.max_length,
             seed=cfg.seed,
             reward=reward,
+            logits_hook=hook,
             device=backend_device(backend),
         )
     try:

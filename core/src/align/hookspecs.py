@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from align.config import RunConfig
     from align.protocols import Backend
     from align.registry import Register
+    from align.rollout import LogitsHook
     from align.trainer import RunInfo
 
 PROJECT = "align"
@@ -78,6 +79,13 @@ def wrap_backend(backend: Backend, config: RunConfig) -> Backend | None:
     may change how every model is built, run and saved (``align-lora`` puts LoRA adapters on the
     models of sections with ``model.lora``). Wrappers chain: each gets the backend the previous
     one returned. A wrapper delegates what it does not change to the backend it wraps."""
+
+
+@hookspec(firstresult=True)
+def generation_logits_hook(model_path: str) -> LogitsHook | None:
+    """A logits hook for ``align generate --model model_path`` (see ``align.LogitsHook``), or None:
+    a plugin whose runs save something beside the model that steers its sampling (``align-ilql``'s
+    Q and V heads in an ILQL ``final/``) returns the hook that applies it. The first answer wins."""
 
 
 @hookspec

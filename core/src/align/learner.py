@@ -502,6 +502,8 @@ class Learner:
 
         def write(folder: Path) -> None:
             self.backend.save_pretrained(self.context.policy, folder)
+            if self.is_main:
+                self.algorithm.final_files(folder)
 
         if not self.is_main:  # a distributed backend's save is collective; the main rank writes
             if self.data_parallel == 1:

@@ -28,7 +28,7 @@ from align.config import RewardConfig, RolloutEngineConfig, RunConfig
 from align.errors import UserError
 from align.layout import lay_out
 from align.registry import Registry
-from align.rollout import EngineError, EngineSpec, RolloutEngine, SamplingConfig
+from align.rollout import EngineError, EngineSpec, LogitsHook, RolloutEngine, SamplingConfig
 
 if TYPE_CHECKING:
     from align.protocols import RewardSource
@@ -64,6 +64,12 @@ def build_engine(cfg: RolloutEngineConfig, registry: Registry, spec: EngineSpec)
     """The configured engine, started on ``spec``. A crash while starting is a user error naming
     the engine (an unsupported model shape, a missing package), never a traceback."""
     entry = registry.get("rollout_engine", cfg.name)
+    if spec.logits_hook is not None and not entry.meta.get("logits_hook", False):
+        able = [e.name for e in registry.entries("rollout_engine") if e.meta.get("logits_hook")]
+        raise EngineError(
+            f"rollout engine '{cfg.name}' ({entry.package}) cannot steer sampling with a logits hook "
+            f"(such as ILQL's heads); engines that can: {', '.join(able) or 'none installed'}"
+        )
     try:
         engine: RolloutEngine = entry.factory(cfg, spec)
     except UserError:
@@ -90,6 +96,7 @@ class Rollouts:
         max_model_len: int = 1024,
         seed: int = 0,
         reward: RewardSource | None = None,
+        logits_hook: LogitsHook | None = None,
         device: str | None = None,
     ) -> None:
         self.tokenizer, self.reward = tokenizer, reward
@@ -101,6 +108,7 @@ class Rollouts:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             seed=seed,
+            logits_hook=logits_hook,
             device=device,
         )
         self.engine = build_engine(engine_cfg, registry, spec)
@@ -188,6 +196,7 @@ def start_rollouts(
     *,
     reward: RewardSource | None = None,
     max_model_len: int = 1024,
+    logits_hook: LogitsHook | None = None,
 ) -> Rollouts:
     """Start an engine on the policy's current weights, written once to a temporary HF folder
     the engine loads from (later updates arrive by ``refit``, never through the disk); adapters
@@ -205,6 +214,7 @@ def start_rollouts(
             max_model_len=max_model_len,
             seed=cfg.seed,
             reward=reward,
+            logits_hook=logits_hook,
             device=backend_device(ctx.backend),
         )
 

@@ -92,6 +92,20 @@ class TokenScoringBackend(ScoringBackend, Protocol):
 
 
 @runtime_checkable
+class HiddenStatesBackend(Backend, Protocol):
+    """A backend that also hands out a causal LM's last hidden states, for heads trained on the
+    policy's trunk (ILQL's Q and V): optional, checked with ``isinstance`` by the algorithms that
+    need it."""
+
+    def token_hidden_states(self, model: nn.Module, batch: TokenBatch) -> tuple[TokenLogps, Tensor]:
+        """One forward pass: ``token_logps`` (the log-prob of each token under ``loss_mask``) and
+        the last hidden state at the position before each such token (the state it was chosen
+        in, what the LM head read), ``[num_sequences, longest, hidden_size]`` in the same
+        left-aligned layout (zeros past a sequence's count); both differentiable."""
+        ...
+
+
+@runtime_checkable
 class RewardSource(Protocol):
     """What a ``register_rewards`` factory returns: scores (prompt, completion, row) triples.
 

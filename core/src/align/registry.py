@@ -75,7 +75,7 @@ REGISTRATION_OPTIONS: dict[str, dict[str, type | Callable[[Any], bool]]] = {
     # needs_token_logps: the algorithm fills the batch's per-token log-probs (LD-DPO)
     "loss": {"batch": type, "needs_reference": bool, "needs_token_logps": bool},
     "data_format": {"batch": type},
-    "rollout_engine": {},
+    "rollout_engine": {"logits_hook": bool},  # it applies EngineSpec.logits_hook (steered sampling)
     "reward": {},
     "advantage_estimator": {},
     "critic": {},

@@ -14,7 +14,7 @@ A plugin registers an engine with ``register_rollout_engines``::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -27,6 +27,12 @@ from align.errors import UserError
 
 FinishReason = Literal["stop", "length"]
 NamedWeights = Iterable[tuple[str, Tensor]]
+LogitsHook = Callable[[Tensor, Tensor], Tensor]
+"""``hook(hidden, logits) -> logits``: changes the next-token logits before sampling (ILQL adds
+``β (Q − V)`` from heads on the hidden state). ``hidden`` ``[batch, hidden_size]`` is the last
+hidden state the LM head read for those logits, ``logits`` ``[batch, vocab]`` the raw ones. An
+engine registered with ``logits_hook=True`` (``hf``) applies ``EngineSpec.logits_hook`` at every
+step, before temperature, top-p and top-k; ``build_engine`` refuses it to any other engine."""
 
 
 class SamplingConfig(StrictConfig):
@@ -67,6 +73,8 @@ class EngineSpec:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     seed: int = 0
+    logits_hook: LogitsHook | None = None
+    """Steers sampling (see ``LogitsHook``); None: sample from the model's own logits."""
     extra: dict[str, object] = field(default_factory=dict)
     device: str | None = None
     """The trainer's device (``str(torch.device)``): where an in-process engine puts its model
