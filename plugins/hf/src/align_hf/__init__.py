@@ -31,4 +31,5 @@ def register_backends(register: Register) -> None:
 
 @hookimpl
 def register_rollout_engines(register: Register) -> None:
-    register(HFEngineConfig)(build_hf_engine)
+    # logits_hook: it applies EngineSpec.logits_hook (steered sampling: ILQL's heads)
+    register(HFEngineConfig, logits_hook=True)(build_hf_engine)

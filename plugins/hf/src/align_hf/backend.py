@@ -112,6 +112,13 @@ class HFBackend:
     def build_reference(self) -> nn.Module:
         return self.build_model("reference")
 
+    def token_hidden_states(self, model: nn.Module, batch: TokenBatch) -> tuple[TokenLogps, Tensor]:
+        """``align.HiddenStatesBackend``: see ``token_hidden_states``; computed on the model's
+        device, returned on the batch's."""
+        device, home = module_device(model), batch.input_ids.device
+        logps, hidden = token_hidden_states(model, batch.to(device))
+        return TokenLogps(logps.values.to(home), logps.mask.to(home)), hidden.to(home)
+
     def named_weights(self, model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         """The state dict as ``save_pretrained`` writes it: tied weights once (under the name
         transformers keeps), keys ignored on save dropped, transformers' load-time renames undone.
@@ -503,3 +510,35 @@ def token_scores(model: nn.Module, batch: TokenBatch) -> TokenLogps:
     positions = _positions_in_sequence(owners, batch.num_sequences)
     values = scores.new_zeros(batch.num_sequences, width).index_put((owners, positions), scores)
     return TokenLogps(values, mask)
+
+
+def token_hidden_states(model: nn.Module, batch: TokenBatch) -> tuple[TokenLogps, Tensor]:
+    """One forward pass of a causal LM (no row chunks): the log-prob of each scored token, in
+    ``token_logps``' layout, and the last hidden state the LM head read to predict it (the
+    position before it), ``[num_sequences, longest, hidden_size]`` in the same layout; both
+    differentiable. What heads on the policy's trunk read (ILQL's Q and V)."""
+    inputs = {
+        "input_ids": batch.input_ids,
+        "attention_mask": None if batch.packed or _right_padded(batch) else batch.attention_mask,
+        "position_ids": batch.position_ids,
+        "use_cache": False,  # see sequence_scores: packed sequences must not attend to each other
+    }
+    scored = batch.loss_mask[:, 1:]
+    targets = batch.input_ids[:, 1:][scored]
+    owners = batch.sequence_ids[:, 1:][scored]
+    parts = _decoder_and_head(model)
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(**inputs).last_hidden_state[:, :-1][scored]
+        logps = head_token_logps(head, hidden, targets)
+    else:  # a model whose logits are more than its head's output (soft-capped): the full pass
+        out = model(**inputs, output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, :-1][scored]
+        logps = token_logps_of(out.logits[:, :-1][scored], targets)
+    counts = torch.bincount(owners, minlength=batch.num_sequences)
+    width = int(counts.max()) if counts.numel() else 0
+    mask = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
+    positions = _positions_in_sequence(owners, batch.num_sequences)
+    values = logps.new_zeros(batch.num_sequences, width).index_put((owners, positions), logps)
+    states = hidden.new_zeros(batch.num_sequences, width, hidden.shape[-1])
+    return TokenLogps(values, mask), states.index_put((owners, positions), hidden)

@@ -6,6 +6,11 @@ existing parameter (``param.copy_``), so nothing is rebuilt or read from disk ag
 
 Log-probs are those of the unprocessed logits (``log_softmax`` of the model's raw output, before
 temperature, top-p and top-k), the same quantity the trainer computes for a token.
+
+A spec with a ``logits_hook`` (``align.LogitsHook``, e.g. ILQL's ``β (Q − V)``) steers sampling:
+at every step the hook gets the hidden state the LM head read (captured by a forward pre-hook on
+the head) and the raw logits, and what it returns is sampled from (then temperature, top-p and
+top-k apply). The reported log-probs stay the model's own, unsteered.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 from torch import Tensor
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from align import (
     Completion,
     EngineError,
     EngineSpec,
+    LogitsHook,
     NamedWeights,
     RolloutEngineConfig,
     SamplingConfig,
@@ -64,6 +70,7 @@ class HFEngine:
         # and never on (or disturb) the trainer's global RNG.
         self.seeds = torch.Generator().manual_seed(spec.seed)
         self.asleep = False
+        self.steering = _Steering(spec.logits_hook, self.model) if spec.logits_hook is not None else None
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         check_prompts("hf", prompts, self.spec.max_model_len)
@@ -124,6 +131,7 @@ class HFEngine:
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=self._generation_config(sampling),
+                    logits_processor=LogitsProcessorList([self.steering]) if self.steering else None,
                 )
         new_tokens = out.sequences[:, input_ids.shape[1] :]
         # Raw logits of every step (before temperature / top-p / top-k), one row per sequence.
@@ -157,6 +165,25 @@ class HFEngine:
             output_logits=True,
             return_dict_in_generate=True,
         )
+
+
+class _Steering(LogitsProcessor):
+    """Applies a logits hook at each generation step, with the hidden state the LM head read for
+    the last position (a forward pre-hook on the head keeps it)."""
+
+    def __init__(self, hook: LogitsHook, model: Any) -> None:
+        self.hook = hook
+        self.hidden: Tensor | None = None
+        model.get_output_embeddings().register_forward_pre_hook(self._keep_hidden)
+
+    def _keep_hidden(self, module: Any, args: tuple[Tensor, ...]) -> None:
+        self.hidden = args[0][:, -1]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.hidden is None or self.hidden.shape[0] != scores.shape[0]:
+            raise EngineError("engine 'hf': the logits hook got no hidden state for this step")
+        steered: torch.FloatTensor = self.hook(self.hidden, scores)  # type: ignore[assignment]
+        return steered
 
 
 def build_hf_engine(cfg: HFEngineConfig, spec: EngineSpec) -> HFEngine:
