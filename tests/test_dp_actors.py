@@ -193,3 +193,10 @@ def test_remote_critic_with_ranks_is_a_user_error(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "data-parallel ranks" in done.stderr and "critic: {name: local}" in done.stderr
+
+
+def test_rejection_sampling_dp2_matches_dp1(tmp_path: Path) -> None:
+    """Each SFT micro-batch of 4 winners split 2 + 2: each rank's token mean weighted by its
+    share of the micro-batch's tokens, so the averaged gradient is the whole micro-batch's."""
+    dp1, dp2 = run_pair(tmp_path, "rs", trainer={"batch_size": 4})
+    assert_same_trajectory(dp1, dp2)

@@ -15,7 +15,7 @@ are a function of (seed, iteration), so a resumed run samples what the uninterru
 from __future__ import annotations
 
 import time
-from functools import partial
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -31,6 +31,22 @@ class RejectionSamplingConfig(align.OnlineConfig):
     keep_per_prompt: int = Field(1, gt=0, description="Best completions of each prompt kept for SFT.")
     min_reward: float | None = Field(None, description="Keep only completions scoring at least this.")
     sft_epochs: int = Field(1, gt=0, description="Passes over each iteration's kept completions.")
+
+
+@dataclass
+class WeightedSFT:
+    """A micro-batch (or a data-parallel rank's part of one) and the weight of its loss."""
+
+    sft: align.SFTTokens
+    weight: float
+
+    @property
+    def tokens(self) -> align.TokenBatch:
+        return self.sft.tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.sft.num_tokens
 
 
 class RejectionSampling(align.OnlineAlgorithm):
@@ -83,14 +99,8 @@ class RejectionSampling(align.OnlineAlgorithm):
                 for start in range(0, len(order), t.batch_size)
             ]
             for start in range(0, len(micro), t.grad_accum):
-                step = micro[start : start + t.grad_accum]
-                # Data-parallel ranks split the step's micro-batches; a rank's mean over its share,
-                # weighted by the share's size, averages over the ranks to the step's mean.
-                mine, parts = self.step_share(step)
-                weight = parts * len(mine) / len(step)
-                learner.train_step(
-                    [self.collate(m) for m in mine], partial(self.weighted_loss, weight=weight)
-                )
+                step = [self.share_of(m) for m in micro[start : start + t.grad_accum]]
+                learner.train_step(step, self.weighted_loss)
         self.policy_changed()
 
     # ---- batches and the loss ----------------------------------------------------------
@@ -106,9 +116,20 @@ class RejectionSampling(align.OnlineAlgorithm):
         nll = -logps.sum.sum() / logps.count.sum().clamp(min=1)
         return align.LossOutput(nll, {"perplexity": nll.detach().exp()})
 
-    def weighted_loss(self, batch: align.SFTTokens, weight: float) -> align.LossOutput:
-        out = self.loss(batch)
-        return out if weight == 1.0 else align.LossOutput(out.loss * weight, out.metrics)
+    def share_of(self, samples: list[align.Sample]) -> WeightedSFT:
+        """This rank's part of a micro-batch (all of it with one rank). Its token mean weighted
+        by ``parts x its tokens / the micro-batch's tokens`` averages over the data-parallel
+        ranks to the whole micro-batch's token mean."""
+        mine, parts = self.step_share(samples)
+        batch = self.collate(mine)
+        if parts == 1:
+            return WeightedSFT(batch, 1.0)
+        whole = _scored_tokens(self.collate(samples))
+        return WeightedSFT(batch, parts * _scored_tokens(batch) / max(1, whole))
+
+    def weighted_loss(self, part: WeightedSFT) -> align.LossOutput:
+        out = self.loss(part.sft)
+        return out if part.weight == 1.0 else align.LossOutput(out.loss * part.weight, out.metrics)
 
     @torch.no_grad()
     def logprob_mismatch(self, samples: list[align.Sample]) -> float:
@@ -119,6 +140,11 @@ class RejectionSampling(align.OnlineAlgorithm):
         engine = torch.tensor([sum(s.logprobs) for s in samples], dtype=trainer.sum.dtype)
         tokens = trainer.count.sum().clamp(min=1)
         return float(torch.exp((engine - trainer.sum).abs().sum() / tokens))
+
+
+def _scored_tokens(batch: align.SFTTokens) -> int:
+    """The tokens the loss averages over (the completions')."""
+    return int(batch.tokens.loss_mask.sum())
 
 
 @align.hookimpl
