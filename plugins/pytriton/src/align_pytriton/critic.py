@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from transformers import get_scheduler
 
 import align
 from align_pytriton.client import ServerClient, connect_or_start
@@ -109,6 +110,7 @@ class CriticModel:
         self.model: nn.Module = self.backend.build_model(ROLE, model_section(cfg, run))
         self.model.requires_grad_(True)
         self.optimizer = build_optimizer(cfg.optim or run.optim, self.model.parameters())
+        self.scheduler = build_scheduler(self.optimizer, run)
         self.max_grad_norm = run.trainer.max_grad_norm
         self.precision = run.trainer.precision
         self.pad_id = int(self.backend.tokenizer.pad_token_id)
@@ -151,9 +153,10 @@ class CriticModel:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
             if not torch.isfinite(norm):
                 raise ValueError(f"the critic's gradient norm is {float(norm)} at step {self.step + 1}")
+            lr = self.scheduler.get_last_lr()[0]  # the step's own, as the learner reports it
             self.optimizer.step()
+            self.scheduler.step()
             self.step += 1
-        lr = self.optimizer.param_groups[0]["lr"]
         return {
             "loss": float(loss),
             "grad_norm": float(norm),
@@ -167,6 +170,7 @@ class CriticModel:
             state = {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "step": self.step,
                 "rng": torch.get_rng_state(),
             }
@@ -180,6 +184,8 @@ class CriticModel:
             state = torch.load(path, weights_only=True)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if "scheduler" in state:  # absent from a state saved before the server had a schedule
+                self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             torch.set_rng_state(state["rng"])
 
@@ -200,9 +206,8 @@ def model_section(cfg: RemoteCriticConfig, run: align.RunConfig) -> align.ModelC
 
 
 def build_optimizer(cfg: align.OptimConfig, params: Any) -> torch.optim.Optimizer:
-    """The critic's optimizer at a constant learning rate (the server has no run schedule), made
-    as the learner makes the local critic's (fused AdamW where every parameter allows it: the
-    same update, rounded the same way)."""
+    """The critic's optimizer, made as the learner makes the local critic's (fused AdamW where
+    every parameter allows it: the same update, rounded the same way)."""
     params = list(params)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -210,6 +215,24 @@ def build_optimizer(cfg: align.OptimConfig, params: Any) -> torch.optim.Optimize
     return torch.optim.AdamW(
         params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
     )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, run: align.RunConfig) -> Any:
+    """The LR schedule the local critic gets from the learner: ``trainer.lr_scheduler`` with
+    ``trainer.warmup_steps``, over the critic's own steps (``critic_steps``)."""
+    t = run.trainer
+    return get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=critic_steps(run)
+    )
+
+
+def critic_steps(run: Any) -> int:
+    """The critic's planned training steps: one per minibatch of every PPO epoch of every
+    iteration, critic warm-up included (the local critic's schedule length, align-ppo's
+    ``planned_critic_steps``)."""
+    t = run.trainer
+    samples = run.prompts_per_iteration * run.sampling.n
+    return int(run.iterations * run.epochs * math.ceil(samples / (t.batch_size * t.grad_accum)))
 
 
 def value_loss(
