@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +19,19 @@ import pytest
 import torch
 from align_ilql import ILQLHeads, SteeringHook, objectives
 from align_ilql.data import RewardedData, RewardedFormat
-from helpers import QUIET_TRAINER, TINY_MODEL, run_cli, write_jsonl, write_yaml
+from helpers import (
+    ALIGN,
+    QUIET_TRAINER,
+    TINY_MODEL,
+    assert_same_weights,
+    load_weights,
+    read_metrics,
+    run_cli,
+    subprocess_env,
+    write_jsonl,
+    write_yaml,
+)
+from safetensors.torch import load_file
 
 import align
 from align.plugins import load_plugins
@@ -319,3 +336,75 @@ def test_ilql_beats_the_base_model_and_sft_on_the_same_rows(
     assert base == 0.0
     assert imitated < 0.4 and unsteered < 0.4  # greedy answers follow the data's majority
     assert steered > 0.6, (steered, imitated)
+
+
+# ---- resume after SIGKILL ----------------------------------------------------------------
+
+# Steps 1-2 take a moment each; step 3 then "hangs" in its hook (logged, after the checkpoint of
+# step 2) until the test kills the process.
+SLOW_HOOK = """
+import time
+
+import align
+
+
+@align.hookimpl
+def on_step_end(run, step, metrics):
+    if metrics.get("split") == "train":
+        time.sleep(0.2 if step < 3 else 120)
+"""
+
+
+def resume_config(tmp_path: Path, out: Path) -> str:
+    config = task_config("ilql", out, target_update_rate=0.3, awac_beta=1.0)
+    config["data"]["eval"] = str(TASK / "eval.jsonl")
+    config["trainer"] |= {
+        "max_steps": 6,
+        "batch_size": 8,
+        "save_every": 2,
+        "eval_every": 3,
+        "lr_scheduler": "linear",
+    }
+    return write_yaml(tmp_path / f"{out.name}.yaml", config)
+
+
+def test_a_killed_run_resumes_to_the_same_policy_and_heads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "slow_ilql_steps.py").write_text(textwrap.dedent(SLOW_HOOK))
+    killed = tmp_path / "killed"
+    config = resume_config(tmp_path, killed)
+    env = subprocess_env([plugin_dir], ALIGN_PLUGIN_MODULES="slow_ilql_steps")
+    with (tmp_path / "killed.log").open("w") as log:
+        proc = subprocess.Popen([*ALIGN, "run", config], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                rows = read_metrics(killed, "train") if (killed / "metrics.jsonl").exists() else []
+                if (killed / "checkpoints" / "step_2").is_dir() and any(r["step"] == 3 for r in rows):
+                    break
+                time.sleep(0.1)
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert not (killed / "final").exists()
+    initial = load_file(str(killed / "checkpoints" / "step_2" / "ilql_heads.safetensors"))
+
+    assert run_cli(capsys, "run", config, "--resume").code == 0
+    straight = tmp_path / "straight"
+    result = run_cli(capsys, "run", resume_config(tmp_path, straight))
+    assert result.code == 0, result.err
+
+    assert_same_weights(load_weights(killed / "final"), load_weights(straight / "final"))
+    heads = load_file(str(killed / "final" / "ilql_heads.safetensors"))
+    assert_same_weights(heads, load_file(str(straight / "final" / "ilql_heads.safetensors")))
+    assert not torch.equal(heads["target_q.0.0.weight"], initial["target_q.0.0.weight"])  # the targets moved
+    for split in ("train", "eval"):
+        resumed_rows, straight_rows = read_metrics(killed, split)[-3:], read_metrics(straight, split)[-3:]
+        for a, b in zip(resumed_rows, straight_rows, strict=True):
+            assert a["step"] == b["step"] and a["loss"] == b["loss"] and a["loss_v"] == b["loss_v"]
