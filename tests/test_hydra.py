@@ -160,6 +160,14 @@ def test_dpo_with_a_live_hydra_reference_learns_and_saves_full_weights(tmp_path:
     assert moved and all(name.startswith(("model.layers.2.", "model.norm.", "lm_head.")) for name in moved)
 
 
+def test_dpo_precomputes_its_reference_with_the_hydra_head(tmp_path: Path) -> None:
+    """The default mode scores the reference once before training (then frees it): at step 0 the
+    policy's held-out log-probs equal the cached ones exactly."""
+    result = train(hydra_dpo(tmp_path / "run", reference={"mode": "precompute"}, trainer={"max_steps": 1}))
+    assert result.eval_before["reward_margin"] == 0.0 and result.eval_before["reward_chosen"] == 0.0
+    assert result.eval_after["reward_chosen"] != 0.0
+
+
 STOP_AT_STEP_2 = """
 import align
 
