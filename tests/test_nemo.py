@@ -100,8 +100,15 @@ def test_nemo1_tp2_shards_gzip_qwen2(tmp_path: Path, capsys: pytest.CaptureFixtu
         summary["layout"] == "nemo1 mp_rank_NN/model_weights.ckpt (TP=2)" and summary["model_type"] == "qwen2"
     )
 
-    assert import_nemo(capsys, archive, tmp_path / "cut", "--vocab-size", "101").code == 0
+    from align_hf import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    cut = import_nemo(
+        capsys, archive, tmp_path / "cut", "--vocab-size", "101", "--tokenizer", str(tmp_path / "tokenizer")
+    )
+    assert cut.code == 0 and "note:" not in cut.out
     assert_same_model(model, tmp_path / "cut")
+    assert (tmp_path / "cut/tokenizer.json").is_file()
 
 
 @pytest.fixture(scope="module")
