@@ -282,6 +282,8 @@ class CriticFree(align.OnlineAlgorithm):
         for _ in range(cfg.epochs):
             order = torch.randperm(len(scored), generator=generator).tolist()
             for start in range(0, len(order), per_step):
+                if learner.should_stop:  # trainer.max_steps (or a stop request) reached inside the
+                    break  # iteration: its remaining minibatches are not trained
                 chosen = [scored[i] for i in order[start : start + per_step]]
                 mine, parts = self.step_share(chosen)  # all of it, but for data-parallel ranks
                 micro = [mine[j : j + t.batch_size] for j in range(0, len(mine), t.batch_size)]

@@ -230,6 +230,8 @@ class PPO(align.OnlineAlgorithm):
         for _ in range(cfg.epochs):
             order = torch.randperm(len(experience), generator=generator).tolist()
             for start in range(0, len(order), per_step):
+                if train_policy and learner.should_stop:  # trainer.max_steps (or a stop request)
+                    break  # reached inside the iteration: its remaining minibatches are not trained
                 chosen = [experience[i] for i in order[start : start + per_step]]
                 with _timed(timings, "critic_train_send_s", add=True):  # a local critic trains here
                     critic_steps.append(self._critic().train(self.critic_batch(chosen)))
