@@ -1,0 +1,319 @@
+"""PPO step speed and peak memory: align's ``ppo`` against TRL's ``PPOTrainer`` on the same work.
+
+TRL 1.16 (align's pinned version) has no PPO trainer: TRL 1.10 moved it to
+``trl.experimental.ppo`` and TRL 1.13 removed it (huggingface/trl#7020). TRL 1.12.0 is the last
+release with it, and it runs on the same torch 2.13 / transformers 5.19 / accelerate 1.15 /
+datasets 5.2 as align; it is installed in a separate venv, which the TRL worker re-executes
+itself in (``--trl-python``, default /tmp/trl_ppo_venv/bin/python)::
+
+    python3 -m venv /tmp/trl_ppo_venv
+    /tmp/trl_ppo_venv/bin/pip install torch==2.13.0 numpy==1.26.4 pyarrow==25.0.1 transformers==5.19.0 \\
+        datasets==5.2.0 accelerate==1.15.0 trl==1.12.0     # the CPU torch wheel, as the Makefile's
+
+The workload is ppo_time_split.py's (the 28.8M Llama with a character-level tokenizer, the
+arithmetic prompts, a reward model of the same size that the value model starts from) and per
+step (one PPO iteration, TRL's "update"): 32 prompts x 1 completion of exactly 32 sampled
+tokens (temperature 1; EOS ignored in align, no stop token in TRL, so both sample 1,024 tokens),
+the KL penalty to the initial policy in the reward (k1, coef 0.05: both keep a reference model),
+GAE (gamma 1, lambda 0.95), advantages whitened, 2 PPO epochs of 2 minibatches of 16 (4 optimizer
+steps), clip 0.2, value clip 0.2, AdamW lr 1e-6 constant, fp32, sdpa, N threads. The differences
+the designs bring: TRL trains policy and value model as one module with one optimizer (loss =
+policy loss + 0.1 x value loss, one backward), align trains them as two trainables (the critic
+its own step); align clips gradients at 1.0, TRL's PPO loop does not clip; TRL runs its
+log-prob, reference, value and reward forwards on the whole rollout batch (32), align on
+micro-batches of 16. Each run is a fresh process, the variants alternate, the first step of
+each run is not timed.
+
+    python benchmarks/ppo_vs_trl.py                     # align-local, trl: 3 timed steps x 2 repeats
+    python benchmarks/ppo_vs_trl.py --variants align-local,align-remote,trl --json out.json
+
+Variants: ``align-local`` (the critic in the actor's process: one process, like TRL's),
+``align-remote`` (the critic in a PyTriton server, asynchronous; its peak RSS is the actor
+process's alone, the server's is not counted), ``trl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_model import run_worker
+from ppo_time_split import (
+    CLIP,
+    EPOCHS,
+    KL_COEF,
+    LR,
+    MINIBATCH,
+    NEW_TOKENS,
+    PROMPTS_FILE,
+    PROMPTS_PER_STEP,
+    SEED,
+    VALUE_CLIP,
+    fmt_load,
+    peak_rss_mb,
+    prepare,
+)
+
+ALIGN_VARIANTS = {"align-local": "local", "align-remote": "remote-async"}
+VARIANTS = (*ALIGN_VARIANTS, "trl")
+DEFAULTS = {"variants": "align-local,trl", "steps": 3, "warmup": 1, "repeats": 2}
+TRL_PYTHON_ENV = "ALIGN_BENCH_TRL_PYTHON"
+DEFAULT_TRL_PYTHON = "/tmp/trl_ppo_venv/bin/python"
+
+
+# ---- workers (one per subprocess) ----------------------------------------------------------------
+def run_trl(workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+    import datasets
+    import torch
+    import trl
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    tokenizer.padding_side = "left"  # TRL's PPO generates from left-padded prompts
+    prompts = [json.loads(line)["prompt"] for line in PROMPTS_FILE.read_text().splitlines() if line.strip()]
+    data = datasets.Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
+
+    def load(kind: Any, folder: str) -> Any:
+        return kind.from_pretrained(workdir / folder, dtype=torch.float32, attn_implementation="sdpa")
+
+    policy = load(AutoModelForCausalLM, "model")
+    reward_model = load(AutoModelForSequenceClassification, "reward")
+    value_model = load(AutoModelForSequenceClassification, "reward")  # align: critic.init reward
+    args = PPOConfig(
+        output_dir=str(out),
+        seed=SEED,
+        per_device_train_batch_size=PROMPTS_PER_STEP,  # prompts per update (one completion each)
+        gradient_accumulation_steps=1,
+        num_mini_batches=PROMPTS_PER_STEP // MINIBATCH,
+        num_ppo_epochs=EPOCHS,
+        total_episodes=PROMPTS_PER_STEP * steps,
+        local_rollout_forward_batch_size=PROMPTS_PER_STEP,
+        response_length=NEW_TOKENS,
+        stop_token=None,  # no stop token: every completion has NEW_TOKENS tokens
+        temperature=1.0,
+        missing_eos_penalty=None,
+        kl_coef=KL_COEF,
+        kl_estimator="k1",
+        cliprange=CLIP,
+        cliprange_value=VALUE_CLIP,
+        gamma=1.0,
+        lam=0.95,
+        whiten_rewards=False,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        num_sample_generations=0,
+        dataloader_num_workers=0,
+    )
+    marks: list[float] = []
+    scores: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            marks.append(time.perf_counter())
+
+        def on_log(self, *a: Any, logs: dict[str, float] | None = None, **k: Any) -> None:
+            if logs and "objective/scores" in logs:
+                scores.append(float(logs["objective/scores"]))
+
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,  # TRL copies the policy
+        reward_model=reward_model,
+        train_dataset=data,
+        value_model=value_model,
+        eval_dataset=data,  # unused (num_sample_generations=0); its dataloader is built anyway
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    return {
+        "step_s": [b - a for a, b in itertools.pairwise(marks)],
+        "score_mean": scores,
+        "setup_s": marks[0] - STARTED,
+        "versions": {"trl": trl.__version__, "torch": torch.__version__},
+    }
+
+
+STARTED = time.perf_counter()
+
+
+def worker(args: argparse.Namespace) -> None:
+    if args.worker == "trl" and Path(sys.executable) != Path(args.trl_python):
+        # TRL's PPO lives in another venv: the same worker, in that interpreter
+        os.execv(args.trl_python, [args.trl_python, *sys.argv])
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        if args.worker == "trl":
+            result = run_trl(Path(args.workdir), Path(tmp), args.total_steps, args.threads)
+        else:
+            from ppo_time_split import run_align
+
+            variant = ALIGN_VARIANTS[args.worker]
+            result = run_align(variant, Path(args.workdir), Path(tmp), args.total_steps, args.threads)
+            result["score_mean"] = [row["score_mean"] for row in result.pop("rollout")]
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["wall_s"] = time.perf_counter() - STARTED
+    Path(args.out).write_text(json.dumps(result))
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+def launch(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    os.environ[TRL_PYTHON_ENV] = args.trl_python
+    found, stderr = run_worker(__file__, variant, workdir, args.warmup + args.steps, args.threads)
+    if found is None:
+        return {"failed": stderr}
+    found["step_s"] = found["step_s"][args.warmup :]
+    return found
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    steps = [s for run in runs for s in run["step_s"]]
+    return {
+        "median_step_s": statistics.median(steps),
+        "step_s_min": min(steps),
+        "step_s_max": max(steps),
+        "steps": len(steps),
+        "setup_s": statistics.median(run["setup_s"] for run in runs),
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        "load_average": [run["load_average"] for run in runs],
+    }
+
+
+def table(summary: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| variant | median step s (min-max) | steps | setup s | peak RSS MiB "
+        "| load (1 min) around its runs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        loads = ", ".join(f"{r['before'][0]:.1f}->{r['after'][0]:.1f}" for r in s["load_average"])
+        lines.append(
+            f"| {name} | {s['median_step_s']:.2f} ({s['step_s_min']:.2f}-{s['step_s_max']:.2f}) "
+            f"| {s['steps']} | {s['setup_s']:.1f} | {s['peak_rss_mb']:,.0f} | {loads} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(summary: dict[str, dict[str, Any]]) -> list[str]:
+    if "trl" not in summary:
+        return []
+    trl = summary["trl"]
+    return [
+        f"{name} / trl: step {trl['median_step_s'] / s['median_step_s']:.2f}x faster, "
+        f"{s['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x peak RSS"
+        for name, s in summary.items()
+        if name != "trl"
+    ]
+
+
+def save_record(path: Path, args: argparse.Namespace, runs: dict[str, Any], failures: dict[str, str]) -> None:
+    record = {
+        "args": vars(args),
+        "runs": runs,
+        "summary": {v: summarize(r) for v, r in runs.items() if r},
+        "failures": failures,
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, help=f"timed steps per run (default {DEFAULTS['steps']})")
+    parser.add_argument("--warmup", type=int, help="untimed first steps per run (default 1)")
+    parser.add_argument("--repeats", type=int, help="runs per variant, alternating (default 2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--variants", help=f"comma-separated, of {', '.join(VARIANTS)} ({DEFAULTS['variants']})"
+    )
+    parser.add_argument(
+        "--trl-python",
+        default=os.environ.get(TRL_PYTHON_ENV, DEFAULT_TRL_PYTHON),
+        help="the python of a venv with trl 1.12.0 (default %(default)s)",
+    )
+    parser.add_argument("--workdir", help="where the models are written (default: a temp folder)")
+    parser.add_argument("--json", help="also write every run's numbers here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    failures: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        prepare(workdir)
+        for repeat in range(args.repeats):
+            for variant in variants if repeat % 2 == 0 else variants[::-1]:
+                if variant in failures:
+                    continue
+                started, load = time.perf_counter(), os.getloadavg()
+                result = launch(variant, args, workdir)
+                took = time.perf_counter() - started
+                if "failed" in result:
+                    failures[variant] = result["failed"][-3000:]
+                    print(f"{variant} failed after {took:.0f}s:\n{result['failed'][-2500:]}", flush=True)
+                    continue
+                result["load_average"] = {"before": list(load), "after": list(os.getloadavg())}
+                runs[variant].append(result)
+                print(
+                    f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s, steps "
+                    + ", ".join(f"{s:.2f}" for s in result["step_s"])
+                    + f", peak RSS {result['peak_rss_mb']:,.0f} MiB (load {fmt_load(load)} -> "
+                    f"{fmt_load(os.getloadavg())})",
+                    flush=True,
+                )
+                if args.json:
+                    save_record(Path(args.json), args, runs, failures)
+    summary = {v: summarize(r) for v, r in runs.items() if r}
+    print(
+        f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "
+        f"{args.threads} threads; "
+        f"load average (1/5/15 min) {fmt_load(load_before)} before, {fmt_load(os.getloadavg())} after\n"
+    )
+    print(table(summary) + "\n")
+    print("\n".join(ratios(summary)))
+    if args.json:
+        save_record(Path(args.json), args, runs, failures)
+
+
+if __name__ == "__main__":
+    main()
