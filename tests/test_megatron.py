@@ -26,6 +26,7 @@ from helpers import (
     subprocess_env,
     write_yaml,
 )
+from helpers.online import arith_config
 from safetensors.torch import load_file
 
 pytest.importorskip("megatron.core")
@@ -245,44 +246,85 @@ def _yaml(path: str) -> dict[str, Any]:
     return loaded
 
 
-@pytest.mark.slow
-def test_pp2_and_sequence_parallel_follow_tp1_and_pp2_resumes_bit_exact(
-    tp1_run: Path, tmp_path: Path
-) -> None:
-    """One torchrun launch (2 processes, gloo): DPO at PP=2 (one layer per stage, a checkpoint
-    at step 2) follows the TP=1 trajectory on the same global batch, and the run resumed from its
-    step-2 checkpoint repeats steps 3-4 and ends with the same weights, bit for bit; DPO at TP=2
-    with sequence parallelism follows it too (losses and gradient norms)."""
-    pp2 = small_dpo(tmp_path, "pp2", {"pipeline_model_parallel_size": 2}, trainer={"save_every": 2})
+@pytest.fixture(scope="module")
+def second_launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One more torchrun launch (2 processes, gloo; one launch, as process start-up dominates):
+    DPO at PP=2 (one layer per stage, a checkpoint at step 2), the same run resumed from that
+    checkpoint, DPO at TP=2 with sequence parallelism, and GRPO's actor at TP=2 with each engine
+    refit checked. The folder and rank 0's report."""
+    folder = tmp_path_factory.mktemp("megatron_pp_sp_grpo")
+    pp2 = small_dpo(folder, "pp2", {"pipeline_model_parallel_size": 2}, trainer={"save_every": 2})
     resumed = small_dpo(
-        tmp_path,
+        folder,
         "pp2_resumed",
         {"pipeline_model_parallel_size": 2},
-        resume=str(tmp_path / "pp2/checkpoints/step_2"),
+        resume=str(folder / "pp2/checkpoints/step_2"),
     )
-    sequence_parallel = small_dpo(
-        tmp_path, "sp", {"tensor_model_parallel_size": 2, "sequence_parallel": True}
+    sequence_parallel = small_dpo(folder, "sp", {"tensor_model_parallel_size": 2, "sequence_parallel": True})
+    grpo = arith_config(
+        "grpo",
+        folder / "grpo_tp2",
+        Path("unused"),  # the model is the tiny one below
+        backend={"name": "megatron", "tensor_model_parallel_size": 2},
+        data={"eval": None},
+        iterations=2,
+        prompts_per_iteration=8,
+        sampling={"n": 4},
+        trainer={"batch_size": 16},
+        optim={"lr": 1e-3},
     )
-    torchrun(tmp_path, tp=0, runs=[pp2, resumed, sequence_parallel])
+    grpo["model"] = TWO_LAYERS
+    # A reward an untrained model's samples differ in (exact match never pays it): advantages.
+    grpo["reward"] = {"name": "length", "target": 2}
+    runs = [pp2, resumed, sequence_parallel, write_yaml(folder / "grpo_tp2.yaml", grpo)]
+    return folder, torchrun(folder, tp=0, runs=runs, check_refits=True)
 
-    reference = train_losses(tp1_run)
-    tp1_norms = [m["grad_norm"] for m in read_metrics(tp1_run, "train")]
-    sp_norms = [m["grad_norm"] for m in read_metrics(tmp_path / "sp", "train")]
-    assert train_losses(tmp_path / "sp") == pytest.approx(reference, abs=LOSS_TOLERANCE)
-    assert sp_norms == pytest.approx(tp1_norms, rel=1e-5)  # the norms' gradients summed over TP
-    assert train_losses(tmp_path / "pp2") == pytest.approx(reference, abs=LOSS_TOLERANCE)
-    assert [m["step"] for m in read_metrics(tmp_path / "pp2", "train")] == [1, 2, 3, 4]
-    grad_norms = [m["grad_norm"] for m in read_metrics(tmp_path / "pp2", "train")]
-    assert grad_norms == pytest.approx(tp1_norms, rel=1e-5)
-    assert train_losses(tmp_path / "pp2_resumed") == train_losses(tmp_path / "pp2")[2:]
+
+def grad_norms(output_dir: Path) -> list[float]:
+    return [m["grad_norm"] for m in read_metrics(output_dir, "train")]
+
+
+@pytest.mark.slow
+def test_pp2_follows_tp1_and_resumes_bit_exact(tp1_run: Path, second_launch: tuple[Path, Any]) -> None:
+    """DPO at PP=2 follows the TP=1 trajectory on the same global batch (losses and gradient
+    norms); the run resumed from its step-2 checkpoint repeats steps 3-4 and ends with the same
+    weights, bit for bit; the final model is the whole model (both stages' layers)."""
+    folder, _ = second_launch
+    assert train_losses(folder / "pp2") == pytest.approx(train_losses(tp1_run), abs=LOSS_TOLERANCE)
+    assert grad_norms(folder / "pp2") == pytest.approx(grad_norms(tp1_run), rel=1e-5)
+    assert [m["step"] for m in read_metrics(folder / "pp2", "train")] == [1, 2, 3, 4]
+    assert train_losses(folder / "pp2_resumed") == train_losses(folder / "pp2")[2:]
     first, second = (
-        load_file(tmp_path / "pp2/final/model.safetensors"),
-        load_file(tmp_path / "pp2_resumed/final/model.safetensors"),
+        load_file(folder / "pp2/final/model.safetensors"),
+        load_file(folder / "pp2_resumed/final/model.safetensors"),
     )
-    # The final model is the whole model, both stages' layers, gathered on the main rank.
     tp1_final = load_file(tp1_run / "final/model.safetensors")
     assert set(first) == set(tp1_final)
     assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
     assert max(float((first[k] - tp1_final[k]).abs().max()) for k in first) < 1e-4
     # The last stage's optimizer state (its layers) is in the checkpoint.
-    assert (tmp_path / "pp2/checkpoints/step_2/ranks/rank_1.pt").is_file()
+    assert (folder / "pp2/checkpoints/step_2/ranks/rank_1.pt").is_file()
+
+
+@pytest.mark.slow
+def test_sequence_parallel_follows_tp1(tp1_run: Path, second_launch: tuple[Path, Any]) -> None:
+    """DPO at TP=2 with sequence parallelism: TP=1's losses and gradient norms (the norms'
+    weight gradients, partial on each rank, are summed over TP)."""
+    folder, _ = second_launch
+    assert train_losses(folder / "sp") == pytest.approx(train_losses(tp1_run), abs=LOSS_TOLERANCE)
+    assert grad_norms(folder / "sp") == pytest.approx(grad_norms(tp1_run), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_grpo_at_tp2_refits_the_engine_with_the_policy(second_launch: tuple[Path, Any]) -> None:
+    """GRPO's actor at TP=2 (2 iterations, hf engine, a length reward): after every refit, the
+    engine (an HF model, one per rank) computes the megatron policy's logits (TP-gathered) on
+    fixed tokens, so the gather and the conversion to HF names and layouts are right; and the
+    refit changed its weights (the policy trained)."""
+    folder, report = second_launch
+    refits = report["refits"]
+    assert len(refits) == 2  # after each iteration's training
+    for refit in refits:
+        assert refit["logits"] < LOGIT_TOLERANCE
+        assert refit["changed"] > 1e-4
+    assert [row["iteration"] for row in read_metrics(folder / "grpo_tp2", "rollout")] == [1, 2]

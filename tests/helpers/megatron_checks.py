@@ -121,7 +121,7 @@ def run_configs(paths: list[str]) -> list[list[float]]:
         metrics = Path(yaml_output_dir(path)) / "metrics.jsonl"
         if dist.get_rank() == 0:
             lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-            losses.append([line["loss"] for line in lines if line["split"] == "train"])
+            losses.append([line["loss"] for line in lines if line["split"] == "train" and "loss" in line])
     return losses
 
 
@@ -147,6 +147,45 @@ def delay_main_rank_checkpoints(seconds: float) -> None:
     align.checkpoint.begin = late_begin
 
 
+def check_refits(record: list[dict[str, float]]) -> None:
+    """After every refit of an online run's engine (the hf engine, in this process), append how
+    far the engine's logits on fixed tokens are from the megatron policy's (TP-gathered), and how
+    much the refit changed the engine's weights."""
+    from megatron.core import parallel_state as ps
+
+    from align import OnlineAlgorithm
+
+    sync = OnlineAlgorithm.sync_engine
+
+    def checked(self: Any) -> float:
+        engine = self._rollouts.engine.model if self._rollouts is not None else None
+        before = None if engine is None else {k: v.clone() for k, v in engine.state_dict().items()}
+        seconds = sync(self)
+        if engine is None or before is None or not seconds:
+            return seconds
+        policy = self.ctx.policy
+        tokens = torch.randint(
+            0, policy.layout.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2)
+        )
+        causal = ~torch.ones(12, 12, dtype=torch.bool).tril()[None, None].expand(2, 1, 12, 12)
+        with torch.no_grad():
+            local = policy(tokens, torch.arange(12).expand(2, 12), causal).contiguous()
+            pieces = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
+            dist.all_gather(pieces, local, group=ps.get_tensor_model_parallel_group())
+            megatron = torch.cat(pieces, dim=-1)[..., : policy.layout.vocab_size]
+            hf = engine(tokens).logits
+        after = engine.state_dict()
+        record.append(
+            {
+                "logits": float((megatron - hf).abs().max()),
+                "changed": max(float((after[k] - before[k]).abs().max()) for k in before),
+            }
+        )
+        return seconds
+
+    OnlineAlgorithm.sync_engine = checked  # type: ignore[method-assign]
+
+
 def main(spec_path: str) -> None:
     warnings.filterwarnings("ignore")
     spec = json.loads(Path(spec_path).read_text())
@@ -155,7 +194,11 @@ def main(spec_path: str) -> None:
     started = time.perf_counter()
     report: dict[str, Any] = {"conversion": conversion_report(int(spec["tp"])) if spec["tp"] else {}}
     converted = time.perf_counter()
+    refits: list[dict[str, float]] = []
+    if spec.get("check_refits"):
+        check_refits(refits)
     report["losses"] = run_configs(spec.get("runs", []))
+    report["refits"] = refits
     # Where a slow test's time goes (not asserted).
     report["seconds"] = {"conversion": converted - started, "runs": time.perf_counter() - converted}
     report["world_size"] = dist.get_world_size()
