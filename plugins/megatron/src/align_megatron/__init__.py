@@ -1,5 +1,5 @@
-"""align-megatron: a megatron-core backend (tensor and data parallelism) and HF <-> Megatron
-conversion for Llama-family models. See docs/megatron.md."""
+"""align-megatron: a megatron-core backend (tensor, pipeline, sequence and data parallelism)
+and HF <-> Megatron conversion for Llama-family models. See docs/megatron.md."""
 
 from align import Register, hookimpl
 from align_megatron.backend import MegatronBackend, MegatronBackendConfig, MegatronModel, vocab_parallel_logps

@@ -1,4 +1,5 @@
-"""The ``megatron`` backend: megatron-core GPTModel with tensor and data parallelism.
+"""The ``megatron`` backend: megatron-core GPTModel with tensor, pipeline, sequence and data
+parallelism.
 
 Models start as HF models (the run's ``model`` section, built by the hf backend's public API)
 and are converted to megatron shards (``align_megatron.conversion``); every output is an HF
@@ -11,6 +12,9 @@ checkpoint again. Algorithms see the same ``Backend`` methods as on ``hf``:
   the DP group. Every rank then computes the same loss; the backward of that sum is the
   identity, so each rank's gradients are its rows' share, and ``finish_gradients`` sums them
   over the DP group. The algorithms' code does not change.
+- Pipeline stages hold runs of layers; a scoring call runs through them and the last stage's
+  log-probs reach every stage (``align_megatron.pipeline``), so again every rank computes the
+  same loss, and the learner's backward runs back through the stages.
 """
 
 from __future__ import annotations

@@ -23,7 +23,10 @@ key head then its value head; TP ranks own whole groups. ``linear_fc1`` holds on
 rank's slice of the gate projection followed by its slice of the up projection (SwiGLU reads the
 two halves of its own shard). The vocabulary is padded with zero rows to a multiple of ``tp``;
 the padded rows never take part in a log-prob (the backend masks them) and are dropped on the way
-back, so HF -> Megatron -> HF returns identical tensors.
+back, so HF -> Megatron -> HF returns identical tensors. With pipeline parallelism, stage ``s`` of
+``pp`` holds layers ``s * L/pp`` to ``(s + 1) * L/pp - 1`` under its own numbering from 0
+(``stage_of``, ``stage_local_name``), the embedding on the first stage, the final norm and the
+output layer on the last.
 """
 
 from __future__ import annotations
