@@ -8,15 +8,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pickle
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import DATA, REPO, assert_user_error, dpo_config, head_jsonl, run_cli, write_yaml
+from helpers import DATA, REPO, assert_user_error, dpo_config, head_jsonl, run_cli, subprocess_env, write_yaml
 from safetensors.torch import load_file
 
 pytest.importorskip("megatron.core")
@@ -34,6 +36,8 @@ from nemo_checkpoints import (
 )
 
 LOGIT_TOLERANCE = 1e-5
+WRITER = REPO / "tests" / "helpers" / "nemo_checkpoints.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 TOKENIZER_BYTES = b"sentencepiece model bytes"
 
 
@@ -167,6 +171,28 @@ def test_nemo2_folder_imports_and_trains_on_the_megatron_backend(
     first = next(m["loss"] for m in losses if m.get("split") == "train")
     assert first == pytest.approx(0.693147, abs=1e-5)
     assert (tmp_path / "run/final/model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_distributed_checkpoint_written_at_tp2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A distributed checkpoint saved by two TP ranks (torchrun, gloo) reads back as the whole
+    model: megatron-core stores global tensors (QKV by query group, gate/up halves of
+    linear_fc1 from every rank), so the import does not depend on the TP it was written at."""
+    folder = tmp_path / "extracted"
+    command = [
+        *TORCHRUN,
+        "--master_port",
+        str(29600 + os.getpid() % 1000),
+        str(WRITER),
+        str(folder / "model_weights"),
+    ]
+    done = subprocess.run(["timeout", "300", *command], env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    model = tiny_model("llama")
+    write_yaml(folder / "model_config.yaml", nemo1_config(model, tp=2))
+    result = import_nemo(capsys, folder, tmp_path / "hf")
+    assert result.code == 0, result.err
+    assert_same_model(model, tmp_path / "hf", vocab=102)  # 101 padded to a multiple of TP=2
 
 
 def test_weights_only_refusal_and_trust_pickle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,13 +3,16 @@ file can be downloaded here): ``.nemo`` tars with ``model_weights.ckpt`` (TP=1 o
 rank) or a ``model_weights/`` distributed checkpoint, and NeMo 2 folders.
 
 The weights go through align_megatron's HF -> Megatron conversion; the distributed checkpoints
-are a real megatron-core ``GPTModel``'s ``sharded_state_dict()`` saved by ``dist_checkpointing``.
+are a real megatron-core ``GPTModel``'s ``sharded_state_dict()`` saved by ``dist_checkpointing``
+(at TP=2: ``torchrun --nproc_per_node 2 nemo_checkpoints.py FOLDER``).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import queue
+import sys
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -231,3 +234,34 @@ def _cpu_writer() -> Iterator[None]:
 def rope_theta(config: Any) -> float:
     theta: Any = getattr(config, "rope_theta", None) or (config.rope_parameters or {}).get("rope_theta")
     return float(theta)
+
+
+def write_tp_dist_checkpoint(folder: Path) -> None:
+    """Under ``torchrun --nproc_per_node TP``: ``tiny_model("llama")`` as a megatron-core
+    ``GPTModel`` sharded over the world's TP ranks, saved by ``dist_checkpointing`` (each rank
+    writes its own shards) under NeMo 1's ``model.`` names."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from align_megatron import layout_of, to_megatron
+    from align_megatron.parallel import build_gpt, initialize
+
+    model = tiny_model("llama")
+    layout = layout_of(model.config)
+    par = initialize(int(os.environ["WORLD_SIZE"]), 1, False)
+    gpt = build_gpt(layout, par, torch.float32, False)
+    gpt.load_state_dict(to_megatron(model.state_dict(), layout, par.tp_rank, par.tp), strict=False)
+    if par.rank == 0:
+        folder.mkdir(parents=True)
+    dist.barrier()
+    with _cpu_writer():
+        dist_checkpointing.save(gpt.sharded_state_dict(prefix="model."), str(folder))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    write_tp_dist_checkpoint(Path(sys.argv[1]))
