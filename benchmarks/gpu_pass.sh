@@ -51,7 +51,7 @@ retest() {
 }
 
 profile() {
-  timeout 120 python3 benchmarks/profile_gpu_step.py --shape "${SHAPE:-llama-134m}" 2>&1 | tee "$OUT/profile.log" |
+  timeout 120 python3 benchmarks/profile_gpu_step.py --shape "${SHAPE:-llama-134m}" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" |
     grep -v "^-\|^ *$" | tail -60
 }
 

@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-134m")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--workdir")
+    parser.add_argument(
+        "--vary", action="store_true", help="a different batch (the next 8 pairs) every step, as in training"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
@@ -55,16 +58,23 @@ def main() -> None:
             PreferenceData(train=str(workdir / "pairs.jsonl"), max_length=MAX_LENGTH), backend.tokenizer
         )
         rows = data.load("train")
-        batch = data.collate([rows[i] for i in range(BATCH_PAIRS)])
+        count = len(rows) // BATCH_PAIRS if args.vary else 1
+        batches = [
+            data.collate([rows[i] for i in range(k * BATCH_PAIRS, (k + 1) * BATCH_PAIRS)])
+            for k in range(count)
+        ]
         for precision in ("fp32", "bf16_mixed"):
-            profile(backend, batch, precision, args.reps)
+            profile(backend, batches, precision, args.reps)
 
 
-def profile(backend: HFBackend, batch: align.PairedTokens, precision: str, reps: int) -> None:
+def profile(backend: HFBackend, batches: list[align.PairedTokens], precision: str, reps: int) -> None:
     model = backend.build_policy()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    done = [0]
 
     def step() -> None:
+        batch = batches[done[0] % len(batches)]
+        done[0] += 1
         with align.precision_scope(precision, model):
             chosen, rejected = backend.sequence_logps(model, batch.tokens).split(batch.num_pairs)
             loss = -F.logsigmoid(0.1 * (chosen.sum - rejected.sum)).mean()
@@ -88,7 +98,7 @@ def profile(backend: HFBackend, batch: align.PairedTokens, precision: str, reps:
     gpu_total = sum(e.self_device_time_total for e in events) / 1e6
     print(
         f"\n== {precision}: step {wall * 1e3:.1f} ms wall (median of {reps}), "
-        f"{batch.num_tokens} real tokens; "
+        f"{len(batches)} batch(es) in turn, the first {batches[0].num_tokens} real tokens; "
         f"GPU kernels {gpu_total * 1e3:.1f} ms in the profiled step; {len(prof.events())} profiler events"
     )
     print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))

@@ -298,7 +298,9 @@ class MegatronBackend:
         counts = torch.bincount(
             batch.sequence_ids[:, 1:][batch.loss_mask[:, 1:]], minlength=batch.num_sequences
         )
-        return SequenceLogps(_sum_over_data_parallel(sums, self.par), counts)
+        # Summed over ranks on the GPU (NCCL), then back where the batch came from, as the hf
+        # backend returns them: losses meet cached reference sums and rewards there.
+        return SequenceLogps(_sum_over_data_parallel(sums, self.par).to(counts.device), counts)
 
     def token_logps(self, model: nn.Module, batch: TokenBatch, *, with_entropy: bool = False) -> TokenLogps:
         scored = batch.loss_mask[:, 1:]
@@ -310,11 +312,11 @@ class MegatronBackend:
         rows_all = torch.arange(scored.shape[0], device=scored.device)[:, None].expand_as(scored)[scored]
         mine = torch.isin(rows_all, self._my_rows(batch)[0])
         values, owners, entropy = self._scored(model, batch, with_entropy)
-        positions = positions_all[mine]
+        positions = positions_all[mine].to(owners.device)
 
         def laid_out(flat: Tensor) -> Tensor:
             grid = flat.new_zeros(batch.num_sequences, width).index_put((owners, positions), flat)
-            return _sum_over_data_parallel(grid, self.par)
+            return _sum_over_data_parallel(grid, self.par).to(mask.device)
 
         return TokenLogps(laid_out(values), mask, laid_out(entropy) if entropy is not None else None)
 
