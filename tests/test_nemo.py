@@ -115,6 +115,27 @@ def test_nemo1_tp2_shards_gzip_qwen2(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert (tmp_path / "cut/tokenizer.json").is_file()
 
 
+def test_nemo1_tp2_pp2_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """tp_rank_NN_pp_rank_NNN/ shards (TP=2 x PP=2): each stage numbers its layers from 0 and
+    holds its share (embedding on the first, final norm and head on the last)."""
+    model = tiny_model("llama")
+    files: dict[str, Any] = {
+        "model_config.yaml": {**nemo1_config(model, tp=2), "pipeline_model_parallel_size": 2}
+    }
+    for rank, shard in enumerate(megatron_shards(model, tp=2)):
+        first = {k: v for k, v in shard.items() if k.startswith(("embedding.", "decoder.layers.0."))}
+        last = {
+            k.replace("decoder.layers.1.", "decoder.layers.0."): v for k, v in shard.items() if k not in first
+        }
+        for stage, part in enumerate((first, last)):
+            files[f"tp_rank_0{rank}_pp_rank_00{stage}/model_weights.ckpt"] = nemo_state_dict(part)
+    archive = write_nemo_tar(tmp_path / "pp.nemo", files)
+    result = import_nemo(capsys, archive, tmp_path / "hf", "--vocab-size", "101")
+    assert result.code == 0, result.err
+    assert "nemo1 tp_rank_NN_pp_rank_NNN/model_weights.ckpt (TP=2, PP=2)" in result.out
+    assert_same_model(model, tmp_path / "hf")
+
+
 @pytest.fixture(scope="module")
 def dist_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A .nemo with a model_weights/ distributed checkpoint (tied Llama) and a NeMo 2 folder
@@ -231,7 +252,7 @@ def test_distributed_metadata_with_a_foreign_class_is_refused(
         ("moe", ("moe.nemo:model_config.yaml", "num_moe_experts: 8")),
         ("layernorm", ("layernorm.nemo:model_config.yaml", "normalization: layernorm")),
         ("legacy", ("legacy.nemo:model_config.yaml", "mcore_gpt is false")),
-        ("pipeline", ("pipeline.nemo", "pipeline-parallel shards")),
+        ("missing_stage", ("missing_stage.nemo", "not a full grid of 1 TP rank(s) x 2 pipeline stage(s)")),
         ("wrong_heads", ("wrong_heads.nemo", "linear_qkv of shape")),
         ("folder", ("not a NeMo checkpoint", "NeMo 2 checkpoint folder")),
     ],
@@ -266,8 +287,8 @@ def test_bad_checkpoints_are_user_errors(
             config["normalization"] = "layernorm"
         elif case == "legacy":
             config["mcore_gpt"] = False
-        elif case == "pipeline":
-            files = {"model_config.yaml": config, "tp_rank_00_pp_rank_000/model_weights.ckpt": weights}
+        elif case == "missing_stage":
+            files = {"model_config.yaml": config, "tp_rank_00_pp_rank_001/model_weights.ckpt": weights}
         elif case == "wrong_heads":
             config["num_query_groups"] = 4
         write_nemo_tar(source, files)

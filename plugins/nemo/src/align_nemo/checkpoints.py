@@ -5,8 +5,9 @@ Layouts read (``SUPPORTED`` says the same to the user):
 - a ``.nemo`` archive (a tar, plain or gzip) or its extracted folder, with ``model_config.yaml``
   and the weights as
   - ``model_weights.ckpt`` (TP=1), or ``mp_rank_00/model_weights.ckpt``, ``mp_rank_01/...`` (one
-    state dict per tensor-parallel rank, PP=1): a ``torch.save`` of megatron-core ``GPTModel``
-    names under ``model.`` (``model.module.`` with O2 mixed precision);
+    state dict per tensor-parallel rank, PP=1), or ``tp_rank_00_pp_rank_000/...`` (per TP rank
+    and pipeline stage, an even split of the layers): a ``torch.save`` of megatron-core
+    ``GPTModel`` names under ``model.`` (``model.module.`` with O2 mixed precision);
   - ``model_weights/``: a megatron-core distributed checkpoint (``torch_dist``), any TP/PP;
 - a NeMo 2 checkpoint folder: ``context/model.yaml`` (the model's config under ``config:``) and
   ``weights/``, a distributed checkpoint of names under ``module.``.
@@ -35,7 +36,8 @@ from align_nemo.safety import check_dcp_metadata, load_state_dict
 
 SUPPORTED = (
     "a .nemo archive (tar or tar.gz) or its extracted folder holding model_config.yaml and "
-    "model_weights.ckpt, mp_rank_NN/model_weights.ckpt (TP shards, PP=1) or a model_weights/ "
+    "model_weights.ckpt, mp_rank_NN/ or tp_rank_NN_pp_rank_NNN/model_weights.ckpt (TP/PP shards) "
+    "or a model_weights/ "
     "distributed checkpoint (torch_dist); or a NeMo 2 checkpoint folder holding context/model.yaml "
     "and weights/ (torch_dist)"
 )
@@ -117,14 +119,12 @@ def read_nemo1_folder(folder: Path, source: Path, trust_pickle: bool) -> NemoChe
         where = _inside(source, folder, folder / WEIGHTS_FILE)
         state = megatron_names_of(load_state_dict(folder / WEIGHTS_FILE, trust_pickle, where), where)
         return NemoCheckpoint(source, f"nemo1 {WEIGHTS_FILE} (TP=1)", config, config_file, [state], tokenizer)
-    rank_files = _tp_rank_files(folder, source)
-    if rank_files:
-        wheres = [_inside(source, folder, path) for path in rank_files]
-        shards = [
-            megatron_names_of(load_state_dict(path, trust_pickle, where), where)
-            for path, where in zip(rank_files, wheres, strict=True)
-        ]
-        layout = f"nemo1 mp_rank_NN/{WEIGHTS_FILE} (TP={len(shards)})"
+    grid = _rank_files(folder, source)
+    if grid:
+        shards = [_merge_stages(stages, folder, source, config, trust_pickle) for stages in grid]
+        pp = f", PP={len(grid[0])}" if len(grid[0]) > 1 else ""
+        names = "tp_rank_NN_pp_rank_NNN" if pp else "mp_rank_NN"
+        layout = f"nemo1 {names}/{WEIGHTS_FILE} (TP={len(shards)}{pp})"
         return NemoCheckpoint(source, layout, config, config_file, shards, tokenizer)
     if (folder / "model_weights").is_dir():
         where = _inside(source, folder, folder / "model_weights") + "/"
@@ -138,23 +138,63 @@ def read_nemo1_folder(folder: Path, source: Path, trust_pickle: bool) -> NemoChe
     )
 
 
-def _tp_rank_files(folder: Path, source: Path) -> list[Path]:
-    """``mp_rank_00/model_weights.ckpt`` ... in rank order; pipeline-parallel shards refused."""
-    if any(folder.glob("tp_rank_*_pp_rank_*")):
+def _rank_files(folder: Path, source: Path) -> list[list[Path]]:
+    """The shard files by TP rank, then pipeline stage: ``mp_rank_NN/model_weights.ckpt`` (PP=1)
+    or ``tp_rank_NN_pp_rank_NNN/model_weights.ckpt``, as NeMo names them; [] when there are none."""
+    found: dict[tuple[int, int], Path] = {}
+    for path in folder.glob(f"*/{WEIGHTS_FILE}"):
+        if m := re.fullmatch(r"mp_rank_(\d+)", path.parent.name):
+            found[(int(m.group(1)), 0)] = path
+        elif m := re.fullmatch(r"tp_rank_(\d+)_pp_rank_(\d+)", path.parent.name):
+            found[(int(m.group(1)), int(m.group(2)))] = path
+    if not found:
+        return []
+    tp, pp = max(t for t, _ in found) + 1, max(p for _, p in found) + 1
+    if set(found) != {(t, p) for t in range(tp) for p in range(pp)}:
         raise NemoFormatError(
-            f"{source}: holds pipeline-parallel shards (tp_rank_NN_pp_rank_NNN/) which are not "
-            f"read yet; save it with PP=1 or as a distributed checkpoint. Supported: {SUPPORTED}"
+            f"{source}: the model-parallel shards are not a full grid of {tp} TP rank(s) x {pp} pipeline "
+            f"stage(s) (found {', '.join(sorted(found[key].parent.name for key in found))})"
         )
-    ranks = sorted(
-        (int(m.group(1)), path)
-        for path in folder.glob(f"mp_rank_*/{WEIGHTS_FILE}")
-        if (m := re.fullmatch(r"mp_rank_(\d+)", path.parent.name))
-    )
-    if [rank for rank, _ in ranks] != list(range(len(ranks))):
+    return [[found[(t, p)] for p in range(pp)] for t in range(tp)]
+
+
+def _merge_stages(
+    stages: list[Path], folder: Path, source: Path, config: Mapping[str, Any], trust_pickle: bool
+) -> dict[str, Tensor]:
+    """One TP rank's state dict from its pipeline stages: stage ``p`` numbers its layers from 0,
+    and holds global layers ``p * L/PP`` on (megatron-core's even split: the first/last-stage
+    overrides and virtual pipelines are refused)."""
+    pp = len(stages)
+    per_stage = _layers_per_stage(config, pp, source)
+    merged: dict[str, Tensor] = {}
+    for stage, path in enumerate(stages):
+        where = _inside(source, folder, path)
+        for name, tensor in megatron_names_of(load_state_dict(path, trust_pickle, where), where).items():
+            if name.startswith(LAYERS):
+                local, part = name[len(LAYERS) :].split(".", 1)
+                name = f"{LAYERS}{stage * per_stage + int(local)}.{part}"
+            if name in merged:
+                raise NemoFormatError(f"{where}: {name} is on an earlier pipeline stage too")
+            merged[name] = tensor
+    return merged
+
+
+def _layers_per_stage(config: Mapping[str, Any], pp: int, source: Path) -> int:
+    if pp == 1:
+        return 0
+    for key in (
+        "num_layers_in_first_pipeline_stage",
+        "num_layers_in_last_pipeline_stage",
+        "virtual_pipeline_model_parallel_size",
+    ):
+        if config.get(key):
+            raise NemoFormatError(f"{source}: {key}: {config[key]}: only an even pipeline split is read")
+    layers = config.get("num_layers")
+    if not isinstance(layers, int) or layers % pp:
         raise NemoFormatError(
-            f"{source}: the tensor-parallel shards are not mp_rank_00 .. mp_rank_NN without gaps"
+            f"{source}: num_layers ({layers}) is not split evenly over {pp} pipeline stages"
         )
-    return [path for _, path in ranks]
+    return layers // pp
 
 
 def _nemo1_tokenizer_files(config: Mapping[str, Any], folder: Path) -> dict[str, Path]:
