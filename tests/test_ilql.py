@@ -219,6 +219,21 @@ def test_engines_that_cannot_steer_refuse_a_logits_hook(
         align.build_engine(entry.config(), plugins.registry, spec)
 
 
+def test_generate_finds_the_heads_of_a_final_folder_or_a_checkpoint(tmp_path: Path) -> None:
+    from align_ilql import steering_for
+
+    heads = ILQLHeads(hidden_size=4, vocab_size=3)
+    heads.save(tmp_path / "step_2", beta=2.5)  # a checkpoint: heads beside model/
+    (tmp_path / "step_2" / "model").mkdir()
+    for folder in (tmp_path / "step_2", tmp_path / "step_2" / "model"):
+        hook = steering_for(folder)
+        assert hook is not None and hook.beta == 2.5
+        assert all(
+            torch.equal(a, b) for a, b in zip(hook.heads.parameters(), heads.parameters(), strict=True)
+        )
+    assert steering_for(tmp_path) is None
+
+
 # ---- the rewarded data format ------------------------------------------------------------
 
 

@@ -71,8 +71,8 @@ class ILQL(align.Algorithm):
     def __init__(self, ctx: align.Context) -> None:
         super().__init__(ctx)
         self.backend = hidden_states_backend(ctx.backend)
-        device = next(ctx.policy.parameters()).device
-        self.heads = ILQLHeads(self._hidden_size(), len(ctx.backend.tokenizer)).to(device)
+        self.device = next(ctx.policy.parameters()).device
+        self.heads = ILQLHeads(self._hidden_size(), len(ctx.backend.tokenizer)).to(self.device)
         self.trained = nn.ModuleDict({"policy": ctx.policy, "heads": self.heads})
         self.learner: Learner | None = None
         self.synced_step = 0  # the optimizer step the target Q heads have been averaged up to
@@ -124,26 +124,25 @@ class ILQL(align.Algorithm):
     def terms(self, batch: RewardedTokens) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """The total loss, its terms and statistics, and the number of completion tokens."""
         cfg = self.config
-        logps, hidden = self.backend.token_hidden_states(self.ctx.policy, batch.tokens)
-        mask = logps.mask
-        actions = batch.actions.to(mask.device)
+        # On the policy's device, the backend's results stay there, where the heads are.
+        logps, hidden = self.backend.token_hidden_states(self.ctx.policy, batch.tokens.to(self.device))
+        mask, actions = logps.mask, batch.actions.to(self.device)
         if actions.shape != mask.shape:
             raise RuntimeError(
                 f"the completion tokens {tuple(actions.shape)} do not line up with the backend's "
                 f"scored tokens {tuple(mask.shape)}"
             )
-        qs, target_all, values = self.heads(hidden.to(next(self.heads.parameters()).device))
-        mask, actions = mask.to(values.device), actions.to(values.device)
+        qs, target_all, values = self.heads(hidden)
         q_taken = [q.gather(-1, actions[..., None]).squeeze(-1) for q in qs]
         target_taken = target_all.gather(-1, actions[..., None]).squeeze(-1)
         advantages = target_taken - values
-        targets = obj.td_targets(values, batch.rewards.to(values.device), mask, cfg.gamma)
+        targets = obj.td_targets(values, batch.rewards.to(self.device), mask, cfg.gamma)
         weights = obj.awac_weights(advantages, cfg.awac_beta, cfg.awac_max_weight)
         terms = {
             "loss_q": obj.q_loss(q_taken, targets, mask),
             "loss_v": obj.expectile_loss(advantages, mask, cfg.tau),
             "loss_cql": obj.cql_loss(qs, actions, mask),
-            "loss_policy": obj.policy_loss(logps.values.to(values.device), weights, mask),
+            "loss_policy": obj.policy_loss(logps.values, weights, mask),
         }
         total = (
             terms["loss_q"]
@@ -158,7 +157,7 @@ class ILQL(align.Algorithm):
                 "v_mean": obj.masked_mean(values, mask),
                 "advantage_mean": obj.masked_mean(advantages, mask),
                 "awac_weight_mean": obj.masked_mean(weights, mask),
-                "nll": -obj.masked_mean(logps.values.to(values.device), mask),
+                "nll": -obj.masked_mean(logps.values, mask),
                 "reward_mean": batch.rewards.float().mean(),
             }
         return total, {**terms, **stats}, mask.sum()

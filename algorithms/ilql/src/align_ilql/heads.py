@@ -122,10 +122,11 @@ class SteeringHook:
 
 
 def steering_for(model_path: str | Path) -> SteeringHook | None:
-    """The steering hook of a folder that holds ILQL heads (an ILQL run's ``final/`` or
-    checkpoint), else None."""
+    """The steering hook of a model folder with ILQL heads beside it (an ILQL run's ``final/``;
+    a checkpoint's ``model/``, whose heads are in the checkpoint), else None."""
     folder = Path(model_path)
-    if not (folder / META_FILE).is_file():
-        return None
-    heads, beta = load_heads(folder)
-    return SteeringHook(heads, beta)
+    for candidate in (folder, folder.parent) if folder.name == "model" else (folder,):
+        if (candidate / META_FILE).is_file():
+            heads, beta = load_heads(candidate)
+            return SteeringHook(heads, beta)
+    return None
