@@ -252,6 +252,7 @@ def test_distributed_metadata_with_a_foreign_class_is_refused(
         ("moe", ("moe.nemo:model_config.yaml", "num_moe_experts: 8")),
         ("layernorm", ("layernorm.nemo:model_config.yaml", "normalization: layernorm")),
         ("legacy", ("legacy.nemo:model_config.yaml", "mcore_gpt is false")),
+        ("reward_head", ("reward_head.nemo:model_weights.ckpt", "model.rm_head.weight", "not converted")),
         ("missing_stage", ("missing_stage.nemo", "not a full grid of 1 TP rank(s) x 2 pipeline stage(s)")),
         ("wrong_heads", ("wrong_heads.nemo", "linear_qkv of shape")),
         ("folder", ("not a NeMo checkpoint", "NeMo 2 checkpoint folder")),
@@ -287,6 +288,8 @@ def test_bad_checkpoints_are_user_errors(
             config["normalization"] = "layernorm"
         elif case == "legacy":
             config["mcore_gpt"] = False
+        elif case == "reward_head":
+            weights["model.rm_head.weight"] = torch.zeros(1, 64)
         elif case == "missing_stage":
             files = {"model_config.yaml": config, "tp_rank_00_pp_rank_001/model_weights.ckpt": weights}
         elif case == "wrong_heads":

@@ -46,6 +46,8 @@ WEIGHTS_FILE = "model_weights.ckpt"
 MODEL_PREFIXES = ("model.", "module.")
 MODEL_ROOTS = ("embedding.", "decoder.", "output_layer.")
 LAYERS = "decoder.layers."
+# Wrapper-prefixed entries that are not weights: TransformerEngine's FP8 metadata, RoPE's cache.
+IGNORED_SUFFIXES = ("_extra_state", "inv_freq")
 # megatron-core's dist checkpoints (and the TransformerEngine spec) name the layer norms after
 # the fused linear layer that applies them.
 FUSED_NORMS = {
@@ -256,9 +258,11 @@ def read_dist_checkpoint(folder: Path, trust_pickle: bool, where: str) -> dict[s
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
 
     with _process_group():
+        stored = dist_checkpointing.load_tensors_metadata(str(folder))
+        _refuse_foreign_weights([key for key in stored if key.startswith(MODEL_PREFIXES)], where)
         wanted = {
             key: tensor
-            for key, tensor in dist_checkpointing.load_tensors_metadata(str(folder)).items()
+            for key, tensor in stored.items()
             if _model_name(key) is not None and not key.endswith("_extra_state")
         }
         if not wanted:
@@ -321,6 +325,7 @@ def megatron_names_of(state: Mapping[str, Any], where: str) -> dict[str, Tensor]
     """A NeMo state dict with megatron-core local-spec names: the ``model.``/``module.``
     prefixes dropped, fused layer-norm names renamed, ``_extra_state`` and non-model entries
     dropped."""
+    _refuse_foreign_weights([key for key, value in state.items() if isinstance(value, Tensor)], where)
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         name = _model_name(key)
@@ -338,11 +343,32 @@ def megatron_names_of(state: Mapping[str, Any], where: str) -> dict[str, Tensor]
     return out
 
 
-def _model_name(key: str) -> str | None:
-    """``key`` without its wrapper prefixes, or None when it is not a model weight."""
+def _refuse_foreign_weights(keys: list[str], where: str) -> None:
+    """Model weights outside a GPT decoder (a NeMo-Aligner reward model's ``rm_head``, a value
+    head, adapters) are an error, not silently dropped: the HF model would lack them."""
+    foreign = sorted(
+        key
+        for key in keys
+        if _model_name(key) is None and not key.endswith(IGNORED_SUFFIXES) and _strip(key) != key
+    )
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise NemoFormatError(
+            f"{where}: holds weights outside a GPT decoder, which are not converted: {shown} (a "
+            "NeMo-Aligner reward or value head, adapters?); only causal LMs are imported"
+        )
+
+
+def _strip(key: str) -> str:
     name = key
     while name.startswith(MODEL_PREFIXES):
         name = name.split(".", 1)[1]
+    return name
+
+
+def _model_name(key: str) -> str | None:
+    """``key`` without its wrapper prefixes, or None when it is not a model weight."""
+    name = _strip(key)
     return name if name.startswith(MODEL_ROOTS) else None
 
 
