@@ -320,3 +320,29 @@ def test_out_is_never_written_over_unless_asked(tmp_path: Path, capsys: pytest.C
     assert_user_error(import_nemo(capsys, archive, tmp_path / "hf"), "--overwrite")
     assert import_nemo(capsys, archive, tmp_path / "hf", "--overwrite").code == 0
     assert_same_model(model, tmp_path / "hf")
+
+
+def test_config_mapping_follows_references_and_refuses_rope_scaling() -> None:
+    """NeMo 1's ``${.encoder_seq_length}`` reference and NeMo 2's field names map to the layout;
+    Llama 3.1-style RoPE scaling and a non-gated activation are refused by name."""
+    from align_nemo.config import llama_layout
+    from align_nemo.errors import NemoFormatError
+
+    model = tiny_model("llama")
+    nemo1 = llama_layout(nemo1_config(model), 101, "model_config.yaml")
+    nemo2 = llama_layout(nemo2_config(model)["config"], 101, "model.yaml:config")
+    assert nemo1 == nemo2
+    assert (nemo1.max_position_embeddings, nemo1.num_kv_heads, nemo1.head_dim, nemo1.rope_theta) == (
+        64,
+        2,
+        16,
+        5e5,
+    )
+    config = nemo2_config(model)["config"]
+    with pytest.raises(NemoFormatError, match=r"model\.yaml:config: scale_factor: 8\.0 is not converted"):
+        llama_layout({**config, "scale_factor": 8.0}, 101, "model.yaml:config")
+    gelu = {**config, "activation_func": {"_target_": "torch.nn.functional.gelu"}, "gated_linear_unit": False}
+    with pytest.raises(
+        NemoFormatError, match=r"activation: torch.nn.functional.gelu \(gated_linear_unit: False\)"
+    ):
+        llama_layout(gelu, 101, "model.yaml:config")
