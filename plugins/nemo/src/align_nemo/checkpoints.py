@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from align import OutputWriteError
 from align_nemo.errors import NemoFormatError
 from align_nemo.safety import check_dcp_metadata, load_state_dict
 
@@ -100,10 +102,12 @@ def extract_archive(archive: Path, workdir: Path) -> Path:
     try:
         with tarfile.open(archive, "r:*") as tar:
             tar.extractall(workdir, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as error:
+    except (tarfile.TarError, EOFError, zlib.error) as error:
         raise NemoFormatError(
             f"{archive}: not a readable .nemo archive ({error}); supported: {SUPPORTED}"
         ) from error
+    except OSError as error:  # a full disk, a quota, no permission: where it was extracting to
+        raise OutputWriteError(f"{archive}: cannot extract it into {workdir} ({error})") from error
     for folder in (workdir, *sorted(p for p in workdir.iterdir() if p.is_dir())):
         if (folder / NEMO1_CONFIG).is_file():
             return folder

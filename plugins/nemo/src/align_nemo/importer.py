@@ -61,14 +61,19 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_import(args: argparse.Namespace, plugins: align.Plugins) -> None:
-    out = import_nemo(
-        Path(args.source),
-        Path(args.out),
-        trust_pickle=args.trust_pickle,
-        vocab_size=args.vocab_size,
-        tokenizer=args.tokenizer,
-        overwrite=args.overwrite,
-    )
+    try:
+        out = import_nemo(
+            Path(args.source),
+            Path(args.out),
+            trust_pickle=args.trust_pickle,
+            vocab_size=args.vocab_size,
+            tokenizer=args.tokenizer,
+            overwrite=args.overwrite,
+        )
+    except OSError as error:  # writing the staging folder or --out (reading errors name the source)
+        raise align.OutputWriteError(
+            f"--out {args.out}: cannot write the HF folder there ({error})"
+        ) from error
     summary = json.loads((out / MARKER).read_text())
     print(f"wrote {out}: {summary['model_type']} from {summary['layout']} ({summary['source']})")
     if not summary["tokenizer"]:
