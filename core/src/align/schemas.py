@@ -32,6 +32,7 @@ BUILTIN_PACKAGES = frozenset(
         "align-steerlm",
         "align-pytriton",
         "align-megatron",
+        "align-ilql",
     }
 )
 
