@@ -412,22 +412,22 @@ def _sum_gradients(params: Sequence[nn.Parameter], grads: Sequence[Tensor], grou
 
 
 def _from_stage(shards: list[Tensor], stage: int, par: Parallelism, dtype: torch.dtype) -> list[Tensor]:
-    """The TP shards of one tensor, which pipeline stage ``stage`` holds, on every stage: the
-    number of shards and their shapes go first, then each shard (a broadcast over the pipeline
-    group from that stage's rank)."""
+    """The TP shards of one tensor, which pipeline stage ``stage`` holds, on every stage: their
+    shapes go first, then each shard (broadcasts over the pipeline group from that stage's
+    rank, on the process group's device: NCCL sends no CPU tensors)."""
     from megatron.core import parallel_state as ps
 
     group = ps.get_pipeline_model_parallel_group()
     source = dist.get_global_rank(group, stage)
-    shapes = torch.zeros(par.tp, 2, dtype=torch.int64)  # every megatron weight is 1-D or 2-D
-    if shards:
-        for i, shard in enumerate(shards):
-            shapes[i, : shard.dim()] = torch.tensor(shard.shape)
-            shapes[i, shard.dim() :] = -1
+    # Every megatron weight is 1-D or 2-D; -1 marks a missing dimension.
+    shapes = torch.full((par.tp, 2), -1, dtype=torch.int64)
+    for i, shard in enumerate(shards):
+        shapes[i, : shard.dim()] = torch.tensor(shard.shape)
+    shapes = shapes.to(par.device)
     dist.broadcast(shapes, src=source, group=group)
     received = []
-    for i in range(par.tp):
-        shape = [int(d) for d in shapes[i] if d >= 0]
+    for i, dims in enumerate(shapes.tolist()):
+        shape = [d for d in dims if d >= 0]
         shard = shards[i] if shards else torch.empty(shape, dtype=dtype, device=par.device)
         dist.broadcast(shard, src=source, group=group)
         received.append(shard)
