@@ -232,14 +232,24 @@ def test_weights_only_refusal_and_trust_pickle(tmp_path: Path, capsys: pytest.Ca
     assert_same_model(model, tmp_path / "hf")
 
 
-def test_distributed_metadata_with_a_foreign_class_is_refused(
+def test_distributed_metadata_with_a_foreign_class_or_lost_shards_is_refused(
     dist_checkpoints: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = tmp_path / "nemo2"
     shutil.copytree(dist_checkpoints["nemo2_folder"], folder)
-    (folder / "weights/.metadata").write_bytes(pickle.dumps(argparse.Namespace(x=1)))
+    metadata = folder / "weights/.metadata"
+    original = metadata.read_bytes()
+    metadata.write_bytes(pickle.dumps(argparse.Namespace(x=1)))
     result = import_nemo(capsys, folder, tmp_path / "hf")
     assert_user_error(result, "weights/.metadata", "argparse.Namespace", "--trust-pickle")
+    # A lost tensor file is a user error naming the checkpoint too.
+    metadata.write_bytes(original)
+    for shard in (folder / "weights").glob("*.distcp"):
+        shard.unlink()
+    assert_user_error(
+        import_nemo(capsys, folder, tmp_path / "hf"), "nemo2/weights", "cannot read its tensors"
+    )
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize(

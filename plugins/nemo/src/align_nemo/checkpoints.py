@@ -259,7 +259,9 @@ def read_dist_checkpoint(folder: Path, trust_pickle: bool, where: str) -> dict[s
     if not trust_pickle:
         check_dcp_metadata(folder, where)
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from torch.distributed.checkpoint.api import CheckpointException
 
     with _process_group():
         stored = dist_checkpointing.load_tensors_metadata(str(folder))
@@ -273,7 +275,18 @@ def read_dist_checkpoint(folder: Path, trust_pickle: bool, where: str) -> dict[s
             raise NemoFormatError(
                 f"{where}: holds no model weights (no embedding.*, decoder.*, output_layer.*)"
             )
-        loaded = get_default_load_sharded_strategy(str(folder)).load(wanted, str(folder))
+        try:
+            loaded = get_default_load_sharded_strategy(str(folder)).load(wanted, str(folder))
+        except (
+            CheckpointException,
+            CheckpointingException,
+            OSError,
+            RuntimeError,
+            ValueError,
+            KeyError,
+        ) as error:
+            # A missing or damaged *.distcp file: torch's reader raises these, wrapped or not.
+            raise NemoFormatError(f"{where}: cannot read its tensors ({_cause(error)})") from error
     return megatron_names_of(_unstack_layers(loaded, where), where)
 
 
@@ -397,6 +410,17 @@ def _read_yaml(path: Path, where: str) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise NemoFormatError(f"{where}: not a mapping of config keys")
     return loaded
+
+
+def _cause(error: BaseException) -> str:
+    """The first line of the error, or of the first rank's failure torch's checkpoint reader
+    wrapped in a ``CheckpointException``."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        error = first[0] if isinstance(first, tuple) else first
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
 
 
 def _listing(folder: Path) -> str:
