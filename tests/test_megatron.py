@@ -328,3 +328,40 @@ def test_grpo_at_tp2_refits_the_engine_with_the_policy(second_launch: tuple[Path
         assert refit["logits"] < LOGIT_TOLERANCE
         assert refit["changed"] > 1e-4
     assert [row["iteration"] for row in read_metrics(folder / "grpo_tp2", "rollout")] == [1, 2]
+
+
+def test_pipeline_stages_split_the_layers_and_refuse_what_they_cannot_hold() -> None:
+    """Stage s of PP holds layers s*L/PP .. (s+1)*L/PP - 1, numbered from 0 on the stage, the
+    embedding on the first stage and the final norm and output layer on the last; a layer count
+    PP does not divide and tied embeddings at PP > 1 are config errors naming the model's key."""
+    from transformers import LlamaConfig
+
+    from align import ConfigError
+    from align_megatron import layout_of, megatron_names
+    from align_megatron.conversion import stage_local_name, stage_of
+
+    shapes: dict[str, Any] = {
+        "vocab_size": 101,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+    }
+    layout = layout_of(LlamaConfig(**shapes, num_hidden_layers=4, tie_word_embeddings=False))
+    stages = {name: stage_of(name, layout, 2) for name in megatron_names(layout)}
+    assert stages["embedding.word_embeddings.weight"] == 0
+    assert stages["decoder.layers.1.mlp.linear_fc1.weight"] == 0
+    assert stages["decoder.layers.2.mlp.linear_fc1.weight"] == 1
+    assert stages["decoder.final_layernorm.weight"] == stages["output_layer.weight"] == 1
+    assert stage_local_name("decoder.layers.3.input_layernorm.weight", layout, 2) == (
+        "decoder.layers.1.input_layernorm.weight"
+    )
+    assert stage_local_name("decoder.layers.3.input_layernorm.weight", layout, 1) == (
+        "decoder.layers.3.input_layernorm.weight"
+    )
+    layout.check_pp(4)
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        layout.check_pp(3)
+    tied = layout_of(LlamaConfig(**shapes, num_hidden_layers=4, tie_word_embeddings=True))
+    tied.check_pp(1)
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        tied.check_pp(2)
