@@ -38,6 +38,7 @@ is ``critic busy - actor's time on the critic``; ``sum of phases - wall`` is rep
     python benchmarks/ppo_time_split.py --variants remote-async,remote-sync --steps 1 --repeats 1
     python benchmarks/ppo_time_split.py --json benchmarks/results/ppo_time_split.json \\
         --plot docs/img/ppo_time_split.png
+    python benchmarks/ppo_time_split.py --report benchmarks/results/ppo_time_split.json  # print it again
 """
 
 from __future__ import annotations
@@ -434,6 +435,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="where the models are written (default: a temp folder)")
     parser.add_argument("--json", help="also write every run's numbers here")
     parser.add_argument("--plot", help="also draw the split as a stacked bar here (PNG)")
+    parser.add_argument("--report", help="only print (and --plot) the runs of a saved --json record")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
@@ -441,13 +443,16 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.report:
+        record = json.loads(Path(args.report).read_text())
+        report(record["runs"], record["args"]["threads"], args.plot)
+        return
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := [v for v in variants if v not in VARIANTS]:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    load_before = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
         workdir = Path(args.workdir or tmp)
@@ -474,25 +479,36 @@ def main() -> None:
                 )
                 if args.json:
                     save_record(Path(args.json), args, runs, complete=False)
-    summary = {v: summarize(r) for v, r in runs.items() if r}
-    load_after = os.getloadavg()
-    header = (
-        f"{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "
-        f"{args.threads} threads; "
-        f"{PROMPTS_PER_STEP} prompts x {NEW_TOKENS} tokens, {EPOCHS} epochs x "
-        f"{PROMPTS_PER_STEP // MINIBATCH} minibatches; load average (1/5/15 min) {fmt_load(load_before)} "
-        f"before, {fmt_load(load_after)} after"
-    )
-    print("\n" + header + "\n\nmedian seconds per step:\n" + table(summary) + "\n")
-    print("\n".join(overlap_lines(summary)))
     if args.json:
         save_record(Path(args.json), args, runs, complete=True)
-    if args.plot and summary:
+    report(runs, args.threads, args.plot)
+
+
+def report(runs: dict[str, list[dict[str, Any]]], threads: int, plot_path: str | None) -> None:
+    """The table, the overlap and (with ``plot_path``) the PNG of the runs so far, with the load
+    average around each run."""
+    summary = {v: summarize(r) for v, r in runs.items() if r}
+    loads = [run["load_average"] for rs in runs.values() for run in rs]
+    first, last = loads[0]["before"], loads[-1]["after"]
+    print(
+        f"\nload average (1/5/15 min) {fmt_load(first)} at the start, {fmt_load(last)} at the end; per run:"
+    )
+    for variant, s in summary.items():
+        around = ", ".join(f"{r['before'][0]:.1f}->{r['after'][0]:.1f}" for r in s["load_average"])
+        print(f"  {variant}: {s['steps']} timed steps, 1-min load {around}")
+    print(
+        f"{PROMPTS_PER_STEP} prompts x {NEW_TOKENS} tokens, {EPOCHS} epochs x "
+        f"{PROMPTS_PER_STEP // MINIBATCH} minibatches, {threads} threads\n\nmedian seconds per step:\n"
+        + table(summary)
+        + "\n"
+    )
+    print("\n".join(overlap_lines(summary)))
+    if plot_path and summary:
         title = (
-            f"PPO step, 28.8M Llama, {PROMPTS_PER_STEP} x {NEW_TOKENS} tokens, {args.threads} threads; "
-            f"load {fmt_load(load_before)} -> {fmt_load(load_after)}"
+            f"PPO step, 28.8M Llama, {PROMPTS_PER_STEP} x {NEW_TOKENS} tokens, {threads} threads; "
+            f"1-min load {first[0]:.0f} -> {last[0]:.0f}"
         )
-        plot(summary, Path(args.plot), title)
+        plot(summary, Path(plot_path), title)
 
 
 if __name__ == "__main__":
