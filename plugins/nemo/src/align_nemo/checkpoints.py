@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import tarfile
 import tempfile
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -258,6 +259,15 @@ def read_dist_checkpoint(folder: Path, trust_pickle: bool, where: str) -> dict[s
         raise NemoFormatError(f"{where}: a '{backend}' distributed checkpoint; only torch_dist is read")
     if not trust_pickle:
         check_dcp_metadata(folder, where)
+    # megatron-core warns on import (no TransformerEngine/Apex, which reading does not need) and
+    # about its own use of a deprecated torch call: noise for a user of this command.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return _load_model_tensors(folder, where)
+
+
+def _load_model_tensors(folder: Path, where: str) -> dict[str, Tensor]:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
