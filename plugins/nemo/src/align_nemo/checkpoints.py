@@ -438,6 +438,6 @@ def _listing(folder: Path) -> str:
     return ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
 
 
-def stacked_dtype(shards: list[dict[str, Tensor]]) -> torch.dtype:
+def checkpoint_dtype(shards: list[dict[str, Tensor]]) -> torch.dtype:
     """The checkpoint's dtype (its embedding's)."""
     return shards[0]["embedding.word_embeddings.weight"].dtype

@@ -15,6 +15,7 @@ import argparse
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import Tensor
 
 import align
 from align_megatron import LlamaLayout, megatron_names, to_hf
-from align_nemo.checkpoints import NemoCheckpoint, read_checkpoint, stacked_dtype
+from align_nemo.checkpoints import NemoCheckpoint, checkpoint_dtype, read_checkpoint
 from align_nemo.config import hf_config, llama_layout
 from align_nemo.errors import NemoFormatError
 
@@ -101,7 +102,7 @@ def import_nemo(
         extracted.mkdir()
         checkpoint = read_checkpoint(source, extracted, trust_pickle)
         layout = checkpoint_layout(checkpoint, vocab_size)
-        config = hf_config(layout, str(stacked_dtype(checkpoint.shards)).removeprefix("torch."))
+        config = hf_config(layout, str(checkpoint_dtype(checkpoint.shards)).removeprefix("torch."))
         weights = hf_weights(checkpoint, layout)
         staging.mkdir()
         config.save_pretrained(staging)
@@ -135,11 +136,7 @@ def checkpoint_layout(checkpoint: NemoCheckpoint, vocab_size: int | None) -> Lla
         raise NemoFormatError(f"--vocab-size {vocab_size}: the checkpoint's embedding has {rows} rows")
     layout = llama_layout(checkpoint.config, rows, checkpoint.config_file)
     _check_names(checkpoint, layout)
-    if vocab_size is None:
-        return layout
-    from dataclasses import replace
-
-    return replace(layout, vocab_size=vocab_size)
+    return layout if vocab_size is None else replace(layout, vocab_size=vocab_size)
 
 
 def hf_weights(checkpoint: NemoCheckpoint, layout: LlamaLayout) -> dict[str, Tensor]:
