@@ -8,17 +8,17 @@ token, and the state after the last token is terminal (its value is 0).
 With ``Q_i`` the two Q heads, ``Q̄_i`` their Polyak-averaged targets, ``V`` the value head and
 ``π`` the language model:
 
-- TD target (paper eq. 1):       ``y_t = r_t + γ V(s_{t+1})``, ``r_t = R`` on the last token
+- TD target:                     ``y_t = r_t + γ V(s_{t+1})``, ``r_t = R`` on the last token
   else 0, ``V(s_T) = 0``; ``V`` is not differentiated through here.
 - Q loss:                        ``L_Q = Σ_i E_t[(Q_i(s_t, a_t) − y_t)²]``
-- V loss, expectile τ (eq. 2):   ``L_V = E_t[|τ − 1(u_t < 0)| u_t²]``, ``u_t = min_i Q̄_i(s_t, a_t) − V(s_t)``
-- CQL term (eq. 3, the paper's cross-entropy form): ``L_CQL = Σ_i E_t[−log softmax(Q_i(s_t, ·))[a_t]]``
+- V loss, expectile τ (IQL):     ``L_V = E_t[|τ − 1(u_t < 0)| u_t²]``, ``u_t = min_i Q̄_i(s_t, a_t) − V(s_t)``
+- CQL term (the paper's cross-entropy form): ``L_CQL = Σ_i E_t[−log softmax(Q_i(s_t, ·))[a_t]]``
 - policy extraction:             ``L_π = −E_t[w_t log π(a_t | s_t)]``, AWAC/AWR weights
   ``w_t = min(exp(β_w u_t), w_max)`` (not differentiated); ``β_w = 0`` gives ``w_t = 1``: the plain
   NLL the paper fine-tunes the LM with (its policy is then steered only at generation).
 - total:                         ``L = L_Q + L_V + α L_CQL + λ_π L_π``.
 
-Generation samples from ``π(a|s) exp(β (min_i Q̄_i(s, a) − V(s)))`` (paper eq. 4): the logits
+Generation samples from ``π(a|s) exp(β (min_i Q̄_i(s, a) − V(s)))`` (the paper's policy): the logits
 plus ``β (Q̄ − V)`` (``steered_logits``). ``E_t`` is the mean over every real token of the batch.
 """
 
