@@ -119,6 +119,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path: Path) -> None
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-6)
 
 
+def test_a_reward_model_being_trained_freezes_the_same_trunk(tmp_path: Path) -> None:
+    """``--algo reward``'s scorer: the top block, final norm and score head train."""
+    scorer = hydra_backend(tmp_path).build_scorer(1)
+    trained = [name for name, p in scorer.named_parameters() if p.requires_grad]
+    assert {"model.norm.weight", "score.weight"} <= set(trained)
+    assert all(name.startswith(("model.layers.2.", "model.norm.", "score.")) for name in trained)
+    assert any(name.startswith("model.layers.2.") for name in trained)
+
+
 def test_more_layers_than_the_model_has_and_lora_together_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(align.ConfigError, match=r"num_layers_unfrozen \(4\) is more than the 3"):
         hydra_backend(tmp_path, num_layers_unfrozen=4).build_policy()
