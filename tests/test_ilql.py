@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import textwrap
@@ -17,13 +18,12 @@ from typing import Any
 
 import pytest
 import torch
-from align_ilql import ILQLHeads, SteeringHook, objectives
-from align_ilql.data import RewardedData, RewardedFormat
 from helpers import (
     ALIGN,
     QUIET_TRAINER,
     TINY_MODEL,
     assert_same_weights,
+    assert_user_error,
     load_weights,
     read_metrics,
     run_cli,
@@ -35,6 +35,8 @@ from safetensors.torch import load_file
 
 import align
 from align.plugins import load_plugins
+from align_ilql import ILQLHeads, SteeringHook, objectives
+from align_ilql.data import RewardedData, RewardedFormat
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = REPO / "examples" / "ilql"
@@ -232,6 +234,33 @@ def test_generate_finds_the_heads_of_a_final_folder_or_a_checkpoint(tmp_path: Pa
             torch.equal(a, b) for a, b in zip(hook.heads.parameters(), heads.parameters(), strict=True)
         )
     assert steering_for(tmp_path) is None
+
+
+def test_generate_with_an_engine_that_cannot_steer_is_a_user_error(
+    engine_model: tuple[Any, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from align_hf import byte_tokenizer
+
+    model, folder = engine_model
+    final = tmp_path / "final"  # what an ILQL run writes: the policy, its tokenizer, the heads
+    shutil.copytree(folder, final)
+    byte_tokenizer().save_pretrained(final)
+    ILQLHeads(SMALL.hidden_size, model.config.vocab_size).save(final, beta=1.0)
+    prompts = str(TASK / "prompts_eval.jsonl")
+    result = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(final),
+        "--prompts",
+        prompts,
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--engine",
+        "vllm",
+    )
+    assert_user_error(result, "rollout engine 'vllm'", "cannot steer", "engines that can: hf")
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 # ---- the rewarded data format ------------------------------------------------------------
