@@ -249,10 +249,12 @@ def test_dynamic_sampling_drops_groups_of_equal_rewards_and_refills():
     algorithm = object.__new__(CriticFree)
     algorithm.config = SimpleNamespace(  # type: ignore[assignment]
         prompts_per_iteration=2,
-        sampling=SimpleNamespace(n=2),
+        generation_chunk=None,
+        sampling=align.SamplingConfig(n=2),
         dynamic_sampling=DynamicSamplingConfig(enabled=True, max_extra_rounds=3),
     )
     algorithm.iteration = 0
+    algorithm.ranks, algorithm.work = 1, align.distributed.WorkQueue()  # one process
     algorithm.prompts = Prompts()  # type: ignore[assignment]
     algorithm.rollouts = Rollouts  # type: ignore[assignment,method-assign]
     algorithm.seeded = lambda sampling, iteration, round_index=0: sampling  # type: ignore[method-assign]
