@@ -165,7 +165,8 @@ def _add_builtin_sinks(manager: pluggy.PluginManager, registry: Registry) -> Non
     from align.builtin.sinks import BUILTIN_SINKS
 
     for name, sink in BUILTIN_SINKS.items():
-        hooks = [hook for hook in LIFECYCLE_HOOKS if manager.parse_hookimpl_opts(sink, hook)]
+        # hasattr first: pluggy < 1.7 raises on a name the object lacks instead of returning None.
+        hooks = [h for h in LIFECYCLE_HOOKS if hasattr(sink, h) and manager.parse_hookimpl_opts(sink, h)]
         registry.add(_lifecycle_entry(name, sink, hooks, "align", _core_version()))
 
 
