@@ -232,6 +232,13 @@ def test_override_creates_missing_sections_and_indexes_lists():
         apply_overrides({"loss": [{"name": "dpo"}]}, ["loss.3.weight=1"])
 
 
+def test_an_override_of_a_section_the_yaml_lacks_gets_the_default_plugin(dpo_yaml):
+    """`backend.chunk_tokens=512` with no `backend:` in the YAML configures the default backend
+    (hf) instead of failing on the missing `name`."""
+    cfg = load_config(dpo_yaml, ["backend.chunk_tokens=512"], None, default_plugins())
+    assert cfg.backend.name == "hf" and cfg.backend.chunk_tokens == 512
+
+
 def test_validate_cli_applies_overrides(capsys, dpo_yaml, no_model_loading):
     assert run_cli(capsys, "validate", dpo_yaml, "trainer.max_steps=20", "optim.lr=1e-5").code == 0
     assert_user_error(run_cli(capsys, "validate", dpo_yaml, "trainer.max_steps=0"), "trainer.max_steps")

@@ -20,7 +20,7 @@ from align.config import PathRule, RunConfig
 from align.datafiles import source_problem
 from align.errors import ConfigError
 from align.registry import KINDS, Entry, Registry
-from align.widening import MANY, ONE, run_config_class
+from align.widening import DEFAULT_OPTION, MANY, ONE, run_config_class
 
 
 class ConfigLoader(yaml.SafeLoader):
@@ -237,6 +237,11 @@ def _fill_defaults(data: dict[str, Any], algorithm: Entry) -> dict[str, Any]:
         data["data"] = {"format": fmt, **data["data"]}
     if "output_dir" not in data:
         data["output_dir"] = f"runs/{algorithm.name}"
+    # `backend.device=cuda` alone (no YAML section) names no backend: it is the default one.
+    for key, (option, fallback) in DEFAULT_OPTION.items():
+        default = algorithm.meta.get(option, fallback)
+        if default and isinstance(data.get(key), dict) and "name" not in data[key]:
+            data[key] = {"name": default, **data[key]}
     return data
 
 

@@ -35,7 +35,7 @@ ONE, MANY = "single", "list"
 _CONTAINERS = (list, tuple, set, frozenset, dict)
 
 # A required field of these kinds defaults to the entry named by this registration option.
-_DEFAULT_OPTION = {"backend": ("default_backend", "hf"), "loss": ("default_loss", None)}
+DEFAULT_OPTION = {"backend": ("default_backend", "hf"), "loss": ("default_loss", None)}
 
 
 def run_config_class(algorithm: Entry, registry: Registry) -> type[RunConfig]:
@@ -157,9 +157,9 @@ class _Widener:
     def _default_entry(self, annotation: Any) -> dict[str, str] | None:
         """The default of a required field of a kind the algorithm names a default for."""
         kind = _kind_in(annotation)
-        if kind not in _DEFAULT_OPTION:
+        if kind not in DEFAULT_OPTION:
             return None
-        option, fallback = _DEFAULT_OPTION[kind]
+        option, fallback = DEFAULT_OPTION[kind]
         name = self.meta.get(option, fallback)
         return {discriminator(kind): name} if name else None
 
