@@ -139,11 +139,12 @@ class WorkQueue:
         self._store: dist.TCPStore | None = None
         self.last = Assignment()
 
-    def run(self, count: int, work: Callable[[int], R]) -> list[R]:
-        """``work(i)`` for ``i`` in ``range(count)``, each on exactly one rank; every rank gets
-        all results in item order. ``self.last`` says which rank did which."""
+    def run(self, count: int, work: Callable[[int], R], ranks: int | None = None) -> list[R]:
+        """``work(i)`` for ``i`` in ``range(count)``, each on exactly one of ``ranks`` (default:
+        the process group's size; 1: all here); every rank gets all results in item order.
+        ``self.last`` says which rank did which."""
         self.calls += 1
-        if world_size() == 1:
+        if (world_size() if ranks is None else ranks) == 1:
             self.last = Assignment([0] * count)
             return [work(index) for index in range(count)]
         store, key = self._counter(), f"align/work/{self.calls}"
@@ -151,11 +152,11 @@ class WorkQueue:
         while (index := store.add(key, 1) - 1) < count:
             done[index] = work(index)
         results: list[Any] = [None] * count
-        ranks = [-1] * count
+        owners = [-1] * count
         for owner, theirs in enumerate(gather(done)):
             for index, result in theirs.items():
-                results[index], ranks[index] = result, owner
-        self.last = Assignment(ranks)
+                results[index], owners[index] = result, owner
+        self.last = Assignment(owners)
         return results
 
     def _counter(self) -> dist.TCPStore:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from align.protocols import RewardSource
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -314,23 +315,23 @@ class OnlineAlgorithm(Algorithm):
         data-parallel ranks the chunks are dealt out between them (a collective call)."""
         logps: list[torch.Tensor] = []
         entropies: list[torch.Tensor] = []
-        for chunk_logps, chunk_entropies in self._each_rank_does(list(chunks), model, with_entropy):
+        for chunk_logps, chunk_entropies in self.deal_out(
+            list(chunks), lambda chunk: self._chunk_logps(model, chunk, with_entropy)
+        ):
             logps += chunk_logps
             entropies += chunk_entropies
         return logps, entropies
 
-    def _each_rank_does(
-        self, chunks: list[Sequence[Sample]], model: Any, with_entropy: bool
-    ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """Each chunk's (log-probs, entropies), chunk i computed by rank i mod ranks."""
+    def deal_out(self, items: Sequence[T], work: Callable[[T], R]) -> list[R]:
+        """``work(item)`` for every item, in order. With data-parallel ranks item i is done by
+        rank i mod ranks and every rank gets every result (a collective call): for passes whose
+        results every rank needs (log-probs, values before training)."""
         me = distributed.rank() if self.ranks > 1 else 0
-        mine = {
-            i: self._chunk_logps(model, chunks[i], with_entropy) for i in range(me, len(chunks), self.ranks)
-        }
+        mine = {i: work(items[i]) for i in range(me, len(items), self.ranks)}
         if self.ranks == 1:
-            return [mine[i] for i in range(len(chunks))]
+            return [mine[i] for i in range(len(items))]
         done = {i: result for theirs in distributed.gather(mine) for i, result in theirs.items()}
-        return [done[i] for i in range(len(chunks))]
+        return [done[i] for i in range(len(items))]
 
     def _chunk_logps(
         self, model: Any, chunk: Sequence[Sample], with_entropy: bool
@@ -360,7 +361,7 @@ class OnlineAlgorithm(Algorithm):
                 rows[first : first + chunk], sampling.model_copy(update={"seed": seed})
             )
 
-        parts = self.work.run(len(starts), work)
+        parts = self.work.run(len(starts), work, self.ranks)
         if self.ranks == 1 and len(parts) == 1:
             return parts[0]
         result = RolloutResult([group for part in parts for group in part.groups])

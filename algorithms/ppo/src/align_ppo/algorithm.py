@@ -138,7 +138,10 @@ class PPO(align.OnlineAlgorithm):
         size = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
         chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
         with _timed(metrics, "critic_values_send_s"):  # a local critic computes them here
-            pending = [self._critic().values(self.lay_out(chunk)) for chunk in chunks]
+            if self.ranks > 1:  # data-parallel ranks: each computes its share, all get all
+                pending = [_done(values) for values in self.deal_out(chunks, self._values_now)]
+            else:
+                pending = [self._critic().values(self.lay_out(chunk)) for chunk in chunks]
         with align.precision_scope(cfg.trainer.precision, self.ctx.policy):
             with _timed(metrics, "policy_logps_s"):
                 old, entropy = self.completion_logps(self.ctx.policy, chunks, with_entropy=True)
@@ -184,6 +187,9 @@ class PPO(align.OnlineAlgorithm):
         if entropy:
             metrics["entropy"] = float(torch.cat(entropy).mean())
         return experience
+
+    def _values_now(self, chunk: list[align.Sample]) -> Tensor:
+        return self._critic().values(self.lay_out(chunk)).result()
 
     def _gather_values(self, pending: list[Future[Tensor]], chunks: list[list[align.Sample]]) -> list[Tensor]:
         """The critic's answers, checked: one row per sample, at least its length wide."""
@@ -376,6 +382,12 @@ class PPO(align.OnlineAlgorithm):
         self.kl_coef = float(state.get("kl_coef", self.config.kl.coef))
         if self.kl_controller is not None:
             self.kl_controller.coef = self.kl_coef
+
+
+def _done(value: Tensor) -> Future[Tensor]:
+    future: Future[Tensor] = Future()
+    future.set_result(value)
+    return future
 
 
 def _left_mask(lengths: list[int]) -> Tensor:
