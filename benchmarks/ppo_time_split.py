@@ -2,8 +2,9 @@
 (asynchronous: its work overlaps the actor's) against the same server awaited at once
 (synchronous) and against the in-process ``local`` critic.
 
-The workload (shared with ppo_vs_trl.py): the 28.8M Llama of ``bench_model.py`` with the
-character-level tokenizer of grpo_vs_trl.py, the arithmetic prompts
+The workload (shared with ppo_vs_trl.py): the 28.8M Llama of ``bench_model.py`` with a
+character-level tokenizer (one character per token, also for the ids the untrained model samples,
+so that the reward model scores the sampled tokens themselves), the arithmetic prompts
 (examples/data/arith_prompts_train.jsonl), a reward model of the same size (a one-head
 sequence classifier, random head, built in code with a fixed seed) that the critic is
 initialised from (``critic.init: reward``), and per step (one PPO iteration): 32 prompts x 1
@@ -57,9 +58,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from bench_model import run_worker
-from grpo_vs_trl import PROMPTS_FILE, SEED
-from grpo_vs_trl import prepare as prepare_policy
+from bench_model import VOCAB, run_worker, save_bench_llama
+from grpo_vs_trl import CHARACTERS, PROMPTS_FILE, SEED, SPECIALS
 
 PROMPTS_PER_STEP = 32
 NEW_TOKENS = 32
@@ -71,7 +71,7 @@ CLIP = 0.2
 VALUE_CLIP = 0.2
 VARIANTS = ("remote-async", "remote-sync", "local")
 DEFAULTS = {"variants": ",".join(VARIANTS), "steps": 3, "warmup": 1, "repeats": 2}
-# The phases of a step, each (label, how to read it from a step's record).
+FILLER_BASE = 0x4E00  # the filler tokens' characters: CJK ideographs, one character each
 PHASES = (
     "generate",
     "reward",
@@ -86,9 +86,28 @@ PHASES = (
 
 # ---- the shared workload -------------------------------------------------------------------------
 def prepare(workdir: Path) -> None:
-    """grpo_vs_trl's tokenizer and policy (``workdir/model``), and a reward model of the same
-    size and tokenizer (``workdir/reward``)."""
-    prepare_policy(workdir)
+    """A character-level tokenizer whose every token is one character, the policy
+    (``workdir/model``) and a reward model of the same size and tokenizer (``workdir/reward``).
+
+    Unlike grpo_vs_trl's tokenizer (filler tokens written ``<t123>``), decoding and encoding
+    again gives the same ids: align's reward model scores the decoded text, TRL's the token ids,
+    and both must see the same sequences."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model_dir = workdir / "model"
+    if not (model_dir / "config.json").is_file():
+        characters = {c: len(SPECIALS) + i for i, c in enumerate(CHARACTERS)}
+        first_filler = len(SPECIALS) + len(characters)
+        fillers = {chr(FILLER_BASE + i): i for i in range(first_filler, VOCAB)}
+        core = Tokenizer(models.WordLevel(vocab=SPECIALS | characters | fillers, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        core.decoder = decoders.Fuse()  # characters join without spaces
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+        )
+        tokenizer.save_pretrained(model_dir)
+        save_bench_llama(model_dir, seed=SEED, vocab_size=VOCAB)
     reward_dir = workdir / "reward"
     if (reward_dir / "config.json").is_file():
         return
