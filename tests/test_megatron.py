@@ -134,7 +134,6 @@ def test_conversion_at_tp1_matches_transformers_and_round_trips() -> None:
             ("pipeline_model_parallel_size", "(1 x 2)", "(1)"),
         ),
         ({"backend": {"tensor_model_parallel_size": 2}}, ("tensor_model_parallel_size", "(2 x 1)", "(1)")),
-        ({"algo": "reward"}, ("reward",)),
     ],
 )
 def test_what_megatron_cannot_run_is_a_user_error(
@@ -143,8 +142,6 @@ def test_what_megatron_cannot_run_is_a_user_error(
     """Exit 2 with the key at fault, before anything is written."""
     backend = sections.pop("backend", {})
     config = _yaml(small_dpo(tmp_path, "run", backend, **sections))
-    if config["algo"] == "reward":
-        config.pop("loss")
     result = run_cli(capsys, "run", write_yaml(tmp_path / "bad.yaml", config))
     assert_user_error(result, *fragments)
     assert not (tmp_path / "run" / "final").exists()

@@ -15,11 +15,17 @@ checkpoint again. Algorithms see the same ``Backend`` methods as on ``hf``:
 - Pipeline stages hold runs of layers; a scoring call runs through them and the last stage's
   log-probs reach every stage (``align_megatron.pipeline``), so again every rank computes the
   same loss, and the learner's backward runs back through the stages.
+- Sequence scorers (reward models, PPO's critic) are the same GPTModel trunk whose last stage
+  hands out its final hidden states, and a ``score`` head (``nn.Linear(hidden, labels)``, no
+  bias, HF's ``LlamaForSequenceClassification.score``) that every TP rank holds whole. Every TP
+  rank computes the same scores from the same (whole) hidden states, so the head's gradient is
+  already the same on every TP rank and needs no all-reduce; it is counted once in the norm.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +37,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from align import BackendConfig, ConfigError, ModelConfig, RunConfig, SequenceLogps, TokenBatch, TokenLogps
+from align import (
+    BackendConfig,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    SequenceLogps,
+    TokenBatch,
+    TokenLogps,
+)
 from align_megatron.conversion import (
     LlamaLayout,
     hf_tensors,
@@ -46,7 +60,9 @@ from align_megatron.parallel import Parallelism, build_gpt, initialize, transfor
 from align_megatron.pipeline import run_stages
 
 CAUSAL_ROLES = ("policy", "reference")
-FROZEN_ROLES = ("reference",)
+# Sequence scorers by role (one head each, as the hf backend builds them).
+SCORER_ROLES = ("reward", "critic")
+FROZEN_ROLES = ("reference", "reward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Logit given to the vocabulary's padding rows (added so TP divides it): exp() of it is 0.
 MASKED_LOGIT = -1e30
@@ -82,6 +98,7 @@ class MegatronModel(nn.Module):
         uses_te: bool,
         stages: int = 1,
         stage: int = 0,
+        score: nn.Linear | None = None,
     ) -> None:
         super().__init__()
         self.gpt = gpt
@@ -90,22 +107,38 @@ class MegatronModel(nn.Module):
         self.uses_te = uses_te
         self.stages = stages  # pipeline stages, and which one this process holds
         self.stage = stage
+        # A sequence scorer's head (on the last stage only); the gpt then returns hidden states.
+        self.score = score
 
     def held_names(self) -> list[str]:
         """The (whole-model) megatron names of the weights this pipeline stage holds."""
         return [n for n in megatron_names(self.layout) if stage_of(n, self.layout, self.stages) == self.stage]
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Logits ``[rows, width, vocab / TP]``: this rank's slice of the (padded) vocabulary."""
+        """Logits ``[rows, width, vocab / TP]``: this rank's slice of the (padded) vocabulary; for
+        a sequence scorer, the final hidden states ``[rows, width, hidden]`` (before ``score``)."""
         logits: Tensor = self.gpt(input_ids, position_ids, attention_mask)
         return logits
 
-    def replicated(self) -> set[int]:
-        """ids of the parameters every TP rank holds whole (the norms); the rest are shards.
-        Decided from the names: megatron marks shards only when it initialises them itself."""
+    def parameter(self, name: str) -> Tensor:
+        """The parameter holding this rank's shard of the conversion's (whole-model) ``name``."""
+        if name == "score.weight" and self.score is not None:
+            return self.score.weight
+        params = dict(self.gpt.named_parameters())
+        return params[self.local_name(name)]
+
+    def norms(self) -> set[int]:
+        """ids of the norms' weights (whole on every TP rank). Decided from the names: megatron
+        marks shards only when it initialises them itself."""
         return {
             id(p) for name, p in self.gpt.named_parameters() if "layernorm" in name or "layer_norm" in name
         }
+
+    def replicated(self) -> set[int]:
+        """ids of the parameters every TP rank holds whole (the norms, a score head); the rest
+        are shards."""
+        head = {id(p) for p in self.score.parameters()} if self.score is not None else set()
+        return self.norms() | head
 
     def local_name(self, name: str) -> str:
         """The module's name for the conversion's (local-spec, whole-model) parameter name: the
@@ -145,23 +178,50 @@ class MegatronBackend:
 
     # ---- building ------------------------------------------------------------------------
     def build_model(self, role: str, model: ModelConfig | None = None) -> nn.Module:
-        if role not in CAUSAL_ROLES:
+        """Causal LMs for ``policy``/``reference``, one-head sequence scorers for
+        ``reward``/``critic`` (the hf backend's models, converted); ``reference`` and ``reward``
+        are frozen and in eval mode."""
+        if role not in (*CAUSAL_ROLES, *SCORER_ROLES):
             raise ConfigError(
-                f"backend: megatron builds causal LMs ({', '.join(CAUSAL_ROLES)}); a '{role}' model "
-                f"(a sequence scorer) needs backend: hf"
+                f"backend: megatron: unknown model role '{role}'; roles: "
+                f"{', '.join((*CAUSAL_ROLES, *SCORER_ROLES))}"
+            )
+        if role == "critic":
+            # The learner saves a trainable other than the policy as one process's state dict,
+            # not through the backend's collective (TP-gathered, HF-named) save.
+            raise ConfigError(
+                "backend: megatron does not train PPO's local critic yet (its checkpoints would hold "
+                "one rank's shards); use backend: hf for PPO with critic: {name: local}"
             )
         cfg = model or self.run.model
-        hf_model: Any = self.hf.build_model(role, cfg)
-        layout = layout_of(hf_model.config)
-        hf_state = hf_model.state_dict()
-        if layout.tied_embeddings:
-            hf_state.setdefault("lm_head.weight", hf_state["model.embed_tokens.weight"])
-        built = self._empty_model(layout, hf_model.config, DTYPES[cfg.dtype])
-        self._load(built, hf_state.__getitem__)
-        del hf_model, hf_state
+        built = self._converted(self.hf.build_model(role, cfg), DTYPES[cfg.dtype])
         if role in FROZEN_ROLES:
             built.eval()
             built.requires_grad_(False)
+        return built
+
+    def build_scorer(self, num_labels: int, label_names: Sequence[str] | None = None) -> nn.Module:
+        """``align.ScoringBackend``: a trainable sequence scorer with ``num_labels`` heads (the hf
+        backend's ``LlamaForSequenceClassification`` for the run's model, converted)."""
+        hf_model = self.hf.build_scorer(num_labels, label_names)
+        return self._converted(hf_model, DTYPES[self.run.model.dtype])
+
+    def _converted(self, hf_model: Any, dtype: torch.dtype) -> MegatronModel:
+        """A megatron model holding ``hf_model``'s weights (a causal LM, or a sequence
+        classifier: its ``score`` head kept, no output layer)."""
+        layout = layout_of(hf_model.config)
+        hf_state = hf_model.state_dict()
+        head = getattr(hf_model, "score", None)
+        if isinstance(head, nn.Linear):
+            if head.bias is not None:
+                raise ConfigError("backend: megatron: a score head with a bias is not converted")
+            layout = replace(layout, tied_embeddings=False, num_labels=head.out_features)
+        elif layout.tied_embeddings:
+            hf_state.setdefault("lm_head.weight", hf_state["model.embed_tokens.weight"])
+        # What transformers writes on save, so the export loads with the Auto classes.
+        hf_model.config.architectures = [type(hf_model).__name__]
+        built = self._empty_model(layout, hf_model.config, dtype)
+        self._load(built, hf_state.__getitem__)
         return built
 
     def build_policy(self) -> nn.Module:
@@ -173,14 +233,18 @@ class MegatronBackend:
     def _empty_model(self, layout: LlamaLayout, hf_config: Any, dtype: torch.dtype) -> MegatronModel:
         gpt = build_gpt(layout, self.par, dtype, self.cfg.sequence_parallel)
         uses_te = transformer_engine_available()
-        return MegatronModel(gpt, layout, hf_config, uses_te, self.par.pp, self.par.pp_rank)
+        score = None
+        if layout.is_scorer and self.par.last_stage:
+            score = nn.Linear(
+                layout.hidden_size, layout.num_labels, bias=False, dtype=dtype, device=self.par.device
+            )
+        return MegatronModel(gpt, layout, hf_config, uses_te, self.par.pp, self.par.pp_rank, score)
 
     def _load(self, model: MegatronModel, get: Any) -> None:
-        params = dict(model.gpt.named_parameters())
         with torch.no_grad():
             for name in model.held_names():
                 shard = megatron_shard(name, get, model.layout, self.par.tp_rank, self.par.tp)
-                target = params[model.local_name(name)]
+                target = model.parameter(name)
                 if target.shape != shard.shape:
                     raise RuntimeError(
                         f"{name}: converted shard {tuple(shard.shape)} != {tuple(target.shape)}"
@@ -195,12 +259,11 @@ class MegatronBackend:
         from megatron.core import parallel_state as ps
 
         meg = _megatron(model)
-        params = dict(meg.gpt.named_parameters())
         group = ps.get_tensor_model_parallel_group()
         for name in megatron_names(meg.layout):
             shards: list[Tensor] = []
             if stage_of(name, meg.layout, self.par.pp) == self.par.pp_rank:
-                local = params[meg.local_name(name)].detach().contiguous()
+                local = meg.parameter(name).detach().contiguous()
                 shards = [torch.empty_like(local) for _ in range(self.par.tp)]
                 if self.par.tp > 1:
                     dist.all_gather(shards, local, group=group)
@@ -260,14 +323,17 @@ class MegatronBackend:
         learner calls this between the backward passes and the optimizer step."""
         from megatron.core import parallel_state as ps
 
-        replicated = _megatron(module).replicated()
+        meg = _megatron(module)
+        replicated = meg.replicated()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.par.dp > 1 and grads:
             grads = _sum_gradients(params, grads, ps.get_data_parallel_group())
         if self.cfg.sequence_parallel and self.par.tp > 1:
             # Each TP rank ran the norms on its part of the sequence: a replicated weight's
             # gradient is the sum of the ranks' parts.
-            norms = [i for i, p in enumerate(params) if id(p) in replicated]
+            # (Not a score head: it read the all-gathered, whole sequence.)
+            norm_ids = meg.norms()
+            norms = [i for i, p in enumerate(params) if id(p) in norm_ids]
             if norms:
                 group = ps.get_tensor_model_parallel_group()
                 summed = _sum_gradients([params[i] for i in norms], [grads[i] for i in norms], group)
@@ -303,6 +369,27 @@ class MegatronBackend:
         return SequenceLogps(_sum_over_data_parallel(sums, self.par).to(counts.device), counts)
 
     def token_logps(self, model: nn.Module, batch: TokenBatch, *, with_entropy: bool = False) -> TokenLogps:
+        values, owners, entropy = self._scored(model, batch, with_entropy)
+        return self._per_token(batch, values, owners, entropy)
+
+    def sequence_scores(self, model: nn.Module, batch: TokenBatch) -> Tensor:
+        """``align.ScoringBackend``: ``[num_sequences, num_labels]`` float32 scores, the score
+        head read at each sequence's last token that is not the pad token (where transformers'
+        sequence classifiers read it), padded or packed."""
+        meg = _scorer(model)
+        return self._outside_inference_mode(lambda: self._sequence_scores(meg, batch))
+
+    def token_scores(self, model: nn.Module, batch: TokenBatch) -> TokenLogps:
+        """``align.TokenScoringBackend`` (a critic's values): head 0 read at the position before
+        each token under ``loss_mask``, in ``token_logps``'s layout."""
+        meg = _scorer(model)
+        return self._outside_inference_mode(lambda: self._token_scores(meg, batch))
+
+    def _per_token(
+        self, batch: TokenBatch, values: Tensor, owners: Tensor, entropy: Tensor | None
+    ) -> TokenLogps:
+        """This DP rank's flat per-token ``values`` (and entropies) of the scored tokens, laid
+        out as ``[num_sequences, longest]``, left-aligned, and summed over the DP group."""
         scored = batch.loss_mask[:, 1:]
         owners_all = batch.sequence_ids[:, 1:][scored]
         counts = torch.bincount(owners_all, minlength=batch.num_sequences)
@@ -311,7 +398,6 @@ class MegatronBackend:
         positions_all = _positions_in_sequence(owners_all, batch.num_sequences)
         rows_all = torch.arange(scored.shape[0], device=scored.device)[:, None].expand_as(scored)[scored]
         mine = torch.isin(rows_all, self._my_rows(batch)[0])
-        values, owners, entropy = self._scored(model, batch, with_entropy)
         positions = positions_all[mine].to(owners.device)
 
         def laid_out(flat: Tensor) -> Tensor:
@@ -327,17 +413,24 @@ class MegatronBackend:
         mine = rows[self.par.dp_rank :: self.par.dp]
         return (mine, 1.0) if mine.numel() else (rows[:1], 0.0)
 
+    def _outside_inference_mode(self, compute: Callable[[], Any]) -> Any:
+        """``compute()``, never in inference mode: megatron-core reuses one global buffer
+        (sequence parallelism's all-gathers) that, made in inference mode (a cached reference
+        pass), could not be written by a later training step."""
+        if not torch.is_inference_mode_enabled():
+            return compute()
+        with torch.inference_mode(False), torch.no_grad():
+            return compute()
+
     def _scored(
         self, model: nn.Module, batch: TokenBatch, with_entropy: bool
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Log-probs (and entropies) of this DP rank's scored tokens, flat in row-major order,
-        with the sequence each belongs to. Never in inference mode: megatron-core reuses one
-        global buffer (sequence parallelism's all-gathers) that, made in inference mode (a
-        cached reference pass), could not be written by a later training step."""
-        if not torch.is_inference_mode_enabled():
-            return self._score(model, batch, with_entropy)
-        with torch.inference_mode(False), torch.no_grad():
-            return self._score(model, batch, with_entropy)
+        with the sequence each belongs to."""
+        result: tuple[Tensor, Tensor, Tensor | None] = self._outside_inference_mode(
+            lambda: self._score(model, batch, with_entropy)
+        )
+        return result
 
     def _score(
         self, model: nn.Module, batch: TokenBatch, with_entropy: bool
@@ -346,57 +439,94 @@ class MegatronBackend:
         rows, weight = self._my_rows(batch)
         ids = batch.input_ids[rows].to(self.par.device)
         width = ids.shape[1]
-        seq = batch.sequence_ids[rows].to(self.par.device)
-        positions = (
-            batch.position_ids[rows].to(self.par.device)
-            if batch.position_ids is not None
-            else torch.arange(width, device=ids.device).expand_as(ids)
-        )
         scored = batch.loss_mask[rows][:, 1:].to(self.par.device)
         targets = ids[:, 1:][scored]
-        owners = seq[:, 1:][scored]
+        owners = batch.sequence_ids[rows].to(self.par.device)[:, 1:][scored]
+        count = targets.numel()
 
-        def from_logits(logits: Tensor) -> tuple[Tensor, Tensor | None]:
-            return vocab_parallel_logps(
+        def from_logits(logits: Tensor) -> Tensor:
+            logps, entropy = vocab_parallel_logps(
                 logits[:, : width - 1][scored], targets, meg.layout.vocab_size, self.par.tp_rank, with_entropy
             )
+            return logps if entropy is None else torch.cat([logps, entropy])
 
-        extra = (-width) % self.par.tp if self.cfg.sequence_parallel else 0
-        if extra:  # sequence parallelism splits the width evenly over the TP ranks
-            ids, positions = (F.pad(t, (0, extra)) for t in (ids, positions))
-            seq = F.pad(seq, (0, extra), value=-1)  # a sequence of its own, never scored
-        inputs = (ids, positions, _attention_mask(seq))
-        if self.par.pp == 1:
-            logps, entropy = from_logits(meg(*inputs))
-        else:
-            logps, entropy = self._pipelined(meg, inputs, from_logits, with_entropy, targets.numel())
+        result = self._forward(
+            meg, self._model_inputs(batch, rows), from_logits, count * (2 if with_entropy else 1)
+        )
+        logps, entropy = (result[:count], result[count:]) if with_entropy else (result, None)
         if weight != 1.0:
             logps = logps * weight
             entropy = entropy * weight if entropy is not None else None
         return logps, owners, entropy
 
-    def _pipelined(
+    def _sequence_scores(self, meg: MegatronModel, batch: TokenBatch) -> Tensor:
+        rows, weight = self._my_rows(batch)
+        width = batch.input_ids.shape[1]
+        last = _last_token_positions(batch, getattr(meg.hf_config, "pad_token_id", None))
+        # Where each sequence's last token sits among this rank's rows (-1: another rank's).
+        local_row = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long, device=rows.device)
+        local_row[rows] = torch.arange(rows.numel(), device=rows.device)
+        at_row = local_row[last // width]
+        here = (at_row >= 0).nonzero().squeeze(-1)
+        at_row, at_col = at_row[here].to(self.par.device), (last[here] % width).to(self.par.device)
+        labels = meg.layout.num_labels
+
+        def read(hidden: Tensor) -> Tensor:
+            assert meg.score is not None  # the last stage holds the head
+            return meg.score(hidden[at_row, at_col]).float()
+
+        scores = self._forward(meg, self._model_inputs(batch, rows), read, here.numel() * labels)
+        scores = scores.reshape(-1, labels) * weight if weight != 1.0 else scores.reshape(-1, labels)
+        full = scores.new_zeros(batch.num_sequences, labels).index_put((here.to(self.par.device),), scores)
+        return _sum_over_data_parallel(full, self.par).to(batch.input_ids.device)
+
+    def _token_scores(self, meg: MegatronModel, batch: TokenBatch) -> TokenLogps:
+        rows, weight = self._my_rows(batch)
+        width = batch.input_ids.shape[1]
+        scored = batch.loss_mask[rows][:, 1:].to(self.par.device)
+        owners = batch.sequence_ids[rows].to(self.par.device)[:, 1:][scored]
+
+        def read(hidden: Tensor) -> Tensor:
+            assert meg.score is not None  # the last stage holds the head
+            return meg.score(hidden[:, : width - 1][scored])[:, 0].float()
+
+        values = self._forward(meg, self._model_inputs(batch, rows), read, owners.numel()).reshape(-1)
+        return self._per_token(batch, values * weight if weight != 1.0 else values, owners, None)
+
+    def _model_inputs(self, batch: TokenBatch, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The GPTModel's inputs for ``rows`` of the batch: token ids, positions and the
+        attention mask, the width padded to a multiple of TP with sequence parallelism (which
+        splits it evenly over the TP ranks)."""
+        ids = batch.input_ids[rows].to(self.par.device)
+        seq = batch.sequence_ids[rows].to(self.par.device)
+        positions = (
+            batch.position_ids[rows].to(self.par.device)
+            if batch.position_ids is not None
+            else torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        )
+        extra = (-ids.shape[1]) % self.par.tp if self.cfg.sequence_parallel else 0
+        if extra:
+            ids, positions = (F.pad(t, (0, extra)) for t in (ids, positions))
+            seq = F.pad(seq, (0, extra), value=-1)  # a sequence of its own, never scored
+        return ids, positions, _attention_mask(seq)
+
+    def _forward(
         self,
         meg: MegatronModel,
         inputs: tuple[Tensor, Tensor, Tensor],
-        from_logits: Any,
-        with_entropy: bool,
-        count: int,
-    ) -> tuple[Tensor, Tensor | None]:
-        """``from_logits`` of the last stage's logits, run through the pipeline (see
-        ``align_megatron.pipeline``); every stage gets the ``count`` log-probs (and entropies)."""
+        read: Callable[[Tensor], Tensor],
+        numel: int,
+    ) -> Tensor:
+        """``read`` of the model's output (the logits, or a scorer's hidden states) on
+        ``inputs``; with pipeline stages, run through them (see ``align_megatron.pipeline``),
+        and every stage gets the last stage's ``numel`` values (flat)."""
+        if self.par.pp == 1:
+            return read(meg(*inputs))
         rows, width = inputs[0].shape
         # Megatron's hidden states between stages: [sequence (split over TP with sequence
         # parallelism), rows, hidden].
         length = width // self.par.tp if self.cfg.sequence_parallel else width
-        hidden_shape = (length, rows, meg.layout.hidden_size)
-
-        def last_stage(logits: Tensor) -> Tensor:
-            logps, entropy = from_logits(logits)
-            return logps if entropy is None else torch.cat([logps, entropy])
-
-        result = run_stages(meg.gpt, inputs, hidden_shape, last_stage, count * (2 if with_entropy else 1))
-        return (result[:count], result[count:]) if with_entropy else (result, None)
+        return run_stages(meg.gpt, inputs, (length, rows, meg.layout.hidden_size), read, numel)
 
 
 def _sum_gradients(params: Sequence[nn.Parameter], grads: Sequence[Tensor], group: Any) -> list[Tensor]:
@@ -438,6 +568,29 @@ def _megatron(model: nn.Module) -> MegatronModel:
     if not isinstance(model, MegatronModel):
         raise TypeError(f"the megatron backend runs models it built, not {type(model).__name__}")
     return model
+
+
+def _scorer(model: nn.Module) -> MegatronModel:
+    meg = _megatron(model)
+    if not meg.layout.is_scorer:
+        raise TypeError("a causal LM has no score head: build a scorer (build_scorer, role reward or critic)")
+    return meg
+
+
+def _last_token_positions(batch: TokenBatch, pad_token_id: int | None) -> Tensor:
+    """Flat index (into ``rows * width``) of each sequence's last token that is not the pad
+    token, as the hf backend reads a sequence classifier's score (transformers' own rule)."""
+    ids = batch.input_ids.reshape(-1)
+    owners = batch.sequence_ids.reshape(-1)
+    keep = owners >= 0
+    if pad_token_id is not None:
+        keep &= ids != pad_token_id
+    flat = torch.arange(ids.numel(), device=ids.device)
+    last = torch.full((batch.num_sequences,), -1, dtype=torch.long, device=ids.device)
+    last = last.scatter_reduce(0, owners[keep], flat[keep], reduce="amax")
+    if bool((last < 0).any()):
+        raise ValueError("a sequence has no token other than padding to read its score from")
+    return last
 
 
 def _attention_mask(sequence_ids: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ model.embed_tokens.weight              embedding.word_embeddings.weight         
 .mlp.down_proj.weight                  .mlp.linear_fc2.weight                    columns
 model.norm.weight                      decoder.final_layernorm.weight            replicated
 lm_head.weight (untied only)           output_layer.weight                       rows (vocab)
+score.weight (sequence scorers)        score.weight                              replicated
 =====================================  ========================================  ==================
 
 ``linear_qkv`` holds, for each query group (KV head) in turn, that group's query heads then its
@@ -27,6 +28,10 @@ back, so HF -> Megatron -> HF returns identical tensors. With pipeline paralleli
 ``pp`` holds layers ``s * L/pp`` to ``(s + 1) * L/pp - 1`` under its own numbering from 0
 (``stage_of``, ``stage_local_name``), the embedding on the first stage, the final norm and the
 output layer on the last.
+
+A sequence scorer (an HF ``LlamaForSequenceClassification``: a reward model, a critic) has no
+output layer: its ``score`` head (``[num_labels, hidden]``, no bias) is a whole tensor on every TP
+rank, on the last pipeline stage (``LlamaLayout.num_labels`` > 0).
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ from align import ConfigError
 LAYER = "decoder.layers."
 HF_LAYER = "model.layers."
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Megatron -> HF names of the whole (unsplit) tensors outside the layers.
+REPLICATED_OUTSIDE_LAYERS = {
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "score.weight": "score.weight",
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,12 @@ class LlamaLayout:
     max_position_embeddings: int
     tied_embeddings: bool
     qkv_bias: bool
+    # A sequence scorer's heads (HF's ``score``, in place of the output layer); 0: a causal LM.
+    num_labels: int = 0
+
+    @property
+    def is_scorer(self) -> bool:
+        return self.num_labels > 0
 
     @property
     def heads_per_group(self) -> int:
@@ -166,7 +182,9 @@ def megatron_names(layout: LlamaLayout) -> list[str]:
         names += [p + "self_attention.linear_qkv.bias"] if layout.qkv_bias else []
         names += [p + "pre_mlp_layernorm.weight", p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
     names.append("decoder.final_layernorm.weight")
-    if not layout.tied_embeddings:
+    if layout.is_scorer:
+        names.append("score.weight")
+    elif not layout.tied_embeddings:
         names.append("output_layer.weight")
     return names
 
@@ -199,8 +217,8 @@ def megatron_shard(
         return _vocab_shard(get("model.embed_tokens.weight"), layout, tp_rank, tp)
     if name == "output_layer.weight":
         return _vocab_shard(get("lm_head.weight"), layout, tp_rank, tp)
-    if name == "decoder.final_layernorm.weight":
-        return get("model.norm.weight").clone()
+    if name in REPLICATED_OUTSIDE_LAYERS:
+        return get(REPLICATED_OUTSIDE_LAYERS[name]).clone()
     layer, part = _split_layer_name(name)
     hf = f"{HF_LAYER}{layer}."
     if part == "input_layernorm.weight":
@@ -271,8 +289,8 @@ def hf_tensors(name: str, shards: Sequence[Tensor], layout: LlamaLayout) -> Iter
     if name == "output_layer.weight":
         yield "lm_head.weight", torch.cat(list(shards))[: layout.vocab_size]
         return
-    if name == "decoder.final_layernorm.weight":
-        yield "model.norm.weight", shards[0]
+    if name in REPLICATED_OUTSIDE_LAYERS:
+        yield REPLICATED_OUTSIDE_LAYERS[name], shards[0]
         return
     layer, part = _split_layer_name(name)
     hf = f"{HF_LAYER}{layer}."

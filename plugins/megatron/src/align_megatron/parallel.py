@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 
 from align import ConfigError
 from align_megatron.conversion import LlamaLayout
@@ -179,7 +180,31 @@ def build_gpt(layout: LlamaLayout, par: Parallelism, dtype: torch.dtype, sequenc
         pre_process=par.first_stage,  # the embedding
         post_process=par.last_stage,  # the final norm and the output layer
     )
+    if layout.is_scorer and par.last_stage:
+        # megatron-core has no scorer head: its last stage hands out the final hidden states,
+        # and the backend applies the score head where it reads a score (MegatronModel.score).
+        model.output_layer = FinalHiddenStates(sequence_parallel)
     return model.to(par.device)
+
+
+class FinalHiddenStates(torch.nn.Module):
+    """Stands in for GPTModel's output layer in a sequence scorer: returns the final (normed)
+    hidden states ``[sequence, rows, hidden]`` as they are, whole: with sequence parallelism each
+    TP rank holds a part of the sequence, so they are all-gathered. Every TP rank then computes
+    the same scores and loss, so the gather's backward keeps each rank's own part of the
+    gradient (``tensor_parallel_output_grad=False``), not the sum over ranks."""
+
+    def __init__(self, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+        self.weight = None  # read by GPTModel's setup (no output weight here)
+
+    def forward(self, hidden: Tensor, weight: Tensor | None = None, **_: Any) -> tuple[Tensor, None]:
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return hidden, None
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):

@@ -1,0 +1,140 @@
+"""Sequence scorers on the megatron backend: a reward model (``--algo reward``) trains as on the
+hf backend (TP=1, in-process) and as at TP=1 under TP=2, PP=2, DP=2 and TP=2 with sequence
+parallelism (one torchrun launch, 2 processes, gloo); its final model is an HF sequence
+classifier that transformers loads and that scores as the megatron model does. PPO's local
+critic is refused (the learner would checkpoint one rank's shards of it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import DATA, dpo_config, head_jsonl, read_metrics, write_yaml
+from safetensors.torch import load_file
+
+import align
+from align.loading import validate_run_config
+
+pytest.importorskip("megatron.core")
+
+# The 2-process harness and the two-layer tiny model of the DPO tests.
+from test_megatron import LOSS_TOLERANCE, TWO_LAYERS, run_in_process, torchrun, train_losses
+
+
+def reward_run(folder: Path, name: str, backend: dict[str, Any]) -> str:
+    """An 8-step Bradley-Terry run of the two-layer tiny model on 32 shipped pairs (two epochs,
+    no eval split; rows up to 127 tokens, odd, so sequence parallelism at TP=2 pads the width),
+    as a config file."""
+    train = folder / "train.jsonl"
+    if not train.exists():
+        head_jsonl(DATA / "preference_train.jsonl", train, 32)
+    config = dpo_config(
+        folder / name,
+        algo="reward",
+        model=TWO_LAYERS,
+        backend=backend,
+        data={"train": str(train), "eval": None, "max_length": 127},
+        trainer={"max_steps": 8},
+        optim={"lr": 3e-3},
+    )
+    config.pop("loss")
+    return write_yaml(folder / f"{name}.yaml", config)
+
+
+def grad_norms(output_dir: Path) -> list[float]:
+    return [m["grad_norm"] for m in read_metrics(output_dir, "train")]
+
+
+@pytest.fixture(scope="module")
+def tp1_reward(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reward run on the megatron backend at TP=1 (in-process, a world of one)."""
+    folder = tmp_path_factory.mktemp("megatron_reward")
+    run_in_process(reward_run(folder, "tp1", {"name": "megatron"}))
+    return folder / "tp1"
+
+
+def scored_batches(tokenizer: Any) -> tuple[align.TokenBatch, align.TokenBatch]:
+    """Three sequences of different lengths, right-padded and packed."""
+    sequences = [([1, 40, 41], [42, 43, 2]), ([1, 44], [45, 2]), ([1, 46, 47, 48, 49, 50], [51, 2])]
+    return align.pad_sequences(sequences, tokenizer.pad_token_id), align.pack_sequences(sequences)
+
+
+def test_reward_on_megatron_follows_the_hf_backend_and_exports_a_classifier(
+    tp1_reward: Path, tmp_path: Path
+) -> None:
+    """The same run on both backends: the same losses (to 1e-5) and final weights, and it
+    learns. The final model is an HF sequence classifier: transformers loads it, and the megatron
+    backend's reward model built from it (the trained weights, converted back) gives
+    transformers' scores, padded or packed."""
+    from transformers import AutoModelForSequenceClassification
+
+    from align.plugins import default_plugins
+
+    config = _yaml(tp1_reward.parent / "tp1.yaml")
+    run_in_process(
+        write_yaml(
+            tmp_path / "hf.yaml", {**config, "backend": {"name": "hf"}, "output_dir": str(tmp_path / "hf")}
+        )
+    )
+    hf = train_losses(tmp_path / "hf")
+    assert train_losses(tp1_reward) == pytest.approx(hf, abs=LOSS_TOLERANCE)
+    assert len(hf) == 8 and hf[-1] < hf[0] - 0.3  # it learns
+    ours = load_file(tp1_reward / "final/model.safetensors")
+    theirs = load_file(tmp_path / "hf/final/model.safetensors")
+    assert set(ours) == set(theirs) and "score.weight" in ours and "lm_head.weight" not in ours
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5
+    exported = json.loads((tp1_reward / "final/config.json").read_text())
+    assert exported["architectures"] == ["LlamaForSequenceClassification"]
+    assert exported["id2label"] == {"0": "reward"}
+
+    loaded = AutoModelForSequenceClassification.from_pretrained(tp1_reward / "final").eval()
+    run = validate_run_config(
+        {**config, "model": {"path": str(tp1_reward / "final")}}, default_plugins().registry
+    )
+    from align_megatron import MegatronBackend
+
+    backend = MegatronBackend(run)
+    reward = backend.build_model("reward")
+    assert not any(p.requires_grad for p in reward.parameters())  # the reward role is frozen
+    with pytest.raises(align.ConfigError, match="local critic"):  # see docs/megatron.md
+        backend.build_model("critic")
+    padded, packed = scored_batches(backend.tokenizer)
+    with torch.no_grad():
+        scores = backend.sequence_scores(reward, padded)
+        expected = loaded(input_ids=padded.input_ids, attention_mask=padded.attention_mask).logits
+        torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(backend.sequence_scores(reward, packed), scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_reward_at_tp2_pp2_dp2_and_sequence_parallel_follows_tp1(tp1_reward: Path, tmp_path: Path) -> None:
+    """One torchrun launch (2 processes): the reward run at TP=2, TP=2 with sequence
+    parallelism, PP=2 and DP=2 gives TP=1's losses and gradient norms (the score head, whole on
+    every TP rank, counted once; its gradient is not summed over TP) and final weights."""
+    layouts = {
+        "tp2": {"tensor_model_parallel_size": 2},
+        "sp": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+        "pp2": {"pipeline_model_parallel_size": 2},
+        "dp2": {},
+    }
+    runs = [reward_run(tmp_path, name, {"name": "megatron", **backend}) for name, backend in layouts.items()]
+    report = torchrun(tmp_path, tp=0, runs=runs)
+    assert report["world_size"] == 2
+    reference, reference_norms = train_losses(tp1_reward), grad_norms(tp1_reward)
+    tp1_final = load_file(tp1_reward / "final/model.safetensors")
+    for name in layouts:
+        assert train_losses(tmp_path / name) == pytest.approx(reference, abs=LOSS_TOLERANCE), name
+        assert grad_norms(tmp_path / name) == pytest.approx(reference_norms, rel=1e-5), name
+        final = load_file(tmp_path / name / "final/model.safetensors")
+        assert set(final) == set(tp1_final), name
+        assert max(float((final[k] - tp1_final[k]).abs().max()) for k in final) < 1e-4, name
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    loaded: dict[str, Any] = yaml.safe_load(path.read_text())
+    return loaded
