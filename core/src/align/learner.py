@@ -446,6 +446,9 @@ class Learner:
             distributed.gather_to_main(self._state())
         else:
             self.backend.save_pretrained(self.context.policy, tmp / "model")  # writes on the main rank
+            for role, trainable in self._other_trainables():  # the same collective saves as the main
+                if saved_by_backend(trainable.module):
+                    self.backend.save_pretrained(trainable.module, tmp / ROLES_DIR / role)
             (tmp / RANKS_DIR).mkdir(parents=True, exist_ok=True)
             torch.save(self._state(), tmp / RANKS_DIR / f"rank_{process_rank()}.pt")
         barrier()
@@ -484,14 +487,14 @@ class Learner:
         return [(role, t) for role, t in self.trainables.items() if role != POLICY]
 
     def _save_module(self, module: nn.Module, folder: Path) -> None:
-        if callable(getattr(module, "save_pretrained", None)):
+        if saved_by_backend(module):
             self.backend.save_pretrained(module, folder)
             return
         folder.mkdir(parents=True, exist_ok=True)
         save_model(module, str(folder / "model.safetensors"))
 
     def _load_module(self, module: nn.Module, folder: Path) -> None:
-        if callable(getattr(module, "save_pretrained", None)):
+        if saved_by_backend(module):
             self.backend.load_weights(module, folder)
             return
         load_model(module, str(folder / "model.safetensors"))
@@ -776,3 +779,13 @@ def _describe_folder(folder: Path) -> str:
     if unusable:
         return f"{held} but no usable checkpoint ({'; '.join(unusable)})"
     return f"{held} but no checkpoint"
+
+
+def saved_by_backend(module: nn.Module) -> bool:
+    """Whether the backend saves and loads ``module`` (``save_pretrained``/``load_weights``): an
+    HF model (it has ``save_pretrained``), or a model a backend marks ``saved_by_backend = True``
+    (a model-parallel backend's, whose save every rank takes part in). Other modules (heads) are
+    written as one state dict by the main rank."""
+    return callable(getattr(module, "save_pretrained", None)) or bool(
+        getattr(module, "saved_by_backend", False)
+    )
