@@ -1,8 +1,9 @@
 """Sequence scorers on the megatron backend: a reward model (``--algo reward``) trains as on the
 hf backend (TP=1, in-process) and as at TP=1 under TP=2, PP=2, DP=2 and TP=2 with sequence
 parallelism (one torchrun launch, 2 processes, gloo); its final model is an HF sequence
-classifier that transformers loads and that scores as the megatron model does. PPO's local
-critic is refused (the learner would checkpoint one rank's shards of it)."""
+classifier that transformers loads and that scores as the megatron model does. PPO with its
+local critic (a trainable scorer read at every token) follows the hf backend at TP=1, TP=1 at
+TP=2, and a TP=2 run resumed from its first checkpoint ends with the same critic, bit for bit."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import DATA, dpo_config, head_jsonl, read_metrics, write_yaml
+from helpers import DATA, dpo_config, head_jsonl, merge, read_metrics, write_yaml
+from helpers.online import arith_config
 from safetensors.torch import load_file
 
 import align
@@ -53,6 +55,47 @@ def tp1_reward(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reward run on the megatron backend at TP=1 (in-process, a world of one)."""
     folder = tmp_path_factory.mktemp("megatron_reward")
     run_in_process(reward_run(folder, "tp1", {"name": "megatron"}))
+    return folder / "tp1"
+
+
+def ppo_run(folder: Path, name: str, backend: dict[str, Any], **sections: Any) -> str:
+    """Two PPO iterations (8 prompts x 2 samples, one epoch, a length reward an untrained model's
+    samples differ in) with the local critic, initialised from the policy, as a config file."""
+    base = arith_config(
+        "ppo",
+        folder / name,
+        Path("unused"),  # the tiny model below
+        backend=backend,
+        data={"eval": None},
+        iterations=2,
+        prompts_per_iteration=8,
+        sampling={"n": 2},
+        epochs=1,
+        trainer={"batch_size": 16},
+        optim={"lr": 3e-4},
+    )
+    config = merge(base, sections)
+    config["model"] = TWO_LAYERS
+    config["reward"] = {"name": "length", "target": 2}
+    return write_yaml(folder / f"{name}.yaml", config)
+
+
+CRITIC_METRICS = ("critic_loss", "critic_grad_norm", "critic_value_mean", "critic_explained_variance")
+
+
+def critic_metrics(output_dir: Path) -> list[list[float]]:
+    return [[row[key] for key in CRITIC_METRICS] for row in read_metrics(output_dir, "rollout")]
+
+
+def critic_weights(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / f"checkpoints/step_{step}/roles/critic/model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tp1_ppo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PPO with the local critic on the megatron backend at TP=1 (in-process)."""
+    folder = tmp_path_factory.mktemp("megatron_ppo")
+    run_in_process(ppo_run(folder, "tp1", {"name": "megatron"}))
     return folder / "tp1"
 
 
@@ -99,8 +142,6 @@ def test_reward_on_megatron_follows_the_hf_backend_and_exports_a_classifier(
     backend = MegatronBackend(run)
     reward = backend.build_model("reward")
     assert not any(p.requires_grad for p in reward.parameters())  # the reward role is frozen
-    with pytest.raises(align.ConfigError, match="local critic"):  # see docs/megatron.md
-        backend.build_model("critic")
     padded, packed = scored_batches(backend.tokenizer)
     with torch.no_grad():
         scores = backend.sequence_scores(reward, padded)
@@ -109,11 +150,37 @@ def test_reward_on_megatron_follows_the_hf_backend_and_exports_a_classifier(
         torch.testing.assert_close(backend.sequence_scores(reward, packed), scores, rtol=0, atol=1e-5)
 
 
+def test_ppo_local_critic_on_megatron_follows_the_hf_backend(tp1_ppo: Path, tmp_path: Path) -> None:
+    """The critic's loss, gradient norm, values and explained variance, the policy's losses, and
+    the critic's checkpointed weights (an HF sequence classifier) match the hf backend's."""
+    config = _yaml(tp1_ppo.parent / "tp1.yaml")
+    run_in_process(
+        write_yaml(
+            tmp_path / "hf.yaml", {**config, "backend": {"name": "hf"}, "output_dir": str(tmp_path / "hf")}
+        )
+    )
+    ours, theirs = critic_metrics(tp1_ppo), critic_metrics(tmp_path / "hf")
+    assert len(ours) == 2
+    assert [v for row in ours for v in row] == pytest.approx([v for row in theirs for v in row], abs=1e-5)
+    assert grad_norms(tp1_ppo) == pytest.approx(grad_norms(tmp_path / "hf"), abs=1e-5)
+    assert train_losses(tp1_ppo) == pytest.approx(train_losses(tmp_path / "hf"), abs=1e-5)
+    critic, hf_critic = critic_weights(tp1_ppo, 2), critic_weights(tmp_path / "hf", 2)
+    assert set(critic) == set(hf_critic) and "score.weight" in critic
+    assert max(float((critic[k] - hf_critic[k]).abs().max()) for k in critic) < 1e-5
+    exported = json.loads((tp1_ppo / "checkpoints/step_2/roles/critic/config.json").read_text())
+    assert exported["architectures"] == ["LlamaForSequenceClassification"]
+
+
 @pytest.mark.slow
-def test_reward_at_tp2_pp2_dp2_and_sequence_parallel_follows_tp1(tp1_reward: Path, tmp_path: Path) -> None:
+def test_reward_and_ppo_critic_at_tp2_pp2_dp2_and_sequence_parallel_follow_tp1(
+    tp1_reward: Path, tp1_ppo: Path, tmp_path: Path
+) -> None:
     """One torchrun launch (2 processes): the reward run at TP=2, TP=2 with sequence
     parallelism, PP=2 and DP=2 gives TP=1's losses and gradient norms (the score head, whole on
-    every TP rank, counted once; its gradient is not summed over TP) and final weights."""
+    every TP rank, counted once; its gradient is not summed over TP) and final weights. PPO at
+    TP=2 gives TP=1's critic metrics; resumed from its iteration-1 checkpoint (every rank saved
+    and restores its critic shards through the backend), it repeats iteration 2 and checkpoints
+    the same critic, bit for bit."""
     layouts = {
         "tp2": {"tensor_model_parallel_size": 2},
         "sp": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
@@ -121,6 +188,10 @@ def test_reward_at_tp2_pp2_dp2_and_sequence_parallel_follows_tp1(tp1_reward: Pat
         "dp2": {},
     }
     runs = [reward_run(tmp_path, name, {"name": "megatron", **backend}) for name, backend in layouts.items()]
+    tp2 = {"name": "megatron", "tensor_model_parallel_size": 2}
+    runs.append(ppo_run(tmp_path, "ppo_tp2", tp2, trainer={"save_every": 1}))
+    resume = str(tmp_path / "ppo_tp2/checkpoints/step_1")
+    runs.append(ppo_run(tmp_path, "ppo_resumed", tp2, resume=resume))
     report = torchrun(tmp_path, tp=0, runs=runs)
     assert report["world_size"] == 2
     reference, reference_norms = train_losses(tp1_reward), grad_norms(tp1_reward)
@@ -131,6 +202,13 @@ def test_reward_at_tp2_pp2_dp2_and_sequence_parallel_follows_tp1(tp1_reward: Pat
         final = load_file(tmp_path / name / "final/model.safetensors")
         assert set(final) == set(tp1_final), name
         assert max(float((final[k] - tp1_final[k]).abs().max()) for k in final) < 1e-4, name
+    ppo = critic_metrics(tmp_path / "ppo_tp2")
+    flat = [v for row in ppo for v in row]
+    assert flat == pytest.approx([v for row in critic_metrics(tp1_ppo) for v in row], abs=1e-5)
+    assert critic_metrics(tmp_path / "ppo_resumed") == ppo[1:]
+    first, second = critic_weights(tmp_path / "ppo_tp2", 2), critic_weights(tmp_path / "ppo_resumed", 2)
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+    assert (tmp_path / "ppo_tp2/checkpoints/step_1/ranks/rank_1.pt").is_file()
 
 
 def _yaml(path: Path) -> dict[str, Any]:

@@ -90,6 +90,10 @@ class MegatronBackendConfig(BackendConfig):
 class MegatronModel(nn.Module):
     """A megatron-core GPTModel with what the conversion needs to write it back as HF."""
 
+    # The learner saves and loads it through the backend (a collective, TP-gathered HF save on
+    # every rank), also as a trainable other than the policy (PPO's critic).
+    saved_by_backend = True
+
     def __init__(
         self,
         gpt: nn.Module,
@@ -185,13 +189,6 @@ class MegatronBackend:
             raise ConfigError(
                 f"backend: megatron: unknown model role '{role}'; roles: "
                 f"{', '.join((*CAUSAL_ROLES, *SCORER_ROLES))}"
-            )
-        if role == "critic":
-            # The learner saves a trainable other than the policy as one process's state dict,
-            # not through the backend's collective (TP-gathered, HF-named) save.
-            raise ConfigError(
-                "backend: megatron does not train PPO's local critic yet (its checkpoints would hold "
-                "one rank's shards); use backend: hf for PPO with critic: {name: local}"
             )
         cfg = model or self.run.model
         built = self._converted(self.hf.build_model(role, cfg), DTYPES[cfg.dtype])
