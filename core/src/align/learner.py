@@ -423,7 +423,7 @@ class Learner:
         # clearing deleted its file, or its folder under it (a crash of 1 in 3 CI runs).
         barrier()
         with checkpoint.guarded_write(f"the checkpoint of step {self.step}", tmp, self.output_dir):
-            self.backend.save_pretrained(self.context.policy, tmp / "model")
+            self._save_checkpoint_weights(self.context.policy, tmp / "model")
             for role, trainable in self._other_trainables():
                 self._save_module(trainable.module, tmp / ROLES_DIR / role)
             self.algorithm.save_files(tmp)
@@ -445,10 +445,10 @@ class Learner:
         if self.data_parallel > 1:  # the same weights on every rank: the main rank writes it all
             distributed.gather_to_main(self._state())
         else:
-            self.backend.save_pretrained(self.context.policy, tmp / "model")  # writes on the main rank
+            self._save_checkpoint_weights(self.context.policy, tmp / "model")  # collective
             for role, trainable in self._other_trainables():  # the same collective saves as the main
                 if saved_by_backend(trainable.module):
-                    self.backend.save_pretrained(trainable.module, tmp / ROLES_DIR / role)
+                    self._save_checkpoint_weights(trainable.module, tmp / ROLES_DIR / role)
             (tmp / RANKS_DIR).mkdir(parents=True, exist_ok=True)
             torch.save(self._state(), tmp / RANKS_DIR / f"rank_{process_rank()}.pt")
         barrier()
@@ -486,16 +486,27 @@ class Learner:
     def _other_trainables(self) -> list[tuple[str, Trainable]]:
         return [(role, t) for role, t in self.trainables.items() if role != POLICY]
 
+    def _save_checkpoint_weights(self, module: nn.Module, folder: Path) -> None:
+        """A checkpoint's copy of a model the backend saves: its ``save_checkpoint_weights`` where
+        it has one (its own format, e.g. megatron-core's distributed checkpoint), else
+        ``save_pretrained``. ``_load_checkpoint_weights`` reads it back."""
+        save = getattr(self.backend, "save_checkpoint_weights", None)
+        (save or self.backend.save_pretrained)(module, folder)
+
+    def _load_checkpoint_weights(self, module: nn.Module, folder: Path) -> None:
+        load = getattr(self.backend, "load_checkpoint_weights", None)
+        (load or self.backend.load_weights)(module, folder)
+
     def _save_module(self, module: nn.Module, folder: Path) -> None:
         if saved_by_backend(module):
-            self.backend.save_pretrained(module, folder)
+            self._save_checkpoint_weights(module, folder)
             return
         folder.mkdir(parents=True, exist_ok=True)
         save_model(module, str(folder / "model.safetensors"))
 
     def _load_module(self, module: nn.Module, folder: Path) -> None:
         if saved_by_backend(module):
-            self.backend.load_weights(module, folder)
+            self._load_checkpoint_weights(module, folder)
             return
         load_model(module, str(folder / "model.safetensors"))
 
@@ -628,7 +639,7 @@ class Learner:
         state = self._resume_state if self._resume_state is not None else self._load_state(path)
         self._resume_state = None
         policy = self.trainables[POLICY]
-        self.backend.load_weights(self.context.policy, path / "model")
+        self._load_checkpoint_weights(self.context.policy, path / "model")
         policy.largest_param = None
         self._restore_optim(policy, state["optimizer"], state["scheduler"])
         policy.step = self.last_saved_step = int(state["step"])
