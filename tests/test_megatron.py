@@ -234,7 +234,55 @@ def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(tp1_run: Path, tmp_pat
     assert (tmp_path / "dp2/checkpoints/step_4/ranks/rank_1.pt").is_file()
     tp1_final = load_file(tp1_run / "final/model.safetensors")
     assert max(float((first[k] - tp1_final[k]).abs().max()) for k in first) < 1e-4
+    # The weights are megatron-core's distributed checkpoint, and it reshards: read at TP=1.
+    last = tmp_path / "tp2/checkpoints/step_4/model"
+    assert (last / "metadata.json").is_file() and not list(last.glob("*.safetensors"))
+    assert_reshards_to_tp1(tmp_path / "tp2.yaml", last, tmp_path / "tp2/final")
     shutil.rmtree(tmp_path / "tp2/checkpoints", ignore_errors=True)
+
+
+def megatron_at_tp1(config: Path) -> Any:
+    """The megatron backend of run ``config`` at TP=1, in this process (a world of one)."""
+    from align.cli import load_config
+    from align.plugins import default_plugins
+    from align_megatron import MegatronBackend
+
+    run = load_config(str(config), ["backend.tensor_model_parallel_size=1"], None, default_plugins())
+    return MegatronBackend(run)
+
+
+def checkpoint_weights(config: Path, folder: Path, role: str = "policy") -> dict[str, torch.Tensor]:
+    """HF-named weights of ``role`` in a checkpoint's ``folder``: read as saved (an HF folder),
+    or a megatron distributed checkpoint read at TP=1 in this process, whatever TP wrote it."""
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    backend = megatron_at_tp1(config)
+    model = backend.build_model(role)
+    backend.load_checkpoint_weights(model, folder)
+    return {name: tensor.clone() for name, tensor in backend.named_weights(model)}
+
+
+def assert_reshards_to_tp1(config: Path, checkpoint: Path, final: Path) -> None:
+    """In this process (a world of one, TP=1): the policy read from a TP=2 run's distributed
+    checkpoint holds the same weights, bit for bit, as the policy read from that run's final HF
+    export (written after the same step), and gives the same logits (to 1e-6)."""
+    from align_megatron import MegatronModel
+
+    backend = megatron_at_tp1(config)
+    resharded, exported = backend.build_policy(), backend.build_policy()
+    assert isinstance(resharded, MegatronModel) and isinstance(exported, MegatronModel)
+    backend.load_checkpoint_weights(resharded, checkpoint)
+    backend.load_weights(exported, final)
+    ours, theirs = dict(backend.named_weights(resharded)), dict(backend.named_weights(exported))
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    torch.manual_seed(0)
+    ids = torch.randint(0, resharded.layout.vocab_size, (2, 12))
+    positions = torch.arange(12).expand_as(ids)
+    masked = ~torch.ones(12, 12, dtype=torch.bool).tril()[None, None].expand(2, 1, 12, 12)
+    with torch.no_grad():
+        logits = resharded.eval()(ids, positions, masked)
+        expected = exported.eval()(ids, positions, masked)
+    assert float((logits - expected).abs().max()) <= 1e-6
 
 
 def _yaml(path: str) -> dict[str, Any]:

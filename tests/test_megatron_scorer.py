@@ -23,7 +23,14 @@ from align.loading import validate_run_config
 pytest.importorskip("megatron.core")
 
 # The 2-process harness and the two-layer tiny model of the DPO tests.
-from test_megatron import LOSS_TOLERANCE, TWO_LAYERS, run_in_process, torchrun, train_losses
+from test_megatron import (
+    LOSS_TOLERANCE,
+    TWO_LAYERS,
+    checkpoint_weights,
+    run_in_process,
+    torchrun,
+    train_losses,
+)
 
 
 def reward_run(folder: Path, name: str, backend: dict[str, Any]) -> str:
@@ -88,7 +95,10 @@ def critic_metrics(output_dir: Path) -> list[list[float]]:
 
 
 def critic_weights(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(output_dir / f"checkpoints/step_{step}/roles/critic/model.safetensors")
+    """The checkpointed critic, HF-named: the hf backend's safetensors, or the megatron
+    backend's distributed checkpoint read at TP=1 (the run's config sits beside its folder)."""
+    folder = output_dir / f"checkpoints/step_{step}/roles/critic"
+    return checkpoint_weights(output_dir.parent / f"{output_dir.name}.yaml", folder, "critic")
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ from align_megatron.conversion import (
     stage_local_name,
     stage_of,
 )
-from align_megatron.cpu_shims import cpu_only
+from align_megatron.cpu_shims import cpu_checkpoint_writer, cpu_only
 from align_megatron.parallel import Parallelism, build_gpt, initialize, transformer_engine_available
 from align_megatron.pipeline import run_stages
 
@@ -311,6 +311,36 @@ class MegatronBackend:
 
         self._load(meg, get)
 
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint_weights(self, model: nn.Module, path: Path) -> None:
+        """A checkpoint's weights as megatron-core's distributed checkpoint (torch_dist) in
+        ``path``: every rank writes its own shards (replicas once), with metadata placing each
+        shard in the whole tensor, so ``load_checkpoint_weights`` reads it at another TP or PP;
+        beside it, the model's HF ``config.json``. Every rank must call it (it is collective)."""
+        from megatron.core import dist_checkpointing
+
+        meg = _megatron(model)
+        path.mkdir(parents=True, exist_ok=True)
+        with cpu_checkpoint_writer():
+            dist_checkpointing.save(_sharded_state(meg), str(path))
+        if self.is_main:  # what model the shards are of (the HF config the export would have)
+            meg.hf_config.save_pretrained(path)
+
+    def load_checkpoint_weights(self, model: nn.Module, path: Path) -> None:
+        """Load weights ``save_checkpoint_weights`` wrote, at any TP/PP (each rank reads the part
+        of every tensor it holds), or an HF checkpoint (what older checkpoints hold)."""
+        from megatron.core import dist_checkpointing
+
+        meg = _megatron(model)
+        if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
+            self.load_weights(model, path)
+            return
+        loaded = dist_checkpointing.load(_sharded_state(meg), str(path))
+        with torch.no_grad():
+            if meg.score is not None:
+                meg.score.weight.copy_(loaded.pop("score.weight"))
+            meg.gpt.load_state_dict(loaded, strict=True)
+
     # ---- gradients ------------------------------------------------------------------------
     def finish_gradients(
         self, module: nn.Module, params: Sequence[nn.Parameter], max_norm: float | None
@@ -559,6 +589,27 @@ def _from_stage(shards: list[Tensor], stage: int, par: Parallelism, dtype: torch
         dist.broadcast(shard, src=source, group=group)
         received.append(shard)
     return received
+
+
+def _sharded_state(meg: MegatronModel) -> dict[str, Any]:
+    """The model's sharded state dict for ``dist_checkpointing``: megatron-core's own for the
+    GPTModel (global layer numbers, TP offsets, replicas marked), and a score head held whole by
+    every TP rank."""
+    from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+    gpt: Any = meg.gpt  # a GPTModel (typed as a Module)
+    if meg.score is None:
+        state: dict[str, Any] = gpt.sharded_state_dict()
+        return state
+    # A scorer's last stage has no output layer (it hands out hidden states), which megatron's
+    # GPTModel would look up when it is the last stage (``post_process``): not while this runs.
+    post_process, gpt.post_process = gpt.post_process, False
+    try:
+        state = gpt.sharded_state_dict()
+    finally:
+        gpt.post_process = post_process
+    state["score.weight"] = make_sharded_tensor_for_checkpoint(meg.score.weight, "score.weight")
+    return state
 
 
 def _megatron(model: nn.Module) -> MegatronModel:

@@ -12,9 +12,15 @@ megatron-core 0.16 assumes CUDA in two places that a CPU run reaches:
    come from the HF model through the conversion, and dropout is off.
 
 Both are applied once per process, and never when CUDA is available (the real code paths run).
+
+A third one wraps each distributed-checkpoint save (``cpu_checkpoint_writer``), see there.
 """
 
 from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -47,3 +53,25 @@ def seed_model_parallel_rng(seed: int) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=cpu_only())
+
+
+@contextmanager
+def cpu_checkpoint_writer() -> Iterator[None]:
+    """Around ``dist_checkpointing.save`` without a GPU (a no-op with one): megatron-core's
+    torch_dist writer calls ``torch.cuda.synchronize()`` unconditionally (it raises without
+    CUDA: made a no-op here), and collects its writers' results through a queue it gets from a
+    ``spawn`` manager process, which re-imports everything (seconds per save; the writes are
+    in-process here, so a plain ``queue.Queue`` does). Both are put back afterwards."""
+    if not cpu_only():
+        yield
+        return
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    synchronize, results = torch.cuda.synchronize, filesystem_async._results_queue
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize = synchronize
+        filesystem_async._results_queue = results
