@@ -242,12 +242,13 @@ def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(tp1_run: Path, tmp_pat
 
 
 def megatron_at_tp1(config: Path) -> Any:
-    """The megatron backend of run ``config`` at TP=1, in this process (a world of one)."""
+    """The megatron backend of run ``config`` at TP=1 and PP=1, in this process (a world of one)."""
     from align.cli import load_config
     from align.plugins import default_plugins
     from align_megatron import MegatronBackend
 
-    run = load_config(str(config), ["backend.tensor_model_parallel_size=1"], None, default_plugins())
+    one = ["backend.tensor_model_parallel_size=1", "backend.pipeline_model_parallel_size=1"]
+    run = load_config(str(config), one, None, default_plugins())
     return MegatronBackend(run)
 
 
@@ -263,8 +264,8 @@ def checkpoint_weights(config: Path, folder: Path, role: str = "policy") -> dict
 
 
 def assert_reshards_to_tp1(config: Path, checkpoint: Path, final: Path) -> None:
-    """In this process (a world of one, TP=1): the policy read from a TP=2 run's distributed
-    checkpoint holds the same weights, bit for bit, as the policy read from that run's final HF
+    """In this process (a world of one, TP=1, PP=1): the policy read from a TP=2 (or PP=2) run's
+    distributed checkpoint holds the same weights, bit for bit, as the policy read from that run's final HF
     export (written after the same step), and gives the same logits (to 1e-6)."""
     from align_megatron import MegatronModel
 
@@ -350,6 +351,8 @@ def test_pp2_follows_tp1_and_resumes_bit_exact(tp1_run: Path, second_launch: tup
     assert max(float((first[k] - tp1_final[k]).abs().max()) for k in first) < 1e-4
     # The last stage's optimizer state (its layers) is in the checkpoint.
     assert (folder / "pp2/checkpoints/step_2/ranks/rank_1.pt").is_file()
+    # The stages' distributed checkpoint reads back as one model (PP=1).
+    assert_reshards_to_tp1(folder / "pp2.yaml", folder / "pp2/checkpoints/step_4/model", folder / "pp2/final")
 
 
 @pytest.mark.slow
