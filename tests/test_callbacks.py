@@ -173,7 +173,7 @@ class RecordHooks:
 
     @align.hookimpl
     def on_train_end(self, run, metrics):
-        EVENTS.append(("end", run.stop_reason))
+        EVENTS.append(("end", run.stop_reason, run.is_main))
 
     def close(self):
         EVENTS.append(("closed",))
@@ -196,7 +196,7 @@ def test_a_third_party_callback_is_built_with_its_config_and_registered_for_one_
         events = sys.modules["recording_callback"].EVENTS
         assert events[0] == ("built", "mine", "sft")
         assert ("eval", 0) in events and ("train", 4) in events
-        assert events[-2:] == [("end", None), ("closed",)]
+        assert events[-2:] == [("end", None, True), ("closed",)]  # one process: the main one
         before = len(events)
         plugins.manager.hook.on_step_end(run=None, step=9, metrics={"split": "train"})
         assert len(events) == before, "the callback's hooks are gone once its run ended"

@@ -73,6 +73,9 @@ class RunInfo:
     resumed_from: Path | None = None
     stop_reason: str | None = None
     resumed_step: int = 0
+    # Lifecycle hooks run on every rank of a distributed run (early stopping must stop them all;
+    # they see the ranks' averaged metrics); a hook that writes files should write where this is True.
+    is_main: bool = True
 
     def request_stop(self, reason: str) -> None:
         """Ask the run to stop cleanly after the current step: it saves, writes final/ and
@@ -723,6 +726,7 @@ class Learner:
         if self.is_main:
             write_run_config(self.config, self.output_dir, self.plugins.registry)
         self.info.resumed_from, self.info.resumed_step = resumed_from, self.step
+        self.info.is_main = self.is_main
         self.hook.on_train_start(run=self.info)
         result = RunResult(self.output_dir, self.output_dir / "final", self.total_steps)
         result.eval_before = self.evaluate() if resumed_from is None else {}
