@@ -1,16 +1,21 @@
 """What the side-by-side benchmarks share: the model they all use, a 28.8M-parameter Llama
 (6 layers, hidden 512, 8 heads, vocab 8192, untied) built in code with a fixed seed, so align,
-TRL and the engines are measured on exactly the same weights; and the fresh worker process each
-measurement runs in."""
+TRL and the engines are measured on exactly the same weights; the fresh worker process each
+measurement runs in; what a worker measures (step times through align's lifecycle hooks or a TRL
+callback, peak RSS); and the pieces of the drivers that run the variants alternately."""
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +78,171 @@ def run_worker(
             return None, done.stderr[-4000:]
         result: dict[str, Any] = json.loads(out.read_text())
         return result, done.stderr[-4000:]
+
+
+# ---- what a worker measures ------------------------------------------------------------------------
+def peak_rss_mb(include_children: bool = True) -> float:
+    """This process's peak resident memory in MiB (ru_maxrss is KiB on Linux), or that of its
+    largest child when that is larger and ``include_children`` is set."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if not include_children:
+        return own / 1024
+    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+
+
+def fmt_load(load: Sequence[float]) -> str:
+    """A load average (1, 5, 15 min) as ``1.0/2.0/3.0``."""
+    return "/".join(f"{value:.1f}" for value in load)
+
+
+def write_worker_result(result: dict[str, Any], out: Path, started: float) -> None:
+    """Finish a worker: add its peak RSS (children included) and its wall time since
+    ``started`` (the worker module's import), and write the result JSON the driver reads."""
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["wall_s"] = time.perf_counter() - started
+    out.write_text(json.dumps(result))
+
+
+@dataclass
+class StepMarks:
+    """The wall-clock marks of one training run: one when training starts and one at the end of
+    each step (of one metrics ``split`` on align's side), so ``step_s()`` is each step's time
+    including whatever happened between steps; and what was recorded at each step."""
+
+    split: str = "train"
+    clock: Callable[[], float] = time.perf_counter
+    marks: list[float] = field(default_factory=list)
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+    def step_s(self) -> list[float]:
+        return [b - a for a, b in itertools.pairwise(self.marks)]
+
+
+def align_step_timer(
+    split: str,
+    clock: Callable[[], float] = time.perf_counter,
+    add_to_row: Callable[[dict[str, float]], None] | None = None,
+) -> StepMarks:
+    """A hook plugin to register on align's plugin manager: marks the start of training and the
+    end of each step whose metrics have ``split`` (e.g. "train", or "rollout" for a whole
+    GRPO/PPO iteration), reading ``clock``; keeps each such step's numeric metrics in ``rows``,
+    after ``add_to_row`` added what the benchmark measures itself at that moment."""
+    import align  # not at the top: TRL's workers run in venvs without align
+
+    class AlignTimer(StepMarks):
+        @align.hookimpl
+        def on_train_start(self, run: Any) -> None:
+            self.marks.append(self.clock())
+
+        @align.hookimpl
+        def on_step_end(self, run: Any, step: int, metrics: dict[str, Any]) -> None:
+            if metrics.get("split") != self.split:
+                return
+            self.marks.append(self.clock())
+            row = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            if add_to_row is not None:
+                add_to_row(row)
+            self.rows.append(row)
+
+    return AlignTimer(split, clock)
+
+
+def trl_step_timer(
+    log_key: str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[Any, StepMarks]:
+    """A ``transformers.TrainerCallback`` that marks the start of training and the end of each
+    optimizer step, reading ``clock``, and calls ``on_step`` after each mark; with ``log_key``,
+    each logged value of that key is kept as a row ``{log_key: value}``. Returns (the callback,
+    its marks)."""
+    from transformers import TrainerCallback
+
+    timed = StepMarks("trl", clock)
+
+    class TrlTimer(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            timed.marks.append(clock())
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            timed.marks.append(clock())
+            if on_step is not None:
+                on_step()
+
+        def on_log(self, *a: Any, logs: dict[str, float] | None = None, **k: Any) -> None:
+            if log_key is not None and logs and log_key in logs:
+                timed.rows.append({log_key: float(logs[log_key])})
+
+    return TrlTimer(), timed
+
+
+@dataclass
+class TrainedTokens:
+    """Per optimizer step: the tokens trained on (padding left out) and the slots they took
+    (padding included), so that tokens/s and the padding share compare across sides."""
+
+    tokens: list[int] = field(default_factory=list)
+    slots: list[float] = field(default_factory=list)
+    pending: list[int] = field(default_factory=lambda: [0, 0])
+
+    def end_step(self) -> None:
+        """Close the step: what was counted since the last call is one step's."""
+        self.tokens.append(self.pending[0])
+        self.slots.append(self.pending[1])
+        self.pending[:] = [0, 0]
+
+
+def count_trl_tokens(trainer: Any) -> TrainedTokens:
+    """Count, through a wrapper around ``trainer.compute_loss`` (a TRL/transformers trainer),
+    the attention mask's ones and size of each training batch; call ``end_step`` at each step's
+    end (``trl_step_timer(on_step=...)``)."""
+    counted = TrainedTokens()
+    compute_loss = trainer.compute_loss
+
+    def counting_compute_loss(model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
+        if model.training:
+            counted.pending[0] += int(inputs["attention_mask"].sum())
+            counted.pending[1] += inputs["attention_mask"].numel()
+        return compute_loss(model, inputs, *a, **k)
+
+    trainer.compute_loss = counting_compute_loss
+    return counted
+
+
+def align_trained_tokens(rows: Sequence[dict[str, float]]) -> TrainedTokens:
+    """The same counts from align's train metrics: ``tokens`` and its ``pad_fraction``."""
+    return TrainedTokens(
+        tokens=[int(row["tokens"]) for row in rows],
+        slots=[row["tokens"] / (1.0 - row.get("pad_fraction", 0.0)) for row in rows],
+    )
+
+
+# ---- the driver ------------------------------------------------------------------------------------
+def alternating(variants: Sequence[str], repeats: int) -> Iterator[tuple[int, str]]:
+    """(repeat, variant) in the order the drivers run them: the variants in order, then in reverse
+    order, and so on, so that a slow drift of the machine's load favours none of them."""
+    for repeat in range(repeats):
+        for variant in variants if repeat % 2 == 0 else variants[::-1]:
+            yield repeat, variant
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """The arguments every side-by-side driver takes: --steps, --warmup, --repeats, --threads (the
+    first three default to None so that ``apply_defaults`` can fill them in), and the hidden ones
+    ``run_worker`` passes to a worker: --worker, --out, --total-steps."""
+    parser.add_argument("--steps", type=int, help=f"timed steps per run (default {defaults['steps']})")
+    parser.add_argument("--warmup", type=int, help="untimed first steps per run (default 1)")
+    parser.add_argument("--repeats", type=int, help="runs per variant, alternating (default 2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
+
+
+def apply_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    """Fill in each argument of ``defaults`` the command line left out."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)

@@ -55,14 +55,23 @@ import itertools
 import json
 import os
 import random
-import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_model import SHAPES, run_worker, save_bench_llama
+from bench_model import (
+    SHAPES,
+    TrainedTokens,
+    align_step_timer,
+    align_trained_tokens,
+    count_trl_tokens,
+    peak_rss_mb,
+    run_worker,
+    save_bench_llama,
+    trl_step_timer,
+)
 
 VOCAB = 8192
 PAIRS = 256
@@ -174,10 +183,6 @@ def check_ids(rows: Any, workdir: Path, who: str) -> None:
     got = [[list(r["prompt_ids"]), list(r["chosen_ids"]), list(r["rejected_ids"])] for r in rows]
     if got != expected_ids(workdir):
         raise SystemExit(f"{who}: the tokenized pairs differ from the generated ids")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # ---- the machine's peak and a step's useful work -------------------------------------------------
@@ -297,34 +302,19 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, args: argparse
         },
         "optim": {"name": "adamw", "lr": LR},
     }
-    marks: list[float] = []
-    tokens: list[int] = []
-    slots: list[float] = []
-
-    class Timer:
-        @align.hookimpl
-        def on_train_start(self, run: Any) -> None:
-            marks.append(step_done(device))
-
-        @align.hookimpl
-        def on_step_end(self, run: Any, step: int, metrics: dict[str, Any]) -> None:
-            if metrics.get("split") == "train":
-                marks.append(step_done(device))
-                tokens.append(int(metrics["tokens"]))
-                slots.append(metrics["tokens"] / (1.0 - metrics.get("pad_fraction", 0.0)))
-
+    timer = align_step_timer("train", clock=lambda: step_done(device))
     plugins = align.default_plugins()
     cfg = validate_run_config(config, plugins.registry, "dpo")
-    plugins.manager.register(Timer())
+    plugins.manager.register(timer)
     align.train(cfg, plugins)
-    return _result(marks, tokens, slots)
+    return _result(timer.marks, align_trained_tokens(timer.rows))
 
 
 def run_trl(variant: str, workdir: Path, out: Path, steps: int, args: argparse.Namespace) -> dict[str, Any]:
     import datasets
     import torch
     import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     threads, device = args.threads, args.device
     torch.set_num_threads(threads)
@@ -357,47 +347,25 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, args: argparse.N
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    marks: list[float] = []
-    tokens: list[int] = []
-    slots: list[float] = []
-    pending = [0, 0]
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            marks.append(step_done(device))
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            marks.append(step_done(device))
-            tokens.append(pending[0])
-            slots.append(pending[1])
-            pending[:] = [0, 0]
-
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     check_ids(trainer.train_dataset, workdir, "trl")
-    compute_loss = trainer.compute_loss
-
-    def counting_compute_loss(model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
-        if model.training:
-            pending[0] += int(inputs["attention_mask"].sum())
-            pending[1] += inputs["attention_mask"].numel()
-        return compute_loss(model, inputs, *a, **k)
-
-    trainer.compute_loss = counting_compute_loss  # type: ignore[method-assign]
-    trainer.add_callback(Timer())
+    counted = count_trl_tokens(trainer)
+    callback, timer = trl_step_timer(clock=lambda: step_done(device), on_step=counted.end_step)
+    trainer.add_callback(callback)
     trainer.train()
-    return _result(marks, tokens, slots)
+    return _result(timer.marks, counted)
 
 
-def _result(marks: list[float], tokens: list[int], slots: list[float]) -> dict[str, Any]:
+def _result(marks: list[float], counted: TrainedTokens) -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {
         "step_s": [b - a for a, b in itertools.pairwise(marks)],
-        "tokens": tokens,
-        "slots": slots,
+        "tokens": counted.tokens,
+        "slots": counted.slots,
         "setup_s": marks[0] - STARTED if marks else None,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(include_children=False),
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if gpu else None,
     }
 

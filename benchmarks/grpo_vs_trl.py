@@ -33,17 +33,25 @@ comes from its ``split: rollout`` metrics (``generate_s``, ``score_s``, ``logps_
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_model import run_worker, save_bench_llama
+from bench_model import (
+    add_run_arguments,
+    align_step_timer,
+    alternating,
+    apply_defaults,
+    fmt_load,
+    run_worker,
+    save_bench_llama,
+    trl_step_timer,
+    write_worker_result,
+)
 
 VOCAB = 8192
 PROMPTS_PER_STEP = 8
@@ -100,13 +108,6 @@ def prepare(workdir: Path) -> None:
     save_bench_llama(model_dir, seed=SEED, vocab_size=VOCAB)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS, or a child's if larger (KiB on Linux)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
-
-
 # ---- workers (one per subprocess) ----------------------------------------------------------------
 def align_config(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
     """align's run config for ``variant`` (also what profile_grpo_step.py profiles)."""
@@ -150,31 +151,19 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
     from align.loading import validate_run_config
 
     config = align_config(variant, workdir, out, steps, threads)
-    marks: list[float] = []
-    rollouts: list[dict[str, float]] = []
-
-    class Timer:
-        @align.hookimpl
-        def on_train_start(self, run: Any) -> None:
-            marks.append(time.perf_counter())
-
-        @align.hookimpl
-        def on_step_end(self, run: Any, step: int, metrics: dict[str, Any]) -> None:
-            if metrics.get("split") == "rollout":
-                marks.append(time.perf_counter())
-                rollouts.append({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
-
+    timer = align_step_timer("rollout")
     plugins = align.default_plugins()
     cfg = validate_run_config(config, plugins.registry, "grpo")
-    plugins.manager.register(Timer())
+    plugins.manager.register(timer)
     align.train(cfg, plugins)
+    rollouts = timer.rows
     return {
-        "step_s": [b - a for a, b in itertools.pairwise(marks)],
+        "step_s": timer.step_s(),
         "generate_s": [r["generate_s"] for r in rollouts],
         "generated_tokens": [round(r["completion_tokens_mean"] * PROMPTS_PER_STEP * GROUP) for r in rollouts],
         "split": [{k: r.get(k, 0.0) for k in SPLIT_KEYS} for r in rollouts],
         "reward_mean": [r["reward_mean"] for r in rollouts],
-        "setup_s": marks[0] - STARTED,
+        "setup_s": timer.marks[0] - STARTED,
     }
 
 
@@ -182,7 +171,7 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
     import datasets
     import torch
     import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from align_rewards import exact_match
 
@@ -238,22 +227,9 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
         dataloader_num_workers=0,
         **vllm_args,
     )
-    marks: list[float] = []
     generate_s: list[float] = []
     generated_tokens: list[int] = []
-    rewards: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            marks.append(time.perf_counter())
-
-        def on_log(self, *a: Any, logs: dict[str, float] | None = None, **k: Any) -> None:
-            if logs and "reward" in logs:
-                rewards.append(float(logs["reward"]))
-
+    callback, timer = trl_step_timer(log_key="reward")
     trainer = trl.GRPOTrainer(
         model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer
     )
@@ -277,9 +253,9 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
 
     trainer._generate_single_turn = timed_generate  # type: ignore[method-assign]
     trainer._generate_and_score_completions = timed_prepare  # type: ignore[method-assign]
-    trainer.add_callback(Timer())
+    trainer.add_callback(callback)
     trainer.train()
-    step_s = [b - a for a, b in itertools.pairwise(marks)]
+    step_s = timer.step_s()
     # TRL's phases: generate; score (rewards, advantages: the rest of its rollout function);
     # train (the forward, backward and optimizer step: the rest of the step). No refit, no
     # separate log-prob pass (on-policy with one step per batch, TRL reuses the forward's).
@@ -292,8 +268,8 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
         "split": split,
         "generate_s": generate_s,
         "generated_tokens": generated_tokens,
-        "reward_mean": rewards,
-        "setup_s": marks[0] - STARTED,
+        "reward_mean": [row["reward"] for row in timer.rows],
+        "setup_s": timer.marks[0] - STARTED,
     }
 
 
@@ -305,9 +281,7 @@ def worker(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         run = run_trl if base_variant(args.worker) in TRL_VARIANTS else run_align
         result = run(args.worker, workdir, Path(tmp), args.total_steps, args.threads)
-    result["peak_rss_mb"] = peak_rss_mb()
-    result["wall_s"] = time.perf_counter() - STARTED
-    out.write_text(json.dumps(result))
+    write_worker_result(result, out, STARTED)
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -426,10 +400,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, help=f"timed steps per run (default {DEFAULTS['steps']})")
-    parser.add_argument("--warmup", type=int, help="untimed first steps per run (default 1)")
-    parser.add_argument("--repeats", type=int, help="runs per variant, alternating (default 2)")
-    parser.add_argument("--threads", type=int, default=2)
+    add_run_arguments(parser, DEFAULTS)
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -441,16 +412,11 @@ def main() -> None:
     parser.add_argument("--workdir", help="where the model is written (default: a temp folder)")
     parser.add_argument("--json", help="also write every run's numbers here")
     parser.add_argument("--plot", help="also draw the time split of a step here (PNG)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_defaults(args, DEFAULTS)
     variants = with_precision([v.strip() for v in args.variants.split(",") if v.strip()], args.precision)
     unknown = [
         v for v in variants if base_variant(v) not in ALIGN_ENGINES and base_variant(v) not in TRL_VARIANTS
@@ -464,27 +430,26 @@ def main() -> None:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         prepare(workdir)
-        for repeat in range(args.repeats):
-            for variant in variants if repeat % 2 == 0 else variants[::-1]:
-                if variant in failures:
-                    continue
-                started, load = time.perf_counter(), os.getloadavg()[0]
-                result = launch(variant, args, workdir)
-                took = time.perf_counter() - started
-                if "failed" in result:
-                    failures[variant] = result["failed"]
-                    print(f"{variant} failed after {took:.0f}s:\n{result['failed'][-1500:]}", flush=True)
-                    continue
-                # The machine's 1-minute load average around the run: the timings mean little above ~2.
-                result["load_average"] = {"before": load, "after": os.getloadavg()[0]}
-                runs[variant].append(result)
-                print(
-                    f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s "
-                    f"(load {load:.1f} -> {os.getloadavg()[0]:.1f})",
-                    flush=True,
-                )
-                if args.json:  # after every run: a run stopped midway keeps what it measured
-                    save_record(Path(args.json), args, load_before, runs, failures, complete=False)
+        for repeat, variant in alternating(variants, args.repeats):
+            if variant in failures:
+                continue
+            started, load = time.perf_counter(), os.getloadavg()[0]
+            result = launch(variant, args, workdir)
+            took = time.perf_counter() - started
+            if "failed" in result:
+                failures[variant] = result["failed"]
+                print(f"{variant} failed after {took:.0f}s:\n{result['failed'][-1500:]}", flush=True)
+                continue
+            # The machine's 1-minute load average around the run: the timings mean little above ~2.
+            result["load_average"] = {"before": load, "after": os.getloadavg()[0]}
+            runs[variant].append(result)
+            print(
+                f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s "
+                f"(load {load:.1f} -> {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
+            if args.json:  # after every run: a run stopped midway keeps what it measured
+                save_record(Path(args.json), args, load_before, runs, failures, complete=False)
     summary = {v: summarize(r) for v, r in runs.items() if r}
     print(
         f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "
@@ -500,10 +465,6 @@ def main() -> None:
         save_record(Path(args.json), args, load_before, runs, failures, complete=True)
     if args.plot and summary:
         plot_split(summary, Path(args.plot))
-
-
-def fmt_load(load: tuple[float, ...]) -> str:
-    return "/".join(f"{value:.1f}" for value in load)
 
 
 def save_record(

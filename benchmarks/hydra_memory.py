@@ -31,18 +31,15 @@ Prints a markdown table and writes benchmarks/results/hydra_memory.json.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from bench_model import run_worker
+from bench_model import align_step_timer, peak_rss_mb, run_worker
 from dpo_vs_trl import BETA, MAX_LENGTH, SEED
 from lora_memory import LORA, PAIRS_ENV, pairs_file
 from spr_memory import prepare_all
@@ -96,18 +93,7 @@ def ppo_config(variant: str, workdir: Path, out: Path, threads: int) -> dict[str
 def worker(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> None:
     import align
 
-    marks: list[float] = []
-
-    class Timer:
-        @align.hookimpl
-        def on_train_start(self, run: Any) -> None:
-            marks.append(time.perf_counter())
-
-        @align.hookimpl
-        def on_step_end(self, run: Any, step: int, metrics: dict[str, Any]) -> None:
-            if metrics.get("split") == "train":
-                marks.append(time.perf_counter())
-
+    timer = align_step_timer("train")
     with tempfile.TemporaryDirectory(prefix="hydra-mem-") as tmp:
         run = Path(tmp) / "run"
         if variant.startswith("dpo"):
@@ -116,13 +102,13 @@ def worker(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> 
             config = ppo_config(variant, workdir, run, threads)
         plugins = align.default_plugins()
         cfg = align.validate_run_config(config, plugins.registry, config["algo"])
-        plugins.manager.register(Timer())
+        plugins.manager.register(timer)
         align.train(cfg, plugins)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     result: dict[str, Any] = {
         "variant": variant,
-        "step_s": [b - a for a, b in itertools.pairwise(marks)],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "step_s": timer.step_s(),
+        "peak_rss_mb": peak_rss_mb(include_children=False),
     }
     rollout = [row for row in rows if row.get("split") == "rollout"]
     if rollout:  # PPO: the iteration's phases

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_model import run_worker
+from bench_model import align_step_timer, align_trained_tokens, count_trl_tokens, run_worker, trl_step_timer
 from dpo_vs_trl import BATCH_PAIRS, BETA, MAX_LENGTH, SEED, _result, expected_ids, prepare
 
 LR = 1e-5
@@ -83,27 +83,12 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
         },
         "optim": {"name": "adamw", "lr": LR},
     }
-    marks: list[float] = []
-    tokens: list[int] = []
-    slots: list[float] = []
-
-    class Timer:
-        @align.hookimpl
-        def on_train_start(self, run: Any) -> None:
-            marks.append(time.perf_counter())
-
-        @align.hookimpl
-        def on_step_end(self, run: Any, step: int, metrics: dict[str, Any]) -> None:
-            if metrics.get("split") == "train":
-                marks.append(time.perf_counter())
-                tokens.append(int(metrics["tokens"]))
-                slots.append(metrics["tokens"] / (1.0 - metrics.get("pad_fraction", 0.0)))
-
+    timer = align_step_timer("train")
     plugins = align.default_plugins()
     cfg = align.validate_run_config(config, plugins.registry, "dpo")
-    plugins.manager.register(Timer())
+    plugins.manager.register(timer)
     align.train(cfg, plugins)
-    return _result(marks, tokens, slots)
+    return _result(timer.marks, align_trained_tokens(timer.rows))
 
 
 def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
@@ -111,7 +96,7 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
     import peft
     import torch
     import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
     _, lora, _ = VARIANTS[variant]
@@ -150,37 +135,15 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    marks: list[float] = []
-    tokens: list[int] = []
-    slots: list[float] = []
-    pending = [0, 0]
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            marks.append(time.perf_counter())
-            tokens.append(pending[0])
-            slots.append(pending[1])
-            pending[:] = [0, 0]
-
     trainer = trl.DPOTrainer(
         model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config
     )
     check_ids(trainer.train_dataset, workdir, steps)
-    compute_loss = trainer.compute_loss
-
-    def counting_compute_loss(model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
-        if model.training:
-            pending[0] += int(inputs["attention_mask"].sum())
-            pending[1] += inputs["attention_mask"].numel()
-        return compute_loss(model, inputs, *a, **k)
-
-    trainer.compute_loss = counting_compute_loss  # type: ignore[method-assign]
-    trainer.add_callback(Timer())
+    counted = count_trl_tokens(trainer)
+    callback, timer = trl_step_timer(on_step=counted.end_step)
+    trainer.add_callback(callback)
     trainer.train()
-    result = _result(marks, tokens, slots)
+    result = _result(timer.marks, counted)
     result["reference_copy"] = trainer.ref_model is not None
     return result
 

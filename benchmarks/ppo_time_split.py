@@ -45,10 +45,8 @@ is ``critic busy - actor's time on the critic``; ``sum of phases - wall`` is rep
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import resource
 import statistics
 import tempfile
 import threading
@@ -58,7 +56,17 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from bench_model import VOCAB, run_worker, save_bench_llama
+from bench_model import (
+    VOCAB,
+    add_run_arguments,
+    align_step_timer,
+    alternating,
+    apply_defaults,
+    fmt_load,
+    run_worker,
+    save_bench_llama,
+    write_worker_result,
+)
 from grpo_vs_trl import CHARACTERS, PROMPTS_FILE, SEED, SPECIALS
 
 PROMPTS_PER_STEP = 32
@@ -168,13 +176,6 @@ def ppo_config(critic: str, workdir: Path, out: Path, steps: int, threads: int) 
     }
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS, or a waited-for child's if larger (KiB on Linux)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
-
-
 # ---- the critic's busy time, seen from the client ------------------------------------------------
 class TimedCritic:
     """An ``align.Critic`` around another that records each request's (kind, made, done) times;
@@ -250,31 +251,20 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
         self.critic = timed[-1]
 
     PPO.setup = setup  # type: ignore[method-assign]
-    marks: list[float] = []
-    rollouts: list[dict[str, float]] = []
 
-    class Timer:
-        @align.hookimpl
-        def on_train_start(self, run: Any) -> None:
-            marks.append(time.perf_counter())
+    def add_critic_busy(row: dict[str, float]) -> None:
+        busy = timed[-1].take_busy()
+        row.update(critic_values_busy_s=busy["values"], critic_train_busy_s=busy["train"])
 
-        @align.hookimpl
-        def on_step_end(self, run: Any, step: int, metrics: dict[str, Any]) -> None:
-            if metrics.get("split") == "rollout":
-                marks.append(time.perf_counter())
-                row = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-                busy = timed[-1].take_busy()
-                row.update(critic_values_busy_s=busy["values"], critic_train_busy_s=busy["train"])
-                rollouts.append(row)
-
+    timer = align_step_timer("rollout", add_to_row=add_critic_busy)
     plugins = align.default_plugins()
     cfg = validate_run_config(config, plugins.registry, "ppo")
-    plugins.manager.register(Timer())
+    plugins.manager.register(timer)
     align.train(cfg, plugins)
     return {
-        "step_s": [b - a for a, b in itertools.pairwise(marks)],
-        "rollout": rollouts,
-        "setup_s": marks[0] - STARTED,
+        "step_s": timer.step_s(),
+        "rollout": timer.rows,
+        "setup_s": timer.marks[0] - STARTED,
     }
 
 
@@ -284,9 +274,7 @@ STARTED = time.perf_counter()
 def worker(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         result = run_align(args.worker, Path(args.workdir), Path(tmp), args.total_steps, args.threads)
-    result["peak_rss_mb"] = peak_rss_mb()
-    result["wall_s"] = time.perf_counter() - STARTED
-    Path(args.out).write_text(json.dumps(result))
+    write_worker_result(result, Path(args.out), STARTED)
 
 
 # ---- the split of a step -------------------------------------------------------------------------
@@ -426,10 +414,6 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 
 
 # ---- the driver ----------------------------------------------------------------------------------
-def fmt_load(load: tuple[float, ...] | list[float]) -> str:
-    return "/".join(f"{value:.1f}" for value in load)
-
-
 def save_record(
     path: Path, args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], complete: bool
 ) -> None:
@@ -446,18 +430,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, help=f"timed steps per run (default {DEFAULTS['steps']})")
-    parser.add_argument("--warmup", type=int, help="untimed first steps per run (default 1)")
-    parser.add_argument("--repeats", type=int, help="runs per variant, alternating (default 2)")
-    parser.add_argument("--threads", type=int, default=2)
+    add_run_arguments(parser, DEFAULTS)
     parser.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)} (default all)")
     parser.add_argument("--workdir", help="where the models are written (default: a temp folder)")
     parser.add_argument("--json", help="also write every run's numbers here")
     parser.add_argument("--plot", help="also draw the split as a stacked bar here (PNG)")
     parser.add_argument("--report", help="only print (and --plot) the runs of a saved --json record")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -466,9 +444,7 @@ def main() -> None:
         record = json.loads(Path(args.report).read_text())
         report(record["runs"], record["args"]["threads"], args.plot)
         return
-    for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_defaults(args, DEFAULTS)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := [v for v in variants if v not in VARIANTS]:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -477,27 +453,26 @@ def main() -> None:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         prepare(workdir)
-        for repeat in range(args.repeats):
-            for variant in variants if repeat % 2 == 0 else variants[::-1]:
-                started, load = time.perf_counter(), os.getloadavg()
+        for repeat, variant in alternating(variants, args.repeats):
+            started, load = time.perf_counter(), os.getloadavg()
+            result = launch(variant, args, workdir)
+            if "failed" in result:  # e.g. tritonserver not up within PyTriton's 120 s under load
+                print(f"{variant} failed, once more:\n{result['failed'][-800:]}", flush=True)
                 result = launch(variant, args, workdir)
-                if "failed" in result:  # e.g. tritonserver not up within PyTriton's 120 s under load
-                    print(f"{variant} failed, once more:\n{result['failed'][-800:]}", flush=True)
-                    result = launch(variant, args, workdir)
-                took = time.perf_counter() - started
-                if "failed" in result:
-                    print(f"{variant} failed after {took:.0f}s:\n{result['failed'][-2500:]}", flush=True)
-                    continue
-                result["load_average"] = {"before": list(load), "after": list(os.getloadavg())}
-                runs[variant].append(result)
-                print(
-                    f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s, steps "
-                    + ", ".join(f"{s:.2f}" for s in result["step_s"])
-                    + f" (load {fmt_load(load)} -> {fmt_load(os.getloadavg())})",
-                    flush=True,
-                )
-                if args.json:
-                    save_record(Path(args.json), args, runs, complete=False)
+            took = time.perf_counter() - started
+            if "failed" in result:
+                print(f"{variant} failed after {took:.0f}s:\n{result['failed'][-2500:]}", flush=True)
+                continue
+            result["load_average"] = {"before": list(load), "after": list(os.getloadavg())}
+            runs[variant].append(result)
+            print(
+                f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s, steps "
+                + ", ".join(f"{s:.2f}" for s in result["step_s"])
+                + f" (load {fmt_load(load)} -> {fmt_load(os.getloadavg())})",
+                flush=True,
+            )
+            if args.json:
+                save_record(Path(args.json), args, runs, complete=False)
     if args.json:
         save_record(Path(args.json), args, runs, complete=True)
     report(runs, args.threads, args.plot)

@@ -35,7 +35,6 @@ process's alone, the server's is not counted), ``trl``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -45,7 +44,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_model import run_worker
+from bench_model import (
+    add_run_arguments,
+    alternating,
+    apply_defaults,
+    fmt_load,
+    run_worker,
+    trl_step_timer,
+    write_worker_result,
+)
 from ppo_time_split import (
     CLIP,
     EPOCHS,
@@ -57,8 +64,6 @@ from ppo_time_split import (
     PROMPTS_PER_STEP,
     SEED,
     VALUE_CLIP,
-    fmt_load,
-    peak_rss_mb,
     prepare,
 )
 
@@ -74,12 +79,7 @@ def run_trl(workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any
     import datasets
     import torch
     import trl
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        TrainerCallback,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     torch.set_num_threads(threads)
@@ -128,20 +128,7 @@ def run_trl(workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any
         num_sample_generations=0,
         dataloader_num_workers=0,
     )
-    marks: list[float] = []
-    scores: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            marks.append(time.perf_counter())
-
-        def on_log(self, *a: Any, logs: dict[str, float] | None = None, **k: Any) -> None:
-            if logs and "objective/scores" in logs:
-                scores.append(float(logs["objective/scores"]))
-
+    callback, timer = trl_step_timer(log_key="objective/scores")
     trainer = PPOTrainer(
         args=args,
         processing_class=tokenizer,
@@ -151,13 +138,13 @@ def run_trl(workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any
         train_dataset=data,
         value_model=value_model,
         eval_dataset=data,  # unused (num_sample_generations=0); its dataloader is built anyway
-        callbacks=[Timer()],
+        callbacks=[callback],
     )
     trainer.train()
     return {
-        "step_s": [b - a for a, b in itertools.pairwise(marks)],
-        "score_mean": scores,
-        "setup_s": marks[0] - STARTED,
+        "step_s": timer.step_s(),
+        "score_mean": [row["objective/scores"] for row in timer.rows],
+        "setup_s": timer.marks[0] - STARTED,
         "versions": {"trl": trl.__version__, "torch": torch.__version__},
     }
 
@@ -178,9 +165,7 @@ def worker(args: argparse.Namespace) -> None:
             variant = ALIGN_VARIANTS[args.worker]
             result = run_align(variant, Path(args.workdir), Path(tmp), args.total_steps, args.threads)
             result["score_mean"] = [row["score_mean"] for row in result.pop("rollout")]
-    result["peak_rss_mb"] = peak_rss_mb()
-    result["wall_s"] = time.perf_counter() - STARTED
-    Path(args.out).write_text(json.dumps(result))
+    write_worker_result(result, Path(args.out), STARTED)
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -247,10 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, help=f"timed steps per run (default {DEFAULTS['steps']})")
-    parser.add_argument("--warmup", type=int, help="untimed first steps per run (default 1)")
-    parser.add_argument("--repeats", type=int, help="runs per variant, alternating (default 2)")
-    parser.add_argument("--threads", type=int, default=2)
+    add_run_arguments(parser, DEFAULTS)
     parser.add_argument(
         "--variants", help=f"comma-separated, of {', '.join(VARIANTS)} ({DEFAULTS['variants']})"
     )
@@ -261,16 +243,11 @@ def main() -> None:
     )
     parser.add_argument("--workdir", help="where the models are written (default: a temp folder)")
     parser.add_argument("--json", help="also write every run's numbers here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_defaults(args, DEFAULTS)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := [v for v in variants if v not in VARIANTS]:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -281,28 +258,27 @@ def main() -> None:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         prepare(workdir)
-        for repeat in range(args.repeats):
-            for variant in variants if repeat % 2 == 0 else variants[::-1]:
-                if variant in failures:
-                    continue
-                started, load = time.perf_counter(), os.getloadavg()
-                result = launch(variant, args, workdir)
-                took = time.perf_counter() - started
-                if "failed" in result:
-                    failures[variant] = result["failed"][-3000:]
-                    print(f"{variant} failed after {took:.0f}s:\n{result['failed'][-2500:]}", flush=True)
-                    continue
-                result["load_average"] = {"before": list(load), "after": list(os.getloadavg())}
-                runs[variant].append(result)
-                print(
-                    f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s, steps "
-                    + ", ".join(f"{s:.2f}" for s in result["step_s"])
-                    + f", peak RSS {result['peak_rss_mb']:,.0f} MiB (load {fmt_load(load)} -> "
-                    f"{fmt_load(os.getloadavg())})",
-                    flush=True,
-                )
-                if args.json:
-                    save_record(Path(args.json), args, runs, failures)
+        for repeat, variant in alternating(variants, args.repeats):
+            if variant in failures:
+                continue
+            started, load = time.perf_counter(), os.getloadavg()
+            result = launch(variant, args, workdir)
+            took = time.perf_counter() - started
+            if "failed" in result:
+                failures[variant] = result["failed"][-3000:]
+                print(f"{variant} failed after {took:.0f}s:\n{result['failed'][-2500:]}", flush=True)
+                continue
+            result["load_average"] = {"before": list(load), "after": list(os.getloadavg())}
+            runs[variant].append(result)
+            print(
+                f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s, steps "
+                + ", ".join(f"{s:.2f}" for s in result["step_s"])
+                + f", peak RSS {result['peak_rss_mb']:,.0f} MiB (load {fmt_load(load)} -> "
+                f"{fmt_load(os.getloadavg())})",
+                flush=True,
+            )
+            if args.json:
+                save_record(Path(args.json), args, runs, failures)
     summary = {v: summarize(r) for v, r in runs.items() if r}
     print(
         f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "

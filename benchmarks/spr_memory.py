@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
-from bench_model import run_worker
+from bench_model import peak_rss_mb, run_worker
 from dpo_vs_trl import SEED, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +150,7 @@ def worker(variant: str, workdir: Path, out: Path, threads: int) -> None:
                 json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
             ]
             result["steps"] = max((row["step"] for row in rows if row.get("split") == "train"), default=0)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result["peak_rss_mb"] = peak_rss_mb(include_children=False)
     out.write_text(json.dumps(result))
 
 
