@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,27 @@ def align_trained_tokens(rows: Sequence[dict[str, float]]) -> TrainedTokens:
 
 
 # ---- the driver ------------------------------------------------------------------------------------
+@contextmanager
+def workload_dir(path: str | None) -> Iterator[Path]:
+    """The folder a driver writes its workload (model, data) to: ``path``, kept afterwards, or
+    a temporary folder removed at the end."""
+    with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
+        workdir = Path(path or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
+
+
+def parse_variants(text: str) -> list[str]:
+    """The variants of a comma-separated ``--variants``, blanks dropped."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def run_line(repeat: int, repeats: int, variant: str, took: float, step_s: Sequence[float]) -> str:
+    """The progress line of one run: which repeat, how long the run took, and its step times."""
+    steps = ", ".join(f"{s:.2f}" for s in step_s)
+    return f"repeat {repeat + 1}/{repeats} {variant}: {took:.0f}s, steps {steps}"
+
+
 def alternating(variants: Sequence[str], repeats: int) -> Iterator[tuple[int, str]]:
     """(repeat, variant) in the order the drivers run them: the variants in order, then in reverse
     order, and so on, so that a slow drift of the machine's load favours none of them."""

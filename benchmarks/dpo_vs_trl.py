@@ -66,11 +66,14 @@ from bench_model import (
     TrainedTokens,
     align_step_timer,
     align_trained_tokens,
+    alternating,
     count_trl_tokens,
+    parse_variants,
     peak_rss_mb,
     run_worker,
     save_bench_llama,
     trl_step_timer,
+    workload_dir,
 )
 
 VOCAB = 8192
@@ -514,23 +517,20 @@ def main() -> None:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = parse_variants(args.variants)
     unknown = [v for v in variants if v not in ALIGN_VARIANTS and v not in TRL_VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {[*ALIGN_VARIANTS, *TRL_VARIANTS]}")
-    with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
-        workdir = Path(args.workdir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with workload_dir(args.workdir) as workdir:
         prepare(workdir, args.shape)
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-        for repeat in range(args.repeats):
-            for variant in variants if repeat % 2 == 0 else variants[::-1]:
-                started = time.perf_counter()
-                runs[variant].append(launch(variant, args, workdir))
-                print(
-                    f"repeat {repeat + 1}/{args.repeats} {variant}: {time.perf_counter() - started:.0f}s",
-                    flush=True,
-                )
+        for repeat, variant in alternating(variants, args.repeats):
+            started = time.perf_counter()
+            runs[variant].append(launch(variant, args, workdir))
+            print(
+                f"repeat {repeat + 1}/{args.repeats} {variant}: {time.perf_counter() - started:.0f}s",
+                flush=True,
+            )
         peaks, _ = run_worker(__file__, PEAK, workdir, 0, args.threads, worker_args(args))
         if peaks is None:
             raise SystemExit("the matmul peak measurement failed")

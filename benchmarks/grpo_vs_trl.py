@@ -47,9 +47,11 @@ from bench_model import (
     alternating,
     apply_defaults,
     fmt_load,
+    parse_variants,
     run_worker,
     save_bench_llama,
     trl_step_timer,
+    workload_dir,
     write_worker_result,
 )
 
@@ -417,7 +419,7 @@ def main() -> None:
         worker(args)
         return
     apply_defaults(args, DEFAULTS)
-    variants = with_precision([v.strip() for v in args.variants.split(",") if v.strip()], args.precision)
+    variants = with_precision(parse_variants(args.variants), args.precision)
     unknown = [
         v for v in variants if base_variant(v) not in ALIGN_ENGINES and base_variant(v) not in TRL_VARIANTS
     ]
@@ -426,9 +428,7 @@ def main() -> None:
     load_before = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     failures: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
-        workdir = Path(args.workdir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with workload_dir(args.workdir) as workdir:
         prepare(workdir)
         for repeat, variant in alternating(variants, args.repeats):
             if variant in failures:

@@ -63,8 +63,11 @@ from bench_model import (
     alternating,
     apply_defaults,
     fmt_load,
+    parse_variants,
+    run_line,
     run_worker,
     save_bench_llama,
+    workload_dir,
     write_worker_result,
 )
 from grpo_vs_trl import CHARACTERS, PROMPTS_FILE, SEED, SPECIALS
@@ -445,13 +448,11 @@ def main() -> None:
         report(record["runs"], record["args"]["threads"], args.plot)
         return
     apply_defaults(args, DEFAULTS)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = parse_variants(args.variants)
     if unknown := [v for v in variants if v not in VARIANTS]:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
-        workdir = Path(args.workdir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with workload_dir(args.workdir) as workdir:
         prepare(workdir)
         for repeat, variant in alternating(variants, args.repeats):
             started, load = time.perf_counter(), os.getloadavg()
@@ -466,8 +467,7 @@ def main() -> None:
             result["load_average"] = {"before": list(load), "after": list(os.getloadavg())}
             runs[variant].append(result)
             print(
-                f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s, steps "
-                + ", ".join(f"{s:.2f}" for s in result["step_s"])
+                run_line(repeat, args.repeats, variant, took, result["step_s"])
                 + f" (load {fmt_load(load)} -> {fmt_load(os.getloadavg())})",
                 flush=True,
             )

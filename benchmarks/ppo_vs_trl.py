@@ -49,8 +49,11 @@ from bench_model import (
     alternating,
     apply_defaults,
     fmt_load,
+    parse_variants,
+    run_line,
     run_worker,
     trl_step_timer,
+    workload_dir,
     write_worker_result,
 )
 from ppo_time_split import (
@@ -248,15 +251,13 @@ def main() -> None:
         worker(args)
         return
     apply_defaults(args, DEFAULTS)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = parse_variants(args.variants)
     if unknown := [v for v in variants if v not in VARIANTS]:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     load_before = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     failures: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
-        workdir = Path(args.workdir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with workload_dir(args.workdir) as workdir:
         prepare(workdir)
         for repeat, variant in alternating(variants, args.repeats):
             if variant in failures:
@@ -271,8 +272,7 @@ def main() -> None:
             result["load_average"] = {"before": list(load), "after": list(os.getloadavg())}
             runs[variant].append(result)
             print(
-                f"repeat {repeat + 1}/{args.repeats} {variant}: {took:.0f}s, steps "
-                + ", ".join(f"{s:.2f}" for s in result["step_s"])
+                run_line(repeat, args.repeats, variant, took, result["step_s"])
                 + f", peak RSS {result['peak_rss_mb']:,.0f} MiB (load {fmt_load(load)} -> "
                 f"{fmt_load(os.getloadavg())})",
                 flush=True,
