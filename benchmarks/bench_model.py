@@ -54,6 +54,22 @@ def save_bench_llama(model_dir: Path, seed: int = 0, vocab_size: int = VOCAB, sh
     LlamaForCausalLM(config).save_pretrained(model_dir)
 
 
+def online_trainer_settings(threads: int) -> dict[str, Any]:
+    """The ``trainer`` settings align's online benchmarks (GRPO, PPO) share besides batch size
+    and precision: gradients clipped at 1.0, a constant learning rate, ``threads`` threads,
+    nothing saved, evaluated or shown, a metrics row every step (the timers read them)."""
+    return {
+        "max_grad_norm": 1.0,
+        "lr_scheduler": "constant",
+        "num_threads": threads,
+        "save_every": 0,
+        "eval_every": 0,
+        "tensorboard": False,
+        "progress": False,
+        "log_every": 1,
+    }
+
+
 def run_worker(
     script: str, variant: str, workdir: Path, total_steps: int, threads: int, extra: Sequence[str] = ()
 ) -> tuple[dict[str, Any] | None, str]:

@@ -47,6 +47,7 @@ from bench_model import (
     alternating,
     apply_defaults,
     fmt_load,
+    online_trainer_settings,
     parse_variants,
     run_worker,
     save_bench_llama,
@@ -135,14 +136,7 @@ def align_config(variant: str, workdir: Path, out: Path, steps: int, threads: in
         "trainer": {
             "batch_size": PROMPTS_PER_STEP * GROUP,  # one optimizer step per rollout batch
             "precision": "bf16_mixed" if precision_of(variant) == "bf16" else "fp32",
-            "max_grad_norm": 1.0,
-            "lr_scheduler": "constant",
-            "num_threads": threads,
-            "save_every": 0,
-            "eval_every": 0,
-            "tensorboard": False,
-            "progress": False,
-            "log_every": 1,
+            **online_trainer_settings(threads),
         },
         "optim": {"name": "adamw", "lr": LR},
     }

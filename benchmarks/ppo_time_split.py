@@ -63,6 +63,7 @@ from bench_model import (
     alternating,
     apply_defaults,
     fmt_load,
+    online_trainer_settings,
     parse_variants,
     run_line,
     run_worker,
@@ -166,14 +167,7 @@ def ppo_config(critic: str, workdir: Path, out: Path, steps: int, threads: int) 
         "trainer": {
             "batch_size": MINIBATCH,
             "precision": "fp32",
-            "max_grad_norm": 1.0,
-            "lr_scheduler": "constant",
-            "num_threads": threads,
-            "save_every": 0,
-            "eval_every": 0,
-            "tensorboard": False,
-            "progress": False,
-            "log_every": 1,
+            **online_trainer_settings(threads),
         },
         "optim": {"name": "adamw", "lr": LR},
     }
