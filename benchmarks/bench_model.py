@@ -29,6 +29,30 @@ SHAPES: dict[str, dict[str, int]] = {
     "llama-372m": {"layers": 24, "hidden": 1024, "ffn": 2816, "heads": 16, "vocab": 32000},
 }
 
+# The character-level tokenizer of the online benchmarks (GRPO, PPO): the special tokens, one
+# token per character of the arithmetic prompts, then filler tokens up to the vocabulary's size.
+SPECIALS = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+CHARACTERS = "0123456789+-*="
+
+
+def save_character_tokenizer(model_dir: Path, filler: Callable[[int], str], vocab_size: int = VOCAB) -> None:
+    """Write the character-level tokenizer to ``model_dir``: every character is one token
+    (``SPECIALS``, then ``CHARACTERS``), and the ids above them up to ``vocab_size`` are filler
+    tokens, id ``i`` written ``filler(i)``; decoding joins the tokens without spaces."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = {c: len(SPECIALS) + i for i, c in enumerate(CHARACTERS)}
+    first_filler = len(SPECIALS) + len(characters)
+    vocab = SPECIALS | characters | {filler(i): i for i in range(first_filler, vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()  # characters join without spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(model_dir)
+
 
 def save_bench_llama(model_dir: Path, seed: int = 0, vocab_size: int = VOCAB, shape: str = "bench") -> None:
     """Write the benchmark model (config + safetensors) to ``model_dir``: the 28.8M model, or

@@ -51,6 +51,7 @@ from bench_model import (
     parse_variants,
     run_worker,
     save_bench_llama,
+    save_character_tokenizer,
     trl_step_timer,
     workload_dir,
     write_worker_result,
@@ -64,8 +65,6 @@ LR = 1e-6
 CLIP = 0.2
 SEED = 0
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "examples" / "data" / "arith_prompts_train.jsonl"
-SPECIALS = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
-CHARACTERS = "0123456789+-*="
 ALIGN_ENGINES = {"align-hf": "hf", "align-vllm": "vllm"}
 TRL_VARIANTS = {"trl": False, "trl-vllm": True}
 BF16 = "-bf16"  # the suffix of a variant in bf16 mixed precision
@@ -92,22 +91,10 @@ def with_precision(variants: list[str], precision: str) -> list[str]:
 # ---- the shared workload -------------------------------------------------------------------------
 def prepare(workdir: Path) -> None:
     """The character-level tokenizer and the model (one HF folder), and the prompts."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     model_dir = workdir / "model"
     if (model_dir / "config.json").is_file():
         return
-    characters = {c: len(SPECIALS) + i for i, c in enumerate(CHARACTERS)}
-    first_filler = len(SPECIALS) + len(characters)
-    vocab = SPECIALS | characters | {f"<t{i}>": i for i in range(first_filler, VOCAB)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()  # characters join without spaces
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
-    tokenizer.save_pretrained(model_dir)
+    save_character_tokenizer(model_dir, filler=lambda i: f"<t{i}>", vocab_size=VOCAB)
     save_bench_llama(model_dir, seed=SEED, vocab_size=VOCAB)
 
 

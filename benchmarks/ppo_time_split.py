@@ -68,10 +68,11 @@ from bench_model import (
     run_line,
     run_worker,
     save_bench_llama,
+    save_character_tokenizer,
     workload_dir,
     write_worker_result,
 )
-from grpo_vs_trl import CHARACTERS, PROMPTS_FILE, SEED, SPECIALS
+from grpo_vs_trl import PROMPTS_FILE, SEED
 
 PROMPTS_PER_STEP = 32
 NEW_TOKENS = 32
@@ -104,21 +105,9 @@ def prepare(workdir: Path) -> None:
     Unlike grpo_vs_trl's tokenizer (filler tokens written ``<t123>``), decoding and encoding
     again gives the same ids: align's reward model scores the decoded text, TRL's the token ids,
     and both must see the same sequences."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     model_dir = workdir / "model"
     if not (model_dir / "config.json").is_file():
-        characters = {c: len(SPECIALS) + i for i, c in enumerate(CHARACTERS)}
-        first_filler = len(SPECIALS) + len(characters)
-        fillers = {chr(FILLER_BASE + i): i for i in range(first_filler, VOCAB)}
-        core = Tokenizer(models.WordLevel(vocab=SPECIALS | characters | fillers, unk_token="<unk>"))
-        core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-        core.decoder = decoders.Fuse()  # characters join without spaces
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-        )
-        tokenizer.save_pretrained(model_dir)
+        save_character_tokenizer(model_dir, filler=lambda i: chr(FILLER_BASE + i), vocab_size=VOCAB)
         save_bench_llama(model_dir, seed=SEED, vocab_size=VOCAB)
     reward_dir = workdir / "reward"
     if (reward_dir / "config.json").is_file():
