@@ -49,9 +49,9 @@ def batch() -> align.TokenBatch:
 def logits(model: Any) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        b = batch()
+        b = batch().to(next(model.parameters()).device)  # the backend's device (a GPU where there is one)
         out: torch.Tensor = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        return out
+        return out.cpu()
 
 
 def test_roles_build_causal_lms_and_one_head_scorers(registry: align.Registry) -> None:
@@ -90,9 +90,9 @@ def test_a_policy_and_a_reward_model_from_different_paths(registry: align.Regist
     assert type(reward).__name__ == "LlamaForSequenceClassification" and frozen(reward)
     assert dict(backend.named_weights(policy)).keys() == load_weights(tmp_path / "policy").keys()
     for name, tensor in backend.named_weights(reward):
-        torch.testing.assert_close(tensor, load_weights(tmp_path / "rm")[name], rtol=0, atol=0)
+        torch.testing.assert_close(tensor.cpu(), load_weights(tmp_path / "rm")[name], rtol=0, atol=0)
     for name, tensor in backend.named_weights(policy):
-        torch.testing.assert_close(tensor, load_weights(tmp_path / "policy")[name], rtol=0, atol=0)
+        torch.testing.assert_close(tensor.cpu(), load_weights(tmp_path / "policy")[name], rtol=0, atol=0)
     torch.testing.assert_close(logits(reward), logits(saved_reward), rtol=0, atol=0)
     torch.testing.assert_close(logits(policy), logits(saved_policy), rtol=0, atol=0)
     assert backend.tokenizer_for(align.ModelConfig(path=str(tmp_path / "rm"))) is not backend.tokenizer
@@ -119,7 +119,7 @@ def test_named_weights_are_the_saved_safetensors(registry: align.Registry, tmp_p
     assert len(named) == len(saved)  # each name once
     for name, tensor in named:
         assert not tensor.requires_grad
-        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
+        torch.testing.assert_close(tensor.cpu(), saved[name], rtol=0, atol=0)
     if kind == "tied":
         assert "lm_head.weight" not in saved and "model.embed_tokens.weight" in saved
     # No copies: the stream hands out the model's own storage.

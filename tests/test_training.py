@@ -165,7 +165,8 @@ def test_final_model_loads_with_transformers_and_matches_the_trained_policy(dpo_
     policy.eval()
     model.eval()
     with torch.no_grad():
-        expected = policy(**encoded).logits
+        device = next(policy.parameters()).device  # the backend's (a GPU where there is one)
+        expected = policy(**{k: v.to(device) for k, v in encoded.items()}).logits.cpu()
         got = model(**encoded).logits
     assert got.shape == (1, encoded["input_ids"].shape[1], len(tokenizer))
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
