@@ -4,7 +4,7 @@ rollout engine (transformers ``generate``)."""
 from transformers.utils import logging as hf_logging
 
 from align import Register, hookimpl
-from align_hf.backend import HFBackend, HFBackendConfig, sequence_logps
+from align_hf.backend import HFBackend, HFBackendConfig, last_token_positions, sequence_logps
 from align_hf.engine import HFEngine, HFEngineConfig, build_hf_engine
 from align_hf.hydra import HydraBackend, build_hf_backend
 from align_hf.models import tiny_llama
@@ -19,6 +19,7 @@ __all__ = [
     "HFEngineConfig",
     "HydraBackend",
     "byte_tokenizer",
+    "last_token_positions",
     "sequence_logps",
     "tiny_llama",
 ]

@@ -488,8 +488,10 @@ class MegatronBackend:
 
     def _sequence_scores(self, meg: MegatronModel, batch: TokenBatch) -> Tensor:
         rows, weight = self._my_rows(batch)
+        from align_hf import last_token_positions  # transformers' rule, as the hf backend reads it
+
         width = batch.input_ids.shape[1]
-        last = _last_token_positions(batch, getattr(meg.hf_config, "pad_token_id", None))
+        last = last_token_positions(batch, getattr(meg.hf_config, "pad_token_id", None))
         # Where each sequence's last token sits among this rank's rows (-1: another rank's).
         local_row = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long, device=rows.device)
         local_row[rows] = torch.arange(rows.numel(), device=rows.device)
@@ -623,22 +625,6 @@ def _scorer(model: nn.Module) -> MegatronModel:
     if not meg.layout.is_scorer:
         raise TypeError("a causal LM has no score head: build a scorer (build_scorer, role reward or critic)")
     return meg
-
-
-def _last_token_positions(batch: TokenBatch, pad_token_id: int | None) -> Tensor:
-    """Flat index (into ``rows * width``) of each sequence's last token that is not the pad
-    token, as the hf backend reads a sequence classifier's score (transformers' own rule)."""
-    ids = batch.input_ids.reshape(-1)
-    owners = batch.sequence_ids.reshape(-1)
-    keep = owners >= 0
-    if pad_token_id is not None:
-        keep &= ids != pad_token_id
-    flat = torch.arange(ids.numel(), device=ids.device)
-    last = torch.full((batch.num_sequences,), -1, dtype=torch.long, device=ids.device)
-    last = last.scatter_reduce(0, owners[keep], flat[keep], reduce="amax")
-    if bool((last < 0).any()):
-        raise ValueError("a sequence has no token other than padding to read its score from")
-    return last
 
 
 def _attention_mask(sequence_ids: Tensor) -> Tensor:
