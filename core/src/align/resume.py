@@ -10,7 +10,7 @@ compared with it, key by key:
 - settings that would make the resumed run a different run than the one checkpointed (model,
   backend, algorithm, seed, training data and its batching, optimizer kind) are refused with a
   ConfigError listing them; start a new run from the checkpoint's weights instead
-  (``model.path=<checkpoint>/model``).
+  (``model.path=<checkpoint>/model``; see ``restart_advice``).
 
 So ``config.yaml`` of a resumed run describes what it actually uses, and "lower optim.lr and
 resume" after a divergence does lower the learning rate.
@@ -19,6 +19,7 @@ resume" after a divergence does lower the learning rate.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,9 +100,24 @@ def check_changes(saved: dict[str, Any] | None, current: dict[str, Any], checkpo
         raise ConfigError(
             f"cannot resume from {checkpoint} with changed {describe(refused)}: the resumed run would "
             f"not continue the one checkpointed. Undo these changes, or start a new run in another "
-            f"output_dir from the checkpoint's weights (model.path={checkpoint}/model)."
+            f"output_dir from the checkpoint's weights ({restart_advice(checkpoint, saved)})."
         )
     return applied
+
+
+def restart_advice(checkpoint: str, saved: dict[str, Any]) -> str:
+    """The overrides that start a new run from a checkpoint's policy weights.
+
+    ``<checkpoint>/model`` is an HF folder (safetensors) when the backend saves checkpoints with
+    ``save_pretrained``: every backend builds a model from it. A backend with its own checkpoint
+    format (``save_checkpoint_weights``: megatron's distributed checkpoints) writes something only
+    that backend reads as ``model.path``, so the advice names it too."""
+    weights = Path(checkpoint) / "model"
+    advice = f"model.path={weights}"
+    backend = (saved.get("backend") or {}).get("name")
+    if backend and not any(weights.glob("*.safetensors")):
+        advice += f" backend.name={backend}"
+    return advice
 
 
 def apply_optim_settings(

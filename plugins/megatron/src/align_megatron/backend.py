@@ -191,7 +191,10 @@ class MegatronBackend:
                 f"{', '.join((*CAUSAL_ROLES, *SCORER_ROLES))}"
             )
         cfg = model or self.run.model
-        built = self._converted(self.hf.build_model(role, cfg), DTYPES[cfg.dtype])
+        if is_distributed_checkpoint(cfg.path):
+            built = self._from_checkpoint(Path(cfg.path), DTYPES[cfg.dtype], 1 if role in SCORER_ROLES else 0)
+        else:
+            built = self._converted(self.hf.build_model(role, cfg), DTYPES[cfg.dtype])
         if role in FROZEN_ROLES:
             built.eval()
             built.requires_grad_(False)
@@ -200,8 +203,31 @@ class MegatronBackend:
     def build_scorer(self, num_labels: int, label_names: Sequence[str] | None = None) -> nn.Module:
         """``align.ScoringBackend``: a trainable sequence scorer with ``num_labels`` heads (the hf
         backend's ``LlamaForSequenceClassification`` for the run's model, converted)."""
+        cfg = self.run.model
+        if is_distributed_checkpoint(cfg.path):
+            return self._from_checkpoint(Path(cfg.path), DTYPES[cfg.dtype], num_labels)
         hf_model = self.hf.build_scorer(num_labels, label_names)
-        return self._converted(hf_model, DTYPES[self.run.model.dtype])
+        return self._converted(hf_model, DTYPES[cfg.dtype])
+
+    def _from_checkpoint(self, path: Path, dtype: torch.dtype, num_labels: int) -> MegatronModel:
+        """The model a distributed checkpoint (``save_checkpoint_weights``: a run's
+        ``checkpoints/step_N/model``) holds, read at this run's TP/PP: a causal LM
+        (``num_labels`` 0) or a sequence scorer with ``num_labels`` heads, as the HF config
+        saved beside the shards says it is."""
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(path)
+        layout = layout_of(hf_config)
+        saved_labels = hf_config.num_labels if _is_scorer(hf_config) else 0
+        if saved_labels != num_labels:
+            held = f"a {saved_labels}-label sequence scorer" if saved_labels else "a causal LM"
+            wanted = f"a {num_labels}-label sequence scorer" if num_labels else "a causal LM"
+            raise ConfigError(f"model.path: {path} holds {held}; this role needs {wanted}")
+        if num_labels:
+            layout = replace(layout, tied_embeddings=False, num_labels=num_labels)
+        built = self._empty_model(layout, hf_config, dtype)
+        self.load_checkpoint_weights(built, path)
+        return built
 
     def _converted(self, hf_model: Any, dtype: torch.dtype) -> MegatronModel:
         """A megatron model holding ``hf_model``'s weights (a causal LM, or a sequence
@@ -323,8 +349,11 @@ class MegatronBackend:
         path.mkdir(parents=True, exist_ok=True)
         with cpu_checkpoint_writer():
             dist_checkpointing.save(_sharded_state(meg), str(path))
-        if self.is_main:  # what model the shards are of (the HF config the export would have)
+        if self.is_main:
+            # What model the shards are of (the HF config the export would have) and its
+            # tokenizer: the folder is then a ``model.path`` this backend builds from.
             meg.hf_config.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
 
     def load_checkpoint_weights(self, model: nn.Module, path: Path) -> None:
         """Load weights ``save_checkpoint_weights`` wrote, at any TP/PP (each rank reads the part
@@ -612,6 +641,21 @@ def _sharded_state(meg: MegatronModel) -> dict[str, Any]:
         gpt.post_process = post_process
     state["score.weight"] = make_sharded_tensor_for_checkpoint(meg.score.weight, "score.weight")
     return state
+
+
+def is_distributed_checkpoint(path: str) -> bool:
+    """Whether ``path`` (a ``model.path``) is a folder holding a megatron-core distributed
+    checkpoint (its ``metadata.json``), not an HF checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    folder = Path(path)
+    return (folder / "metadata.json").is_file() and bool(
+        dist_checkpointing.check_is_distributed_checkpoint(str(folder))
+    )
+
+
+def _is_scorer(hf_config: Any) -> bool:
+    return any(name.endswith("ForSequenceClassification") for name in hf_config.architectures or [])
 
 
 def _megatron(model: nn.Module) -> MegatronModel:
