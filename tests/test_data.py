@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import assert_user_error, dpo_config, run_cli, sft_config, write_jsonl, write_yaml
 
+import align
 from align import DataError, TinyModelConfig, default_plugins, lay_out
 from align.builtin.data import PreferenceData, PreferenceFormat, SFTData, SFTFormat
 from align_hf import byte_tokenizer, sequence_logps, tiny_llama
@@ -101,7 +102,7 @@ def test_mixed_type_column_keeps_strings_that_look_like_json(tmp_path):
     ("bad_row", "message"),
     [
         ({"prompt": "x"}, "row 2: missing 'completion'"),
-        ({"prompt": "x", "completion": ""}, "row 2: the completion is empty"),
+        ({"prompt": "x", "completion": ""}, "row 2: 'completion' is empty"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "row 2: 'messages' must end with an assistant"),
         (
             {"messages": [{"role": "user"}]},
@@ -114,6 +115,45 @@ def test_malformed_sft_row_names_file_and_row(tmp_path, bad_row, message):
     fmt = sft(tmp_path, [{"prompt": "a", "completion": "b"}, bad_row])
     with pytest.raises(DataError, match=message):
         fmt.load("train")
+
+
+EMPTY_ANSWER = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"q": "x"}, r"^data\.jsonl, row 3: missing 'a'$"),
+        ({"q": 5, "a": "y"}, r"^data\.jsonl, row 3: 'q' must be a string or a list"),
+        ({"q": "x", "a": ""}, r"^data\.jsonl, row 3: 'a' is empty$"),
+        ({"q": "x", "a": []}, r"^data\.jsonl, row 3: 'a' is an empty list of messages$"),
+        ({"q": "x", "a": EMPTY_ANSWER[1:]}, r"^data\.jsonl, row 3: 'a' is empty \(its last message"),
+    ],
+    ids=["missing", "mistyped-prompt", "empty", "no-messages", "empty-message"],
+)
+def test_prompt_and_completion_names_file_row_and_column(row: dict[str, Any], message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        align.prompt_and_completion(row, "q", "a", "data.jsonl", 2)
+
+
+def test_prompt_and_completion_returns_text_or_messages_as_given() -> None:
+    assert align.prompt_and_completion({"q": "x", "a": "y"}, "q", "a", "f", 0) == ("x", "y")
+    messages = EMPTY_ANSWER[:1]
+    answer = [{"role": "assistant", "content": "ok"}]
+    assert align.prompt_and_completion({"q": messages, "a": answer}, "q", "a", "f", 0) == (messages, answer)
+
+
+def test_empty_assistant_message_is_an_error(tmp_path: Path) -> None:
+    conversation = {"messages": [EMPTY_ANSWER[0], {"role": "assistant", "content": "b"}]}
+    with pytest.raises(DataError, match="row 2: 'messages' ends with an empty assistant message"):
+        sft(tmp_path, [conversation, {"messages": EMPTY_ANSWER}]).load("train")
+    pair = {"prompt": EMPTY_ANSWER[:1], "chosen": [{"role": "assistant", "content": "a"}]}
+    rows = [
+        {**pair, "rejected": [{"role": "assistant", "content": "b"}]},
+        {**pair, "rejected": EMPTY_ANSWER[1:]},
+    ]
+    with pytest.raises(DataError, match=r"pairs\.jsonl, row 2: 'rejected' is empty \(its last message"):
+        preference(tmp_path, rows).load("train")
 
 
 @pytest.mark.parametrize(

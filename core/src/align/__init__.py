@@ -13,7 +13,7 @@ from align.batches import (
     TokenLogps,
     UnpairedBatch,
 )
-from align.builtin.data import Encoder, PreferenceColumns, SFTColumns, TokenizedFormat
+from align.builtin.data import Encoder, PreferenceColumns, SFTColumns, TokenizedFormat, prompt_and_completion
 from align.builtin.prompts import PromptBatch, PromptData, PromptRow, prompt_rows
 from align.config import (
     AdvantageConfig,
@@ -175,6 +175,7 @@ __all__ = [
     "pairwise_accuracy",
     "policy_weights",
     "precision_scope",
+    "prompt_and_completion",
     "prompt_rows",
     "read_yaml",
     "resolve_device",

@@ -63,10 +63,7 @@ class RewardedFormat(align.TokenizedFormat):
 
     def tokenize_row(self, row: dict[str, Any], source: str, index: int) -> dict[str, Any]:
         c = self.cfg.columns
-        prompt = align.text_or_messages(row.get(c.prompt), c.prompt, source, index)
-        completion = align.text_or_messages(row.get(c.completion), c.completion, source, index)
-        if not completion or (isinstance(completion, list) and not completion[-1]["content"]):
-            raise align.row_error(source, index, f"'{c.completion}' is empty")
+        prompt, completion = align.prompt_and_completion(row, c.prompt, c.completion, source, index)
         reward = reward_value(row.get(c.reward), c.reward, source, index)
         prompt_ids, completion_ids = self.encoder.encode(prompt, completion)
         status, prompt_ids, (completion_ids,) = self.encoder.fit(prompt_ids, [completion_ids])

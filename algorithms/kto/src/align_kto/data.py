@@ -50,14 +50,11 @@ class UnpairedFormat(align.TokenizedFormat):
 
     def tokenize_row(self, row: dict[str, Any], source: str, index: int) -> dict[str, Any]:
         c = self.cfg.columns
-        prompt = align.text_or_messages(row.get(c.prompt), c.prompt, source, index)
-        completion = align.text_or_messages(row.get(c.completion), c.completion, source, index)
+        prompt, completion = align.prompt_and_completion(row, c.prompt, c.completion, source, index)
         label = row.get(c.label)
         if not isinstance(label, bool):
             what = "missing" if label is None else f"{label!r:.40}"
             raise align.row_error(source, index, f"'{c.label}' must be true or false, got {what}")
-        if not completion or (isinstance(completion, list) and not completion[-1]["content"]):
-            raise align.row_error(source, index, f"'{c.completion}' is empty")
         prompt_ids, completion_ids = self.encoder.encode(prompt, completion)
         status, prompt_ids, (completion_ids,) = self.encoder.fit(prompt_ids, [completion_ids])
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": label, "status": status}

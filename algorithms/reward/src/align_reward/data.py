@@ -61,10 +61,7 @@ class AttributeFormat(align.TokenizedFormat):
 
     def tokenize_row(self, row: dict[str, Any], source: str, index: int) -> dict[str, Any]:
         c = self.cfg.columns
-        prompt = align.text_or_messages(row.get(c.prompt), c.prompt, source, index)
-        completion = align.text_or_messages(row.get(c.completion), c.completion, source, index)
-        if not completion or (isinstance(completion, list) and not completion[-1]["content"]):
-            raise align.row_error(source, index, f"'{c.completion}' is empty")
+        prompt, completion = align.prompt_and_completion(row, c.prompt, c.completion, source, index)
         targets, labelled = [], []
         for name in self.cfg.attributes:
             value = row.get(name)

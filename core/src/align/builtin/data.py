@@ -11,6 +11,7 @@ Row rules, applied while loading and counted in the log:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import datasets
@@ -118,6 +119,22 @@ class Encoder:
         return status, prompt, completions
 
 
+def prompt_and_completion(
+    row: Mapping[str, Any], prompt: str, completion: str, source: str, index: int
+) -> tuple[Text, Text]:
+    """The row's prompt and completion, read from the columns named ``prompt`` and
+    ``completion``: each a string or chat messages (``text_or_messages``), and the completion not
+    empty (an empty string or a last message without content leaves nothing to train on). Any
+    other value is the ``DataError`` naming the file, the row and the column."""
+    prompt_value = text_or_messages(row.get(prompt), prompt, source, index)
+    completion_value = text_or_messages(row.get(completion), completion, source, index)
+    if not completion_value:
+        raise row_error(source, index, f"'{completion}' is empty")
+    if isinstance(completion_value, list) and not completion_value[-1]["content"]:
+        raise row_error(source, index, f"'{completion}' is empty (its last message has no content)")
+    return prompt_value, completion_value
+
+
 class TokenizedFormat:
     """Shared loading: files -> validated, tokenized rows with a ``status`` per row.
 
@@ -209,12 +226,8 @@ class PreferenceFormat(TokenizedFormat):
 
     def tokenize_row(self, row: dict[str, Any], source: str, index: int) -> dict[str, Any]:
         c = self.cfg.columns
-        prompt = text_or_messages(row.get(c.prompt), c.prompt, source, index)
-        chosen = text_or_messages(row.get(c.chosen), c.chosen, source, index)
-        rejected = text_or_messages(row.get(c.rejected), c.rejected, source, index)
-        for name, value in ((c.chosen, chosen), (c.rejected, rejected)):
-            if not value:
-                raise row_error(source, index, f"'{name}' is empty")
+        prompt, chosen = prompt_and_completion(row, c.prompt, c.chosen, source, index)
+        _, rejected = prompt_and_completion(row, c.prompt, c.rejected, source, index)
         gap = self._reward_gap(row, source, index)
         if chosen == rejected:
             nothing: list[int] = []
@@ -271,13 +284,12 @@ class SFTFormat(TokenizedFormat):
             conversation = text_or_messages(messages, c.messages, source, index)
             if not isinstance(conversation, list) or conversation[-1]["role"] != "assistant":
                 raise row_error(source, index, f"'{c.messages}' must end with an assistant message")
+            if not conversation[-1]["content"]:
+                raise row_error(source, index, f"'{c.messages}' ends with an empty assistant message")
             prompt: Text = conversation[:-1]
             completion: Text = conversation[-1:]
         else:
-            prompt = text_or_messages(row.get(c.prompt), c.prompt, source, index)
-            completion = text_or_messages(row.get(c.completion), c.completion, source, index)
-        if not completion or (isinstance(completion, list) and not completion[-1]["content"]):
-            raise row_error(source, index, "the completion is empty")
+            prompt, completion = prompt_and_completion(row, c.prompt, c.completion, source, index)
         prompt_ids, completion_ids = self.encoder.encode(prompt, completion)
         status, prompt_ids, (completion_ids,) = self.encoder.fit(prompt_ids, [completion_ids])
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "status": status}
