@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -71,6 +71,8 @@ TE_NAMES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
+# Pipeline micro-batches per stage by default: GPipe's idle share is (PP - 1) / (m + PP - 1).
+DEFAULT_MICRO_BATCHES_PER_STAGE = 2
 
 
 class MegatronBackendConfig(BackendConfig):
@@ -82,9 +84,36 @@ class MegatronBackendConfig(BackendConfig):
     sequence_parallel: bool = Field(
         False, description="Split the norms' activations over the sequence within the TP group (TP > 1)."
     )
+    pipeline_micro_batches: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Pipeline micro-batches each scoring call's rows are split into at PP > 1, so the "
+            "stages overlap (GPipe); uneven splits allowed, fewer when a call has fewer rows. "
+            f"Default: {DEFAULT_MICRO_BATCHES_PER_STAGE} x pipeline_model_parallel_size."
+        ),
+    )
     nproc_per_node: int = Field(
         1, ge=1, description="Processes on this node; > 1: `align run` starts them under torchrun itself."
     )
+
+    @field_validator("pipeline_micro_batches")
+    @classmethod
+    def _micro_batches_need_stages(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if (value or 1) > 1 and info.data.get("pipeline_model_parallel_size") == 1:
+            raise ValueError(
+                f"{value} splits the rows between pipeline stages; it needs "
+                "pipeline_model_parallel_size > 1 (or leave it unset)"
+            )
+        return value
+
+    @property
+    def micro_batches(self) -> int:
+        """The pipeline micro-batches of a scoring call (1 without pipeline stages)."""
+        if self.pipeline_micro_batches is not None:
+            return self.pipeline_micro_batches
+        stages = self.pipeline_model_parallel_size
+        return DEFAULT_MICRO_BATCHES_PER_STAGE * stages if stages > 1 else 1
 
 
 class MegatronModel(nn.Module):
@@ -584,7 +613,8 @@ class MegatronBackend:
         # Megatron's hidden states between stages: [sequence (split over TP with sequence
         # parallelism), rows, hidden].
         length = width // self.par.tp if self.cfg.sequence_parallel else width
-        return run_stages(meg.gpt, inputs, (length, rows, meg.layout.hidden_size), read, numel)
+        hidden_shape = (length, rows, meg.layout.hidden_size)
+        return run_stages(meg.gpt, inputs, hidden_shape, read, numel, self.cfg.micro_batches)
 
 
 def _sum_gradients(params: Sequence[nn.Parameter], grads: Sequence[Tensor], group: Any) -> list[Tensor]:
