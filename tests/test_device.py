@@ -46,6 +46,23 @@ def test_auto_is_the_gpu_when_torch_sees_one(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+def test_under_torchrun_auto_and_cuda_are_the_local_ranks_gpu(monkeypatch):
+    """Data-parallel ranks on one node must not all land on cuda:0: torchrun's LOCAL_RANK picks
+    the GPU (round-robin when there are more ranks than GPUs); an explicit cuda:N is kept."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("auto") == torch.device("cuda")  # one process: the current device
+    for local_rank, gpu in (("0", 0), ("1", 1), ("3", 1)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert resolve_device("auto") == torch.device("cuda", gpu), local_rank
+        assert resolve_device("cuda") == torch.device("cuda", gpu), local_rank
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")  # no GPU: every rank on the CPU
+
+
 def test_a_missing_or_misspelt_device_is_a_config_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"backend.device: 'cuda' asks for a GPU but torch sees none"):
