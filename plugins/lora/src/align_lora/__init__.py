@@ -28,11 +28,10 @@ def wrap_backend(backend: Any, config: align.RunConfig) -> Any:
     with_lora = [where for where, section in align.model_sections(config) if section.lora is not None]
     if not with_lora:
         return None
-    if config.backend.name not in SUPPORTED_BACKENDS:
-        raise align.ConfigError(
-            f"{with_lora[0]}.lora: LoRA is implemented for the {', '.join(SUPPORTED_BACKENDS)} backend, "
-            f"not backend.name={config.backend.name}"
-        )
+    if config.backend.name not in SUPPORTED_BACKENDS or getattr(backend, "applies_lora", False):
+        # Another backend's plugin may apply LoRA itself (align-megatron does); if none does,
+        # align.build_backend stops the run with a config error.
+        return None
     return LoraBackend(backend, config)
 
 

@@ -56,6 +56,7 @@ from align_megatron.conversion import (
     stage_of,
 )
 from align_megatron.cpu_shims import cpu_checkpoint_writer, cpu_only
+from align_megatron.lora import REPLICATED as REPLICATED_ADAPTER
 from align_megatron.parallel import Parallelism, build_gpt, initialize, transformer_engine_available
 from align_megatron.pipeline import run_stages
 
@@ -161,10 +162,14 @@ class MegatronModel(nn.Module):
         return params[self.local_name(name)]
 
     def norms(self) -> set[int]:
-        """ids of the norms' weights (whole on every TP rank). Decided from the names: megatron
-        marks shards only when it initialises them itself."""
+        """ids of the norms' weights (whole on every TP rank), and of LoRA adapter matrices
+        marked whole (``align_megatron.lora``: they too compute on a part of the sequence with
+        sequence parallelism). Decided from the names: megatron marks shards only when it
+        initialises them itself."""
         return {
-            id(p) for name, p in self.gpt.named_parameters() if "layernorm" in name or "layer_norm" in name
+            id(p)
+            for name, p in self.gpt.named_parameters()
+            if "layernorm" in name or "layer_norm" in name or getattr(p, REPLICATED_ADAPTER, False)
         }
 
     def replicated(self) -> set[int]:
