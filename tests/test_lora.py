@@ -45,10 +45,17 @@ LORA_MODEL = merge(TINY_MODEL, {"lora": LORA})
 PAIRS = [([5, 6, 7], [8, 9, 10, 11]), ([40, 41], [42, 43, 44]), ([100, 101, 102, 103], [104])]
 
 
-def lora_backend(tmp_path: Path, **lora: Any) -> tuple[Any, Any]:
+# For tests that call the models the backend built with their own (CPU) tensors and compare
+# with models built outside it: on a GPU machine the default (auto) would put the first on the GPU.
+ON_CPU = {"name": "hf", "device": "cpu"}
+
+
+def lora_backend(tmp_path: Path, backend: dict[str, Any] | None = None, **lora: Any) -> tuple[Any, Any]:
     """The LoRA-wrapped backend of a small run and the plain hf backend of the same config."""
     plugins = align.default_plugins()
     config = dpo_config(tmp_path / "run", model=merge(TINY_MODEL, {"lora": {**LORA, **lora}}))
+    if backend is not None:
+        config["backend"] = backend
     cfg = align.validate_run_config(config, plugins.registry)
     plain = plugins.registry.get("backend", "hf").factory(cfg)
     return align.build_backend(cfg, plugins), plain
@@ -95,7 +102,7 @@ def test_only_adapters_train_and_the_reference_is_the_base_model_without_a_copy(
 
 
 def test_merged_weights_are_hf_named_and_give_the_adapted_logits(tmp_path: Path) -> None:
-    backend, plain = lora_backend(tmp_path)
+    backend, plain = lora_backend(tmp_path, backend=ON_CPU)  # the models are called directly
     policy = backend.build_policy()
     perturb_adapters(policy)
     base = plain.build_reference()
@@ -176,8 +183,9 @@ def test_export_merge_writes_full_weights_that_give_the_adapted_logits(
     merged = AutoModelForCausalLM.from_pretrained(out)
     plugins = align.default_plugins()
     cfg = align.validate_run_config(
-        dpo_config(tmp_path / "x", model=merge(TINY_MODEL, {"lora": {"r": 8}})), plugins.registry
-    )
+        dpo_config(tmp_path / "x", model=merge(TINY_MODEL, {"lora": {"r": 8}}), backend=ON_CPU),
+        plugins.registry,
+    )  # on the CPU: the adapted model is called directly, beside transformers' merged one
     base = plugins.registry.get("backend", "hf").factory(cfg).build_policy()
     adapted = PeftModel.from_pretrained(base, dpo_lora_run.final_dir)  # PEFT's own loader
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])

@@ -70,10 +70,19 @@ def test_bradley_terry_matches_hand_computation() -> None:
 
 
 def hf_backend(plugins: align.Plugins, **model: Any) -> Any:
+    """The hf backend of a reward run, pinned to the CPU: these tests call the models it builds
+    directly and compare them bit for bit with models transformers loads on the CPU (on a GPU
+    machine the default, auto, would put them on the GPU)."""
     from align_hf import HFBackend
 
     run = validate_run_config(
-        {"algo": "reward", "data": {"train": "x.jsonl"}, "model": {"tiny": TINY, **model}}, plugins.registry
+        {
+            "algo": "reward",
+            "data": {"train": "x.jsonl"},
+            "model": {"tiny": TINY, **model},
+            "backend": {"name": "hf", "device": "cpu"},
+        },
+        plugins.registry,
     )
     return HFBackend(run)
 
@@ -222,7 +231,8 @@ def test_saved_reward_model_loads_with_transformers_and_scores_identically(
     torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
     # and from plain texts through the reward source
     pairs = read_jsonl(tmp / "eval.jsonl")[:3]
-    source = ModelReward(ModelRewardConfig(path=str(result.final_dir), max_length=128))  # as trained
+    as_trained = ModelRewardConfig(path=str(result.final_dir), max_length=128, device="cpu")  # as trained, on the CPU
+    source = ModelReward(as_trained)
     from_text = source([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     torch.testing.assert_close(from_text, ours[:3, 0], rtol=1e-5, atol=1e-5)
 
