@@ -6,7 +6,6 @@ PPO's branched critic work; the output is an ordinary HF checkpoint."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from helpers import (
     read_metrics,
 )
 from helpers.online import arith_config
+from helpers.resume import assert_resumes_bit_exact, train
 from transformers import AutoModelForCausalLM
 
 import align
@@ -28,11 +28,6 @@ import align
 THREE_LAYERS = merge(TINY_MODEL, {"tiny": {"num_layers": 3}})
 HYDRA = {"name": "hf", "num_layers_unfrozen": 1}
 PAIRS = [([5, 6, 7], [8, 9, 10, 11]), ([40, 41], [42, 43, 44]), ([100, 101, 102, 103], [104])]
-
-
-def train(config: dict[str, Any], plugins: align.Plugins | None = None) -> align.RunResult:
-    plugins = plugins or align.default_plugins()
-    return align.train(align.validate_run_config(config, plugins.registry), plugins)
 
 
 def hydra_backend(tmp_path: Path, **backend: Any) -> Any:
@@ -177,17 +172,6 @@ def test_dpo_precomputes_its_reference_with_the_hydra_head(tmp_path: Path) -> No
     assert result.eval_after["reward_chosen"] != 0.0
 
 
-STOP_AT_STEP_2 = """
-import align
-
-
-@align.hookimpl
-def on_step_end(run, step, metrics):
-    if metrics["split"] == "train" and step == 2:
-        run.request_stop("stopped at step 2")
-"""
-
-
 def test_dpo_with_hydra_resumes_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The resumed run rebuilds its reference after the policy's checkpoint was loaded: the
     reference's top must still be the initial one (built afresh), or the losses would differ."""
@@ -195,21 +179,7 @@ def test_dpo_with_hydra_resumes_bit_exact(tmp_path: Path, monkeypatch: pytest.Mo
     def config(name: str) -> dict[str, Any]:
         return hydra_dpo(tmp_path / name, trainer={"max_steps": 4, "save_every": 2})
 
-    straight = train(config("straight"))
-    (tmp_path / "stop_at_2_hydra.py").write_text(STOP_AT_STEP_2)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with monkeypatch.context() as patch:
-        patch.setenv("ALIGN_PLUGIN_MODULES", "stop_at_2_hydra")
-        try:
-            stopped = train(config("stopped"), align.load_plugins())
-        finally:
-            sys.modules.pop("stop_at_2_hydra", None)
-    assert stopped.steps == 2
-    resumed = train(config("stopped") | {"resume": True})
-    assert resumed.steps == 4
-    assert_same_weights(load_weights(resumed.final_dir), load_weights(straight.final_dir))
-    losses = [[row["loss"] for row in read_metrics(r.output_dir, "train")] for r in (resumed, straight)]
-    assert losses[0] == losses[1]
+    assert_resumes_bit_exact(config, tmp_path, monkeypatch, stop_at=2, steps=4)
 
 
 def test_grpo_kl_to_a_hydra_reference(warm_model: Path, tmp_path: Path) -> None:

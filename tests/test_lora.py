@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from helpers import (
     DATA,
     QUIET_TRAINER,
     TINY_MODEL,
-    assert_same_weights,
     assert_user_error,
     dpo_config,
     load_weights,
@@ -29,16 +27,11 @@ from helpers import (
     write_yaml,
 )
 from helpers.online import arith_config
+from helpers.resume import assert_resumes_bit_exact, train
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import align
-
-
-def train(config: dict[str, Any], plugins: align.Plugins | None = None) -> align.RunResult:
-    plugins = plugins or align.default_plugins()
-    return align.train(align.validate_run_config(config, plugins.registry), plugins)
-
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 LORA_MODEL = merge(TINY_MODEL, {"lora": LORA})
@@ -205,17 +198,6 @@ def test_export_of_a_full_fine_tune_is_a_user_error(
     assert_user_error(result, "adapter_config.json")
 
 
-STOP_AT_STEP_2 = """
-import align
-
-
-@align.hookimpl
-def on_step_end(run, step, metrics):
-    if metrics["split"] == "train" and step == 2:
-        run.request_stop("stopped at step 2")
-"""
-
-
 def test_sft_with_lora_resumes_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def config(name: str) -> dict[str, Any]:
         return sft_config(
@@ -224,21 +206,7 @@ def test_sft_with_lora_resumes_bit_exact(tmp_path: Path, monkeypatch: pytest.Mon
             trainer={"max_steps": 4, "save_every": 2},
         )
 
-    straight = train(config("straight"))
-    (tmp_path / "stop_at_2_lora.py").write_text(STOP_AT_STEP_2)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with monkeypatch.context() as patch:
-        patch.setenv("ALIGN_PLUGIN_MODULES", "stop_at_2_lora")
-        try:
-            stopped = train(config("stopped"), align.load_plugins())
-        finally:
-            sys.modules.pop("stop_at_2_lora", None)
-    assert stopped.steps == 2
-    resumed = train(config("stopped") | {"resume": True})
-    assert resumed.steps == 4
-    assert_same_weights(load_weights(resumed.final_dir), load_weights(straight.final_dir))
-    losses = [[row["loss"] for row in read_metrics(r.output_dir, "train")] for r in (resumed, straight)]
-    assert losses[0] == losses[1]
+    assert_resumes_bit_exact(config, tmp_path, monkeypatch, stop_at=2, steps=4)
 
 
 def test_lora_without_the_plugin_is_a_config_error(tmp_path: Path) -> None:
