@@ -65,7 +65,7 @@ from align.protocols import (
     TokenScoringBackend,
 )
 from align.registry import Entry, Register, Registry
-from align.rewards import RewardError, build_reward, message_text
+from align.rewards import RewardError, build_reward, message_text, submit_reward
 from align.rollout import (
     Completion,
     EngineError,
@@ -184,6 +184,7 @@ __all__ = [
     "row_lengths",
     "save_merged",
     "start_rollouts",
+    "submit_reward",
     "text_or_messages",
     "train",
     "validate_run_config",

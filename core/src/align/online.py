@@ -11,6 +11,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from align.config import RewardConfig, RolloutEngineConfig, RunConfig
 from align.errors import UserError
 from align.layout import lay_out
 from align.registry import Registry
+from align.rewards import submit_reward
 from align.rollout import EngineError, EngineSpec, LogitsHook, RolloutEngine, SamplingConfig
 
 if TYPE_CHECKING:
@@ -51,14 +53,70 @@ class Sample:
 
 @dataclass
 class RolloutResult:
-    """``samples`` grouped by prompt: ``groups[i]`` holds the ``n`` samples of ``rows[i]``."""
+    """``samples`` grouped by prompt: ``groups[i]`` holds the ``n`` samples of ``rows[i]``.
+    ``pending``: rewards still being computed (``generate(..., defer_rewards=True)``), until
+    ``wait_for_rewards()``."""
 
     groups: list[list[Sample]]
     metrics: dict[str, float] = field(default_factory=dict)
+    pending: PendingRewards | None = field(default=None, repr=False, compare=False)
 
     @property
     def samples(self) -> list[Sample]:
         return [s for group in self.groups for s in group]
+
+    def wait_for_rewards(self) -> None:
+        """Fill every sample's ``reward`` from the pending requests (nothing when none are
+        pending). Metrics: ``score_s`` (the reward's own time, request to answer),
+        ``reward_blocked_s`` (what of it the caller waited) and ``reward_hidden_s`` (the rest,
+        hidden behind the caller's work), plus ``reward_mean``. With data-parallel ranks it is
+        a collective call (each rank's rewards go to every rank)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        self.metrics.update(pending.wait())
+        samples = self.samples
+        self.metrics["reward_mean"] = sum(s.reward for s in samples) / max(1, len(samples))
+
+
+@dataclass
+class ScoreRequest:
+    """One work item's rewards, asked for (``align.submit_reward``) and maybe not yet answered."""
+
+    future: Future[torch.Tensor]
+    sent_at: float
+    blocked_s: float  # how long sending took: all of the scoring for a reward without ``submit``
+    answered_at: float | None = None
+
+    def answered(self, _: Future[torch.Tensor]) -> None:
+        self.answered_at = time.perf_counter()
+
+
+class PendingRewards:
+    """The rewards of a rollout's work items (``parts``): this rank's requests, by item."""
+
+    def __init__(self, parts: Sequence[RolloutResult], requests: dict[int, ScoreRequest], ranks: int) -> None:
+        self.parts, self.requests, self.ranks = list(parts), requests, ranks
+
+    def wait(self) -> dict[str, float]:
+        started = time.perf_counter()
+        mine = {item: request.future.result().tolist() for item, request in self.requests.items()}
+        waited = time.perf_counter() - started
+        every = mine
+        if self.ranks > 1:  # each rank scored the items it generated; all ranks need all rewards
+            every = {item: values for theirs in distributed.gather(mine) for item, values in theirs.items()}
+        for item, part in enumerate(self.parts):
+            for sample, value in zip(part.samples, every[item], strict=True):
+                sample.reward = float(value)
+        scoring = sum(
+            (request.answered_at or started + waited) - request.sent_at for request in self.requests.values()
+        )
+        blocked = waited + sum(request.blocked_s for request in self.requests.values())
+        return {
+            "score_s": scoring,
+            "reward_blocked_s": blocked,
+            "reward_hidden_s": max(0.0, scoring - blocked),
+        }
 
 
 def build_engine(cfg: RolloutEngineConfig, registry: Registry, spec: EngineSpec) -> RolloutEngine:
@@ -115,8 +173,10 @@ class Rollouts:
         self.engine = build_engine(engine_cfg, registry, spec)
         self.engine_name = engine_cfg.name
 
-    def generate(self, rows: Sequence[PromptRow], sampling: SamplingConfig) -> RolloutResult:
-        """``sampling.n`` completions per row, decoded and (with a reward) scored."""
+    def generate(
+        self, rows: Sequence[PromptRow], sampling: SamplingConfig, score: bool = True
+    ) -> RolloutResult:
+        """``sampling.n`` completions per row, decoded and (with a reward and ``score``) scored."""
         started = time.perf_counter()
         with self._engine_errors("generating"):
             outputs = self.engine.generate([r.prompt_ids for r in rows], sampling)
@@ -137,9 +197,27 @@ class Rollouts:
             truncated_fraction=sum(s.finish_reason == "length" for s in result.samples)
             / max(1, len(result.samples)),
         )
-        if self.reward is not None:
+        if self.reward is not None and score:
             self.score(result)
         return result
+
+    def submit_scores(self, samples: Sequence[Sample]) -> ScoreRequest:
+        """Ask the reward for ``samples``' scores (``align.submit_reward``): returns at once with
+        a reward that sends requests (``remote``), after scoring with one that does not."""
+        assert self.reward is not None
+        sent_at = time.perf_counter()
+        future = submit_reward(
+            self.reward,
+            [s.prompt.prompt for s in samples],
+            [s.text for s in samples],
+            [s.prompt.row for s in samples],
+        )
+        request = ScoreRequest(future, sent_at, time.perf_counter() - sent_at)
+        if future.done():  # scored while sending: all of it blocked the caller
+            request.answered_at = sent_at + request.blocked_s
+        else:
+            future.add_done_callback(request.answered)
+        return request
 
     def score(self, result: RolloutResult) -> None:
         assert self.reward is not None
@@ -333,6 +411,24 @@ class OnlineAlgorithm(Algorithm):
         done = {i: result for theirs in distributed.gather(mine) for i, result in theirs.items()}
         return [done[i] for i in range(len(items))]
 
+    def from_main(self, work: Callable[[], R]) -> R:
+        """``work()`` done by rank 0 alone, its result given to every data-parallel rank (a
+        collective call): for what one rank alone may do, such as talking to a server that keeps
+        state. A user error raised there is raised on every rank, so none waits forever."""
+        if self.ranks == 1:
+            return work()
+        outcome: tuple[bool, Any] = (True, None)
+        if distributed.rank() == 0:
+            try:
+                outcome = (True, work())
+            except UserError as exc:
+                outcome = (False, exc)
+        succeeded, value = distributed.gather(outcome)[0]
+        if not succeeded:
+            raise value
+        result: R = value
+        return result
+
     def _chunk_logps(
         self, model: Any, chunk: Sequence[Sample], with_entropy: bool
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -345,11 +441,18 @@ class OnlineAlgorithm(Algorithm):
                 entropies.append(out.entropy[row, :length].float())
         return logps, entropies
 
-    def generate(self, rows: Sequence[PromptRow], sampling: SamplingConfig) -> RolloutResult:
+    def generate(
+        self, rows: Sequence[PromptRow], sampling: SamplingConfig, defer_rewards: bool = False
+    ) -> RolloutResult:
         """``sampling.n`` scored completions of each row: the engine's ``generate`` in work items
         of ``generation_chunk`` prompts, which data-parallel ranks share through a load-balanced
         queue (a collective call: every rank passes the same rows and gets every group, in row
-        order). Metrics: the rollout's, plus ``generated_prompts_rank<r>``."""
+        order). Metrics: the rollout's, plus ``generated_prompts_rank<r>``.
+
+        ``defer_rewards``: each work item's rewards are asked for as soon as it is generated and
+        not awaited: the samples' rewards are NaN until ``result.wait_for_rewards()``, which the
+        caller calls when it needs them (after its log-prob passes, so that a remote reward
+        works meanwhile)."""
         chunk = self._chunk_size(len(rows))
         starts = list(range(0, len(rows), chunk))
         started = time.perf_counter()
@@ -357,11 +460,23 @@ class OnlineAlgorithm(Algorithm):
         def work(item: int) -> RolloutResult:
             first = starts[item]
             seed = None if sampling.seed is None else sampling.seed + first
-            return self.rollouts().generate(
-                rows[first : first + chunk], sampling.model_copy(update={"seed": seed})
+            part = self.rollouts().generate(
+                rows[first : first + chunk], sampling.model_copy(update={"seed": seed}), score=not deferred
             )
+            if deferred:
+                requests[item] = self.rollouts().submit_scores(part.samples)
+            return part
 
+        deferred = defer_rewards and self.reward is not None
+        requests: dict[int, ScoreRequest] = {}  # not in the parts: futures do not travel between ranks
         parts = self.work.run(len(starts), work, self.ranks)
+        result = self._merged(parts, started, scored=not deferred)
+        if deferred:
+            result.pending = PendingRewards(parts, requests, self.ranks)
+        return result
+
+    def _merged(self, parts: list[RolloutResult], started: float, scored: bool) -> RolloutResult:
+        """The work items' results as one, with the rollout's metrics."""
         if self.ranks == 1 and len(parts) == 1:
             return parts[0]
         result = RolloutResult([group for part in parts for group in part.groups])
@@ -373,7 +488,7 @@ class OnlineAlgorithm(Algorithm):
             completion_tokens_mean=tokens / max(1, len(samples)),
             truncated_fraction=sum(s.finish_reason == "length" for s in samples) / max(1, len(samples)),
         )
-        if self.reward is not None and samples:
+        if self.reward is not None and samples and scored:
             result.metrics["score_s"] = sum(part.metrics.get("score_s", 0.0) for part in parts)
             result.metrics["reward_mean"] = sum(s.reward for s in samples) / len(samples)
         if self.ranks > 1:

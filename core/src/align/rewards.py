@@ -8,6 +8,12 @@ checkpoint is kept) that names the reward, the row and the start of its prompt.
 
 A reward factory is called with the config; one that also takes a ``registry`` parameter gets
 it, so that a composite reward (``sum``) builds its parts with ``build_reward`` too.
+
+Asynchronous rewards: a reward may also have ``submit(prompts, completions, rows) ->
+Future[Tensor]`` that returns at once (the ``remote`` reward of align-pytriton sends its requests
+and returns). ``submit_reward`` calls it where there is one, and otherwise computes the scores
+at once into a finished future; either way the scores pass the same checks, and the caller
+waits only when it needs them (PPO scores while it takes its log-probs).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -67,6 +74,36 @@ def build_reward(cfg: RewardConfig, registry: Registry) -> RewardSource:
     return CheckedReward(source, str(label))
 
 
+def submit_reward(
+    reward: RewardSource,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    rows: Sequence[dict[str, Any]] | None,
+) -> Future[Tensor]:
+    """``reward(prompts, completions, rows)`` as a future: sent off by a reward that has
+    ``submit`` (see the module docstring), computed now by one that does not. Failures are in
+    the future, raised by ``result()``."""
+    submit = getattr(reward, "submit", None)
+    if callable(submit):
+        future: Future[Tensor] = submit(prompts, completions, rows)
+        return future
+    return _scored_now(reward, prompts, completions, rows)
+
+
+def _scored_now(
+    reward: RewardSource,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    rows: Sequence[dict[str, Any]] | None,
+) -> Future[Tensor]:
+    done: Future[Tensor] = Future()
+    try:
+        done.set_result(reward(prompts, completions, rows))
+    except Exception as exc:
+        done.set_exception(exc)
+    return done
+
+
 def _takes_registry(factory: Callable[..., Any]) -> bool:
     try:
         return "registry" in inspect.signature(factory).parameters
@@ -96,6 +133,40 @@ class CheckedReward:
         except Exception as exc:
             raise self._failure(exc, prompts, completions, rows) from exc
         return self._values(raw, prompts)
+
+    def submit(
+        self, prompts: Sequence[Any], completions: Sequence[Any], rows: Sequence[dict[str, Any]] | None = None
+    ) -> Future[Tensor]:
+        """The checked scores as a future (``submit_reward``): the source's own ``submit`` where
+        it has one, else computed now."""
+        if not callable(getattr(self.source, "submit", None)):
+            return _scored_now(self, prompts, completions, rows)
+        checked: Future[Tensor] = Future()
+        try:
+            sent = submit_reward(self.source, prompts, completions, rows)
+        except Exception as exc:
+            sent = Future()
+            sent.set_exception(exc)
+
+        def check(done: Future[Any]) -> None:
+            exc = done.exception()
+            if exc is not None and not isinstance(exc, RewardError):
+                # not retried row by row here: this runs on the source's own callback thread
+                error = RewardError(
+                    f"{self.label} raised {type(exc).__name__}: {exc} on a batch of {len(prompts)} rows"
+                )
+                error.__cause__ = exc
+                exc = error
+            if exc is not None:
+                checked.set_exception(exc)
+                return
+            try:
+                checked.set_result(self._values(done.result(), prompts))
+            except RewardError as bad:
+                checked.set_exception(bad)
+
+        sent.add_done_callback(check)
+        return checked
 
     def _failure(
         self,
