@@ -24,18 +24,25 @@ run (engine and server start) is not timed:
   baseline for what the futures hide.
 - ``local``: ``critic: {name: local}``: the critic computes and trains in the actor's thread
   (no server, no wire, no overlap).
+- ``remote-async-reward-server``: ``remote-async`` with the reward model in a reward server too
+  (``reward: {name: remote, serve: {name: model, ...}}``): its requests go out right after
+  generation (``align.submit_reward``) and are awaited after the log-probs, so its time is
+  hidden as well. The other variants score with the in-process ``model`` reward, which scores
+  at once (nothing of it hidden).
 
 Phases per step come from PPO's own ``split: rollout`` metrics (``generate_s``, ``score_s``,
 ``policy_logps_s``, ``reference_logps_s``, ``actor_train_s``, ``refit_s``, and the time the
 actor spends on the critic: ``critic_values_send_s + critic_wait_s``,
-``critic_train_send_s + critic_train_wait_s``); the critic's own busy time (values, training)
-is measured at the client: a wrapper around ``align.Critic`` records when each request was made
-and when its future completed; requests are served one at a time in order, so the busy time of
-a request is ``done - max(made, previous done)``. The critic time hidden behind the actor's work
-is ``critic busy - actor's time on the critic``; ``sum of phases - wall`` is reported as well
-(it also subtracts what no phase covers: GAE, collation, logging).
+``critic_train_send_s + critic_train_wait_s``; the reward's ``score_s`` is its own time,
+request to answer, of which ``reward_hidden_s`` was hidden behind the log-probs); the critic's
+own busy time (values, training) is measured at the client: a wrapper around ``align.Critic``
+records when each request was made and when its future completed; requests are served one at a
+time in order, so the busy time of a request is ``done - max(made, previous done)``. The critic
+time hidden behind the actor's work is ``critic busy - actor's time on the critic``; ``sum of
+phases - wall`` is reported as well (it also subtracts what no phase covers: GAE, collation,
+logging).
 
-    python benchmarks/ppo_time_split.py                  # 3 variants x (1 + 3 steps) x 2 repeats
+    python benchmarks/ppo_time_split.py                  # 4 variants x (1 + 3 steps) x 2 repeats
     python benchmarks/ppo_time_split.py --variants remote-async,remote-sync --steps 1 --repeats 1
     python benchmarks/ppo_time_split.py --json benchmarks/results/ppo_time_split.json \\
         --plot docs/img/ppo_time_split.png
@@ -82,7 +89,7 @@ LR = 1e-6
 KL_COEF = 0.05
 CLIP = 0.2
 VALUE_CLIP = 0.2
-VARIANTS = ("remote-async", "remote-sync", "local")
+VARIANTS = ("remote-async", "remote-sync", "local", "remote-async-reward-server")
 DEFAULTS = {"variants": ",".join(VARIANTS), "steps": 3, "warmup": 1, "repeats": 2}
 FILLER_BASE = 0x4E00  # the filler tokens' characters: CJK ideographs, one character each
 PHASES = (
@@ -122,8 +129,11 @@ def prepare(workdir: Path) -> None:
     AutoTokenizer.from_pretrained(workdir / "model").save_pretrained(reward_dir)
 
 
-def ppo_config(critic: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
-    """align's PPO run config with the ``local`` or ``remote`` critic."""
+def ppo_config(
+    critic: str, workdir: Path, out: Path, steps: int, threads: int, reward_server: bool = False
+) -> dict[str, Any]:
+    """align's PPO run config with the ``local`` or ``remote`` critic (and with
+    ``reward_server`` the reward model in a child reward server)."""
     reward_dir = str(workdir / "reward")
     critic_cfg: dict[str, Any] = {
         "name": critic,
@@ -133,6 +143,15 @@ def ppo_config(critic: str, workdir: Path, out: Path, steps: int, threads: int) 
     }
     if critic == "remote":  # a loaded machine: generous limits, the point is the timing
         critic_cfg.update(timeout_s=600, startup_timeout_s=600)
+    reward: dict[str, Any] = {"name": "model", "path": reward_dir, "batch_size": PROMPTS_PER_STEP}
+    if reward_server:
+        reward = {
+            "name": "remote",
+            "serve": reward,
+            "batch_size": PROMPTS_PER_STEP,
+            "timeout_s": 600,
+            "startup_timeout_s": 600,
+        }
     return {
         "algo": "ppo",
         "output_dir": str(out),
@@ -141,7 +160,7 @@ def ppo_config(critic: str, workdir: Path, out: Path, steps: int, threads: int) 
         "backend": {"name": "hf", "attn_implementation": "sdpa"},
         "data": {"format": "prompts", "train": str(PROMPTS_FILE), "max_length": 64},
         "rollout": {"name": "hf"},
-        "reward": {"name": "model", "path": reward_dir, "batch_size": PROMPTS_PER_STEP},
+        "reward": reward,
         "critic": critic_cfg,
         "sampling": {"n": 1, "temperature": 1.0, "max_tokens": NEW_TOKENS, "ignore_eos": True},
         "iterations": steps,
@@ -227,7 +246,9 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
     from align_ppo.algorithm import PPO
 
     critic_name = "local" if variant == "local" else "remote"
-    config = ppo_config(critic_name, workdir, out, steps, threads)
+    config = ppo_config(
+        critic_name, workdir, out, steps, threads, reward_server=variant.endswith("reward-server")
+    )
     timed: list[TimedCritic] = []
     build = PPO.setup
 
@@ -290,6 +311,7 @@ def split_of(row: dict[str, float], wall: float) -> dict[str, float]:
         "wall": wall,
         "actor_on_critic": on_critic,
         "critic_hidden": critic_busy - on_critic,
+        "reward_hidden": row.get("reward_hidden_s", 0.0),
         "sum_minus_wall": total - wall,
     }
 
@@ -323,8 +345,8 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     names = [p.replace("_", " ") for p in PHASES]
     lines = [
         "| variant | " + " | ".join(names) + " | sum | **wall** (min-max) | actor on critic | critic hidden "
-        "| sum - wall |",
-        "|---" * (len(PHASES) + 6) + "|",
+        "| reward hidden | sum - wall |",
+        "|---" * (len(PHASES) + 7) + "|",
     ]
     for variant, s in summary.items():
         m = s["median"]
@@ -333,7 +355,8 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             f"| {variant} | "
             + " | ".join(cells)
             + f" | {m['sum']:.2f} | **{m['wall']:.2f}** ({s['step_s_min']:.2f}-{s['step_s_max']:.2f}) "
-            f"| {m['actor_on_critic']:.2f} | {m['critic_hidden']:.2f} | {m['sum_minus_wall']:.2f} |"
+            f"| {m['actor_on_critic']:.2f} | {m['critic_hidden']:.2f} | {m.get('reward_hidden', 0.0):.2f} "
+            f"| {m['sum_minus_wall']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -344,10 +367,12 @@ def overlap_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
         m = s["median"]
         busy = m["critic_values"] + m["critic_train"]
         share = m["critic_hidden"] / busy if busy > 0 else 0.0
+        hidden = m.get("reward_hidden", 0.0)  # records from before the reward futures: none
         lines.append(
             f"{variant}: critic busy {busy:.2f} s/step, {m['critic_hidden']:.2f} s of it hidden behind the "
-            f"actor's work ({share:.0%}); reward {m['reward']:.2f} s/step, none of it hidden (scored before "
-            f"the log-probs); sum of phases - wall = {m['sum_minus_wall']:.2f} s"
+            f"actor's work ({share:.0%}); reward {m['reward']:.2f} s/step, {hidden:.2f} s of it hidden "
+            f"behind the log-probs ({hidden / m['reward'] if m['reward'] > 0 else 0.0:.0%}); "
+            f"sum of phases - wall = {m['sum_minus_wall']:.2f} s"
         )
     if "remote-sync" in summary and "remote-async" in summary:
         sync, asyn = summary["remote-sync"]["median"]["wall"], summary["remote-async"]["median"]["wall"]

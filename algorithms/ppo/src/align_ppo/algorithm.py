@@ -2,14 +2,16 @@
 al. 2022; NeMo-Aligner's actor/critic split as the reference design).
 
 Per iteration: take ``prompts_per_iteration`` prompts, sample ``sampling.n`` completions of each
-with the rollout engine and score them with the reward; send the critic its value requests
-(futures) for every micro-batch first, then take the policy's ("old") and the reference's
-per-token log-probs while the critic works; build per-token rewards (the score at the last
-token, minus ``beta x KL`` to the reference at every token), GAE advantages and returns, whiten
-the advantages; then ``epochs`` passes of seeded minibatches: each minibatch sends the critic
-one training step (not awaited) and takes one policy step on the clipped policy loss (minus the
-entropy bonus). The first ``critic_warmup_iterations`` train only the critic. The adaptive KL
-controller then moves beta, and the engine is refit.
+with the rollout engine, asking the reward for each generation work item's scores as soon as it
+is generated (a future: a remote reward scores meanwhile); send the critic its value requests
+(futures) for every micro-batch, then take the policy's ("old") and the reference's per-token
+log-probs while the critic and the reward work, and only then wait for their answers; build
+per-token rewards (the score at the last token, minus ``beta x KL`` to the reference at every
+token), GAE advantages and returns, whiten the advantages; then ``epochs`` passes of seeded
+minibatches: each minibatch sends the critic one training step (not awaited) and takes one
+policy step on the clipped policy loss (minus the entropy bonus). The first
+``critic_warmup_iterations`` train only the critic. The adaptive KL controller then moves beta,
+and the engine is refit.
 
 Resume: checkpoints fall at iteration boundaries with the iteration, the prompt position and
 beta; the local critic is the learner's trainable ``critic``, a remote one writes its own state
@@ -80,18 +82,20 @@ class PPO(align.OnlineAlgorithm):
         # The initial policy, for the KL penalty; not built when there is none.
         self.reference = ctx.backend.build_model("reference") if cfg.kl.coef > 0 else None
         self.critic: align.Critic | None = None
+        # A critic that keeps its own state (a server) is driven by rank 0 alone with
+        # data-parallel ranks; the local critic is a trainable of every rank's learner.
+        self.critic_on_main_only = self.ranks > 1 and cfg.critic.name != "local"
         self.eval_rewards = {
             name: align.build_reward(reward, ctx.registry) for name, reward in cfg.eval_rewards.items()
         }
 
     def setup(self, learner: Any) -> None:
-        """The critic is built here, before a resume restores it (a local one is a trainable)."""
-        if self.ranks > 1 and self.config.critic.name != "local":
-            raise align.ConfigError(
-                f"critic: '{self.config.critic.name}' with {self.ranks} data-parallel ranks "
-                "(backend.nproc_per_node) is not supported yet: every rank would train the server; use "
-                "critic: {name: local}, or one process"
-            )
+        """The critic is built here, before a resume restores it (a local one is a trainable).
+        With data-parallel ranks a critic of its own state (remote) is built on rank 0 only:
+        it alone sends the values requests of every rank's rollouts and one train request per
+        minibatch (the global one), and deals the values out (``from_main``)."""
+        if self.critic_on_main_only and not learner.is_main:
+            return
         self.critic = align.build_critic(self.config.critic, self.ctx, learner)
 
     # ---- the driver --------------------------------------------------------------------
@@ -115,10 +119,10 @@ class PPO(align.OnlineAlgorithm):
         self.rollouts()
         metrics["refit_s"] = self.sync_engine()
         rows = self.prompts.take(cfg.prompts_per_iteration)
-        result = self.generate(rows, self.seeded(cfg.sampling, self.iteration))
-        metrics.update(result.metrics)
+        result = self.generate(rows, self.seeded(cfg.sampling, self.iteration), defer_rewards=True)
         with _timed(metrics, "experience_s"):
-            experience = self.make_experience(result.samples, metrics)
+            experience = self.make_experience(result, metrics)
+        metrics.update(result.metrics)
         warmup = self.iteration < cfg.critic_warmup_iterations
         with _timed(metrics, "train_s"):
             metrics.update(self.train_on(learner, experience, train_policy=not warmup))
@@ -131,14 +135,18 @@ class PPO(align.OnlineAlgorithm):
 
     # ---- experience: values, log-probs, rewards, advantages --------------------------------
     @torch.no_grad()
-    def make_experience(self, samples: list[align.Sample], metrics: dict[str, float]) -> list[Experience]:
+    def make_experience(self, result: align.RolloutResult, metrics: dict[str, float]) -> list[Experience]:
         """Each sample's old log-probs, values, GAE advantages and returns. The critic's value
-        requests go out first, so a remote critic works while the policy scores."""
+        requests go out first, so a remote critic works while the policy scores; the rewards
+        (asked for at generation) are awaited after the log-probs too."""
         cfg = self.config
+        samples = result.samples
         size = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
         chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
         with _timed(metrics, "critic_values_send_s"):  # a local critic computes them here
-            if self.ranks > 1:  # data-parallel ranks: each computes its share, all get all
+            if self.critic_on_main_only:  # rank 0 asks for every rank's values
+                pending = [self.critic.values(self.lay_out(chunk)) for chunk in chunks] if self.critic else []
+            elif self.ranks > 1:  # data-parallel ranks: each computes its share, all get all
                 pending = [_done(values) for values in self.deal_out(chunks, self._values_now)]
             else:
                 pending = [self._critic().values(self.lay_out(chunk)) for chunk in chunks]
@@ -147,8 +155,12 @@ class PPO(align.OnlineAlgorithm):
                 old, entropy = self.completion_logps(self.ctx.policy, chunks, with_entropy=True)
             with _timed(metrics, "reference_logps_s"):
                 ref = self.completion_logps(self.reference, chunks)[0] if self.reference is not None else None
+        result.wait_for_rewards()  # its metrics: score_s, reward_blocked_s, reward_hidden_s
         with _timed(metrics, "critic_wait_s"):
-            values = self._gather_values(pending, chunks)
+            if self.critic_on_main_only:
+                values = self.from_main(lambda: self._gather_values(pending, chunks))
+            else:
+                values = self._gather_values(pending, chunks)
         mask = _left_mask([len(s.completion_ids) for s in samples])
         old_logps, ref_logps, value_t = (
             _padded(old, mask),
@@ -240,7 +252,8 @@ class PPO(align.OnlineAlgorithm):
                     break  # reached inside the iteration: its remaining minibatches are not trained
                 chosen = [experience[i] for i in order[start : start + per_step]]
                 with _timed(timings, "critic_train_send_s", add=True):  # a local critic trains here
-                    critic_steps.append(self._critic().train(self.critic_batch(chosen)))
+                    if self.critic is not None or not self.critic_on_main_only:  # rank 0: the global step
+                        critic_steps.append(self._critic().train(self.critic_batch(chosen)))
                 if not train_policy:
                     continue
                 mine, parts = self.step_share(chosen)  # all of it, but for data-parallel ranks
@@ -372,7 +385,8 @@ class PPO(align.OnlineAlgorithm):
             self.critic.save(folder / CRITIC_FOLDER)
 
     def load_files(self, folder: Path) -> None:
-        self._critic().load(folder / CRITIC_FOLDER)
+        if self.critic is not None or not self.critic_on_main_only:  # every rank but 0's has none
+            self._critic().load(folder / CRITIC_FOLDER)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "kl_coef": self.kl_coef}

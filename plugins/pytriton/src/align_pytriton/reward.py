@@ -3,13 +3,16 @@
 A request carries rows of (prompt, completion, data row), each JSON text (a prompt may be a
 chat conversation, a row any mapping), and gets one float32 reward per row. The server's
 dynamic batcher merges concurrent requests, so the run sends its rows as several requests at
-once.
+once. ``submit`` returns at once with a future of all of them (``align.submit_reward``): PPO
+sends a rollout's rewards right after generating it and computes its log-probs meanwhile.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -68,17 +71,48 @@ class RemoteReward:
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], rows: Sequence[dict[str, Any]] | None = None
     ) -> Tensor:
-        try:
-            return self._scores(prompts, completions, rows)
-        except ServerError as exc:
-            raise RewardServerError(str(exc)) from exc
+        return self.submit(prompts, completions, rows).result()
 
-    def _scores(
+    def submit(
+        self, prompts: Sequence[Any], completions: Sequence[Any], rows: Sequence[dict[str, Any]] | None = None
+    ) -> Future[Tensor]:
+        """Send the rows (``batch_size`` per request) and return at once: the future holds the
+        rewards in row order, or a ``RewardServerError``."""
+        scores: Future[Tensor] = Future()
+        try:
+            parts = self._requests(prompts, completions, rows)
+        except ServerError as exc:  # not connected (the server did not come up)
+            scores.set_exception(_reward_error(exc))
+            return scores
+        if not parts:
+            scores.set_result(torch.zeros(0))
+            return scores
+        left = [len(parts)]
+        lock = threading.Lock()
+
+        def answered(_: Future[Any]) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            failed = next((f.exception() for f in parts if f.exception() is not None), None)
+            if failed is not None:
+                scores.set_exception(_reward_error(failed))
+            else:
+                scores.set_result(
+                    torch.cat([torch.from_numpy(f.result()["reward"][:, 0].copy()) for f in parts])
+                )
+
+        for part in parts:
+            part.add_done_callback(answered)
+        return scores
+
+    def _requests(
         self, prompts: Sequence[Any], completions: Sequence[Any], rows: Sequence[dict[str, Any]] | None
-    ) -> Tensor:
+    ) -> list[Future[dict[str, Any]]]:
         n = len(prompts)
         size = self.cfg.batch_size
-        futures = [
+        return [
             self.client.submit(
                 {
                     "prompt": encode(prompts[i : i + size]),
@@ -91,11 +125,18 @@ class RemoteReward:
             )
             for i in range(0, n, size)
         ]
-        parts = [torch.from_numpy(f.result()["reward"][:, 0].copy()) for f in futures]
-        return torch.cat(parts) if parts else torch.zeros(0)
 
     def close(self) -> None:
         """Stop the client, and the server if this run started it; idempotent."""
         self.client.close()
         if self.child is not None:
             self.child.stop()
+
+
+def _reward_error(exc: BaseException) -> BaseException:
+    """A server's failure as the ``RewardError`` the reward checks pass on (others as they are)."""
+    if isinstance(exc, ServerError) and not isinstance(exc, RewardServerError):
+        error = RewardServerError(str(exc))
+        error.__cause__ = exc
+        return error
+    return exc
