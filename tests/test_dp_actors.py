@@ -148,6 +148,12 @@ def test_work_queue_shares_and_reductions(tmp_path: Path) -> None:
     assert out["share"]["one"] == [[[42], 1], [[42], 1]]
     # Averaged (loss: (1 + 2) / 2), summed (tokens), a key one rank has keeps its value.
     assert out["metrics"] == {"loss": 1.5, "tokens": 30.0, "only0": 5.0, "only1": 5.0}
+    # Uneven shares (2 and 6 tokens): a ratio is weighted by each rank's count (1 clipped token of
+    # 8, not the mean of 1/2 and 0/6); a loss normalised over the whole step is averaged; a max
+    # is the max.
+    uneven = out["uneven"]
+    assert uneven["clip_fraction"] == pytest.approx(1 / 8) and uneven["loss"] == pytest.approx(0.3)
+    assert uneven["ratio_max"] == 1.5 and uneven["tokens"] == 8
     assert out["grad"] == [1.5, 3.0, 4.5]  # the mean of [1, 2, 3] and [2, 4, 6]
 
 
@@ -160,6 +166,11 @@ def grpo_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_grpo_dp2_matches_dp1(grpo_runs: tuple[Path, Path]) -> None:
     dp1, dp2 = grpo_runs
     assert_same_trajectory(dp1, dp2)
+    # The token-mean ratios of each step: DP=2 weighs each rank's by its trained tokens, so they
+    # are DP=1's over the whole step (a mean of the two ranks' means would not be).
+    for one, two in zip(read_metrics(dp1, "train"), read_metrics(dp2, "train"), strict=True):
+        for key in ("clip_fraction", "approx_kl", "ratio_mean", "ratio_max"):
+            assert two[key] == pytest.approx(one[key], abs=1e-6), (key, one, two)
     # Only the main rank writes: rank 1's trainer state inside each checkpoint, nothing else.
     for step in sorted((dp2 / "checkpoints").iterdir()):
         assert sorted(p.name for p in (step / "ranks").iterdir()) == ["rank_1.pt"]

@@ -4,7 +4,8 @@ path given as the first argument.
 
 - The work queue, twice: items whose work on rank 1 is slowed down (it sleeps), so rank 0
   claims more; each rank records the items it did.
-- ``share_of`` of 7 and of 1 items, ``reduce_metrics``, ``average_gradients``.
+- ``share_of`` of 7 and of 1 items, ``reduce_metrics`` (plain, and with uneven shares: rank 0
+  holds 2 tokens, rank 1 holds 6), ``average_gradients``.
 """
 
 from __future__ import annotations
@@ -50,11 +51,26 @@ def main(report: str) -> None:
         "one": distributed.gather(distributed.share_of([42])),
     }
     metrics = distributed.reduce_metrics({"loss": float(me + 1), "tokens": 10.0 * (me + 1), f"only{me}": 5.0})
+    uneven = distributed.reduce_metrics(
+        {
+            "loss": [0.4, 0.2][me],
+            "clip_fraction": [0.5, 0.0][me],
+            "ratio_max": [1.5, 1.2][me],
+            "tokens": [2, 6][me],
+        },
+        weights={"clip_fraction": [2.0, 6.0][me]},
+    )
     param = torch.nn.Parameter(torch.zeros(3))
     param.grad = torch.tensor([1.0, 2.0, 3.0]) * (me + 1)
     distributed.average_gradients([param])
     if me == 0:
-        out = {"calls": calls, "share": share, "metrics": metrics, "grad": param.grad.tolist()}
+        out = {
+            "calls": calls,
+            "share": share,
+            "metrics": metrics,
+            "uneven": uneven,
+            "grad": param.grad.tolist(),
+        }
         with open(report, "w") as file:
             json.dump(out, file)
     dist.barrier()

@@ -205,7 +205,9 @@ class LossOutput:
     the loss and metrics over a split: the mean's denominator (the token count of a token-mean
     loss), so the result is the mean over every token of the split, not a mean of batch means.
     ``None`` counts the batch once. Training is unaffected: each micro-batch's loss is divided
-    by the number of micro-batches, as in TRL and torchtune's defaults.
+    by the number of micro-batches, as in TRL and torchtune's defaults. With data-parallel
+    ranks, a rank's summed ``weight`` (else its token count) weighs its metrics, all but those
+    named ``...loss``, when the ranks' metrics are combined (``align.distributed.reduce_metrics``).
     """
 
     loss: Tensor

@@ -8,7 +8,8 @@ distribute themselves (``hf``; Megatron has its own data parallelism and is left
   time from an atomic counter in a ``TCPStore`` hosted by rank 0, so a faster rank claims more;
   every item is done exactly once, and the results are gathered on every rank in item order.
 - Each optimizer step is split between the ranks (``share_of``); the learner averages the
-  gradients (``average_gradients``) and the metrics (``reduce_metrics``).
+  gradients (``average_gradients``) and combines the metrics (``reduce_metrics``: ratios
+  weighted by each rank's count).
 """
 
 from __future__ import annotations
@@ -94,17 +95,36 @@ def gather_to_main(value: T) -> list[T] | None:
     return out
 
 
-def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The ranks' metrics as one: ``SUMMED_METRICS`` added, the rest averaged over the ranks
-    that report them."""
-    reduced: dict[str, list[float]] = {}
-    for ranks_metrics in gather({key: float(value) for key, value in metrics.items()}):
-        for key, value in ranks_metrics.items():
-            reduced.setdefault(key, []).append(value)
-    return {
-        key: sum(values) if key in SUMMED_METRICS else sum(values) / len(values)
-        for key, values in reduced.items()
-    }
+def reduce_metrics(metrics: dict[str, float], weights: dict[str, float] | None = None) -> dict[str, float]:
+    """The ranks' metrics as one, over the ranks that report each: ``SUMMED_METRICS`` added;
+    names ending in ``_max``/``_min`` the largest/smallest; a metric in ``weights`` (this rank's
+    count of what it is a mean over: tokens, samples) the ranks' mean weighted by those counts,
+    which is the mean over all of them when the ranks' shares differ in size; any other the plain
+    mean over the ranks (for values every rank has the same, and for those already normalised
+    over the whole step, such as a loss split with ``share_of``)."""
+    weights = weights or {}
+    mine = {key: (float(value), weights.get(key)) for key, value in metrics.items()}
+    reported: dict[str, list[tuple[float, float | None]]] = {}
+    for ranks_metrics in gather(mine):
+        for key, value_and_weight in ranks_metrics.items():
+            reported.setdefault(key, []).append(value_and_weight)
+    return {key: _combine(key, pairs) for key, pairs in reported.items()}
+
+
+def _combine(key: str, pairs: list[tuple[float, float | None]]) -> float:
+    values = [value for value, _ in pairs]
+    if key in SUMMED_METRICS:
+        return sum(values)
+    if key.endswith("_max"):
+        return max(values)
+    if key.endswith("_min"):
+        return min(values)
+    counts = [weight for _, weight in pairs]
+    if all(count is not None for count in counts):
+        total = sum(count for count in counts if count is not None)
+        if total > 0:
+            return sum(value * (count or 0.0) for value, count in pairs) / total
+    return sum(values) / len(values)
 
 
 def share_of(items: Sequence[T], ranks: int | None = None) -> tuple[list[T], int]:

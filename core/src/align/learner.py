@@ -287,7 +287,7 @@ class Learner:
             raise ValueError("train_step needs at least one micro-batch")
         started = time.perf_counter()
         trainable.optimizer.zero_grad(set_to_none=True)
-        metrics = self._accumulate(trainable, batches, loss_fn)
+        metrics, counts = self._accumulate(trainable, batches, loss_fn)
         grad_norm = self._clip_gradients(trainable)
         if not math.isfinite(grad_norm):
             raise self._diverged(trainable, f"the gradient norm became {grad_norm}")
@@ -305,16 +305,23 @@ class Learner:
         metrics["tokens_per_s"] = metrics["tokens"] / max(1e-9, time.perf_counter() - started)
         metrics.update(extra_metrics or {})
         if self.data_parallel > 1:  # each rank trained on its share: one step's numbers
-            metrics = distributed.reduce_metrics(metrics)
+            metrics = distributed.reduce_metrics(metrics, counts)
         if role == POLICY:
             self._after_policy_step(metrics)
         return metrics
 
     def _accumulate(
         self, trainable: Trainable, batches: list[Any], loss_fn: Callable[[Any], LossOutput]
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Backward passes over the micro-batches; their mean metrics, and what each metric is a
+        mean over on this rank (``distributed.reduce_metrics``' weights, for data-parallel ranks):
+        the losses' ``weight`` summed (else the tokens), the token positions for
+        ``pad_fraction``. Names ending in ``loss`` have none: a step split between ranks
+        normalises its loss over the whole step (``OnlineAlgorithm.step_share``), so their plain
+        mean over the ranks is the step's."""
         totals: dict[str, float] = {}
         tokens = slots = 0
+        weighed: list[float] = []
         for batch in batches:
             with self.forward_precision(trainable.role):
                 out = loss_fn(batch)
@@ -326,10 +333,15 @@ class Learner:
             slots += laid_out.input_ids.numel() if isinstance(laid_out, TokenBatch) else 0
             for key, value in {"loss": out.loss, **out.metrics}.items():
                 totals[key] = totals.get(key, 0.0) + as_number(value) / len(batches)
+            if out.weight is not None:
+                weighed.append(as_number(out.weight))
+        count = sum(weighed) if len(weighed) == len(batches) else float(tokens)
+        counts = {key: count for key in totals if not key.endswith("loss")}
         totals["tokens"] = tokens
         if slots:  # share of the computed token positions that were padding
             totals["pad_fraction"] = 1.0 - tokens / slots
-        return totals
+            counts["pad_fraction"] = float(slots)
+        return totals, counts
 
     def _clip_gradients(self, trainable: Trainable) -> float:
         """The total gradient norm (clipped to trainer.max_grad_norm when set): the clip computes

@@ -375,7 +375,8 @@ class CriticFree(align.OnlineAlgorithm):
             bonus = objectives.aggregate(current.entropy, batch.mask, cfg.aggregation, batch.normalizer)
             loss = loss - cfg.entropy_coef * bonus
             metrics["entropy"] = _masked_mean(current.entropy.detach(), batch.mask)
-        return align.LossOutput(loss, metrics)
+        # The metrics are means over the trained tokens: data-parallel ranks weigh them by it.
+        return align.LossOutput(loss, metrics, weight=batch.mask.sum())
 
 
 def _keep_old_logps(batch: RolloutBatch, old_logps: Tensor, entropy: Tensor | None) -> None:
