@@ -343,7 +343,8 @@ class PPO(align.OnlineAlgorithm):
             metrics["entropy"] = torch.where(mask, current.entropy.detach(), 0.0).sum() / mask.sum().clamp(
                 min=1
             )
-        return align.LossOutput(loss, metrics)
+        # The metrics are means over the completion tokens: data-parallel ranks weigh them by it.
+        return align.LossOutput(loss, metrics, weight=batch.mask.sum())
 
     # ---- evaluation --------------------------------------------------------------------
     @torch.no_grad()
