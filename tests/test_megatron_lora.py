@@ -42,17 +42,17 @@ ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def lora_dpo(
     folder: Path, name: str, backend: dict[str, Any], lora: dict[str, Any] | None = None, **sections: Any
 ) -> str:
-    """A 4-step DPO run with LoRA (lr 1e-2: adapters start at zero) on 32 shipped pairs."""
+    """A 4-step DPO run with LoRA (lr 1e-2: adapters start at zero) on 16 shipped pairs, 4 a step."""
     train = folder / "train.jsonl"
     if not train.exists():
-        head_jsonl(DATA / "preference_train.jsonl", train, 32)
+        head_jsonl(DATA / "preference_train.jsonl", train, 16)
     config = dpo_config(
         folder / name,
         model=merge(MODEL, {"lora": lora or {}}),
         backend={"name": "megatron", **backend},
         data={"train": str(train), "eval": None, "max_length": 63},
         optim={"lr": 1e-2},
-        **sections,
+        **merge({"trainer": {"batch_size": 4}}, sections),
     )
     return write_yaml(folder / f"{name}.yaml", config)
 
@@ -135,7 +135,8 @@ def test_only_adapters_train_and_the_reference_is_the_base_model(tmp_path: Path)
     proj = policy.gpt.decoder.layers[0].self_attention.linear_proj
     expected_o = original[o_proj] + 2.0 * proj.lora.B.detach() @ proj.lora.A.detach()
     assert torch.allclose(merged[o_proj], expected_o, atol=1e-6)
-    # Merging left the trained model as it was.
+    # The reference's weights are the base's; merging left the trained model as it was.
+    assert all(torch.equal(t, original[n]) for n, t in backend.named_weights(reference))
     assert torch.equal(dict(backend.named_weights(policy))[o_proj], merged[o_proj])
     assert all(adapter.enabled for adapter in (qkv.lora, proj.lora))
 
@@ -177,10 +178,9 @@ def test_dpo_with_lora_learns_and_writes_merged_and_peft_models(tp1_run: Path) -
 
 
 @pytest.mark.slow
-def test_tp2_follows_tp1_resumes_bit_exact_and_grpo_refits_merged(tp1_run: Path, tmp_path: Path) -> None:
-    """One torchrun launch: DPO with LoRA (dropout 0.1) at TP=2 with a checkpoint at step 2, the
-    same run resumed there, at TP=2 with sequence parallelism (dropout 0: a padded width draws
-    another mask), and GRPO at TP=2 with LoRA, each engine refit checked against the policy."""
+def test_tp2_follows_tp1_and_resumes_bit_exact(tp1_run: Path, tmp_path: Path) -> None:
+    """One torchrun launch: DPO with LoRA (dropout 0.1) at TP=2 with a checkpoint at step 2, and
+    the same run resumed there."""
     tp2 = lora_dpo(tmp_path, "tp2", {"tensor_model_parallel_size": 2}, trainer={"save_every": 2})
     resumed = lora_dpo(
         tmp_path,
@@ -188,6 +188,30 @@ def test_tp2_follows_tp1_resumes_bit_exact_and_grpo_refits_merged(tp1_run: Path,
         {"tensor_model_parallel_size": 2},
         resume=str(tmp_path / "tp2/checkpoints/step_2"),
     )
+    torchrun(tmp_path, tp=0, runs=[tp2, resumed])
+
+    reference = train_losses(tp1_run)
+    assert train_losses(tmp_path / "tp2") == pytest.approx(reference, abs=LOSS_TOLERANCE)
+    assert train_losses(tmp_path / "tp2_resumed") == train_losses(tmp_path / "tp2")[2:]  # bit for bit
+    for part in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        first, second = (
+            load_file(tmp_path / "tp2/final" / part),
+            load_file(tmp_path / "tp2_resumed/final" / part),
+        )
+        assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+        ours = load_file(tp1_run / "final" / part)
+        assert max(float((first[k] - ours[k]).abs().max()) for k in first) < 1e-4
+    # The checkpoint's adapter: whole tensors under HF names, as final/adapter holds them.
+    saved = load_file(tmp_path / "tp2/checkpoints/step_4/model/adapter_model.safetensors")
+    final = load_file(tmp_path / "tp2/final/adapter/adapter_model.safetensors")
+    assert set(saved) == set(final) and all(torch.equal(saved[k], final[k]) for k in saved)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_follows_tp1_and_grpo_refits_merged(tmp_path: Path) -> None:
+    """One torchrun launch: DPO with LoRA at TP=2 with sequence parallelism (dropout 0: a padded
+    width draws a mask of another shape), and GRPO at TP=2 with LoRA and a KL term, each engine
+    refit checked against the policy."""
     no_dropout = {"dropout": 0.0}
     sp = lora_dpo(tmp_path, "sp", {"tensor_model_parallel_size": 2, "sequence_parallel": True}, no_dropout)
     grpo = arith_config(
@@ -203,32 +227,13 @@ def test_tp2_follows_tp1_resumes_bit_exact_and_grpo_refits_merged(tp1_run: Path,
         optim={"lr": 1e-2},
         kl={"coef": 0.05},
     )
-    grpo["model"] = MODEL
+    # No adapter dropout: the refit check compares the engine with the policy in train mode.
+    grpo["model"] = merge(MODEL, {"lora": no_dropout})
     grpo["reward"] = {"name": "length", "target": 2}
-    report = torchrun(
-        tmp_path, tp=0, runs=[tp2, resumed, sp, write_yaml(tmp_path / "grpo.yaml", grpo)], check_refits=True
-    )
+    report = torchrun(tmp_path, tp=0, runs=[sp, write_yaml(tmp_path / "grpo.yaml", grpo)], check_refits=True)
 
-    reference = train_losses(tp1_run)
-    assert train_losses(tmp_path / "tp2") == pytest.approx(reference, abs=LOSS_TOLERANCE)
-    assert train_losses(tmp_path / "tp2_resumed") == train_losses(tmp_path / "tp2")[2:]  # bit for bit
-    for part in ("model.safetensors", "adapter/adapter_model.safetensors"):
-        first, second = (
-            load_file(tmp_path / "tp2/final" / part),
-            load_file(tmp_path / "tp2_resumed/final" / part),
-        )
-        assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
-        ours = load_file(tp1_run / "final" / part)
-        assert max(float((first[k] - ours[k]).abs().max()) for k in first) < 1e-4
-    # The TP=2 checkpoint's adapter (whole tensors, HF names) reads back at TP=1 bit for bit.
-    saved = load_file(tmp_path / "tp2/checkpoints/step_4/model/adapter_model.safetensors")
-    final = load_file(tmp_path / "tp2/final/adapter/adapter_model.safetensors")
-    assert set(saved) == set(final) and all(torch.equal(saved[k], final[k]) for k in saved)
-
-    run_in_process(lora_dpo(tmp_path, "tp1_no_dropout", {}, no_dropout))
-    assert train_losses(tmp_path / "sp") == pytest.approx(
-        train_losses(tmp_path / "tp1_no_dropout"), abs=LOSS_TOLERANCE
-    )
+    run_in_process(lora_dpo(tmp_path, "tp1", {}, no_dropout))
+    assert train_losses(tmp_path / "sp") == pytest.approx(train_losses(tmp_path / "tp1"), abs=LOSS_TOLERANCE)
 
     # GRPO: KL 0 before the first update (reference = adapters off, B = 0); the engine refit
     # with merged weights agrees with the LoRA policy after each update.

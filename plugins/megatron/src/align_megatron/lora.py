@@ -271,15 +271,15 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
 @contextmanager
 def merged(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` holding merged weights for the length of the block: each adapted layer's weight
-    is a new ``W + scale * B @ A`` parameter and its adapter is off; the original parameter
-    objects are put back after (no arithmetic on the trained weights)."""
+    (where its adapter is on) is a new ``W + scale * B @ A`` parameter and its adapter is off;
+    the original parameter objects are put back after (no arithmetic on the trained weights)."""
     swapped: list[tuple[nn.Module, nn.Parameter, Adapter]] = []
     try:
         with torch.no_grad():
             for layer in model.modules():
                 adapter = getattr(layer, "lora", None)
-                if not isinstance(adapter, Adapter):
-                    continue
+                if not isinstance(adapter, Adapter) or not adapter.enabled:
+                    continue  # (a disabled adapter: a reference view's weights are the base's)
                 weight: nn.Parameter = layer.weight  # type: ignore[assignment]
                 layer.weight = nn.Parameter(weight + adapter.delta().to(weight.dtype), requires_grad=False)
                 adapter.enabled = False
