@@ -56,7 +56,7 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     embeddings, a real tokenizer and chat template). Converted once per session into a temporary
     cache, never the user's: one shared by the xdist workers (a lock makes the first convert and
     the others wait for it)."""
-    from align_hf.gguf import SHORTCUTS, cached_checkpoint, packaged_file
+    from align.gguf import SHORTCUTS, cached_checkpoint, packaged_file
 
     pytest.importorskip("gguf", reason="reading GGUF files needs `pip install gguf`")
     packaged = packaged_file(SHORTCUTS["smollm2-135m"])

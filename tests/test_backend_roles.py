@@ -13,9 +13,9 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 import align
+from align.hf_models import tiny_llama_config
 from align.loading import validate_run_config
 from align_hf import HFBackend
-from align_hf.models import tiny_llama_config
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 from helpers import DATA, assert_user_error, dpo_config, run_cli, sft_config, write_jsonl, write_yaml
 
 import align.cli
+import align.hf_models
 import align.loading
 import align_hf.backend
 
@@ -33,8 +34,8 @@ def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("the mistake must be found before any model loads")
 
-    monkeypatch.setattr(align_hf.backend, "load_causal_lm", forbidden)
-    monkeypatch.setattr(align_hf.backend, "load_tokenizer", forbidden)
+    monkeypatch.setattr(align.hf_models, "load_causal_lm", forbidden)
+    monkeypatch.setattr(align_hf.backend, "load_hf_tokenizer", forbidden)
     monkeypatch.setattr(align.cli, "train", forbidden)
 
 
@@ -165,9 +166,9 @@ def test_every_path_problem_is_listed_at_once(capsys, tmp_path, no_model_loading
 
 def test_paths_are_checked_before_any_model_loads(capsys, tmp_path, monkeypatch):
     built: list[str] = []
-    real = align_hf.backend.load_causal_lm
+    real = align.hf_models.load_causal_lm
     monkeypatch.setattr(
-        align_hf.backend, "load_causal_lm", lambda *a, **k: built.append("model") or real(*a, **k)
+        align.hf_models, "load_causal_lm", lambda *a, **k: built.append("model") or real(*a, **k)
     )
     (tmp_path / "cache").write_text("x")
     path = dpo_yaml(tmp_path, reference={"cache_dir": str(tmp_path / "cache")})

@@ -22,6 +22,7 @@ from helpers import (
 )
 
 import align.cli
+import align.hf_models
 import align_hf.backend
 from align import ConfigError, default_plugins
 from align.cli import EXTENSION_KINDS, load_config
@@ -53,8 +54,8 @@ def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("validation must not load a tokenizer or model, nor train")
 
-    monkeypatch.setattr(align_hf.backend, "load_causal_lm", forbidden)
-    monkeypatch.setattr(align_hf.backend, "load_tokenizer", forbidden)
+    monkeypatch.setattr(align.hf_models, "load_causal_lm", forbidden)
+    monkeypatch.setattr(align_hf.backend, "load_hf_tokenizer", forbidden)
     monkeypatch.setattr(align.cli, "train", forbidden)
 
 
@@ -139,9 +140,9 @@ def test_malformed_override(capsys, dpo_yaml, no_model_loading):
 
 def test_missing_data_file_stops_the_run(capsys, tmp_path, monkeypatch):
     built: list[str] = []
-    real = align_hf.backend.load_causal_lm
+    real = align.hf_models.load_causal_lm
     monkeypatch.setattr(
-        align_hf.backend, "load_causal_lm", lambda *a, **k: built.append("model") or real(*a, **k)
+        align.hf_models, "load_causal_lm", lambda *a, **k: built.append("model") or real(*a, **k)
     )
     missing = str(tmp_path / "no_such_train.jsonl")
     config = dpo_config(tmp_path / "out", data={"train": missing})

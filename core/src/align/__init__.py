@@ -15,6 +15,7 @@ from align.batches import (
 )
 from align.builtin.data import Encoder, PreferenceColumns, SFTColumns, TokenizedFormat, prompt_and_completion
 from align.builtin.prompts import PromptBatch, PromptData, PromptRow, prompt_rows
+from align.byte_tokenizer import byte_tokenizer
 from align.config import (
     AdvantageConfig,
     BackendConfig,
@@ -37,6 +38,14 @@ from align.critic import Critic, CriticBatch, CriticConfig, CriticError, build_c
 from align.datafiles import row_error, text_or_messages
 from align.devices import DEVICE_CHOICES, module_device, resolve_device
 from align.errors import ConfigError, DataError, OutputWriteError, TrainingDiverged, UserError
+from align.hf_models import (
+    build_hf_model,
+    build_hf_scorer,
+    hf_model_source,
+    last_token_positions,
+    load_hf_tokenizer,
+    tiny_llama,
+)
 from align.hookspecs import hookimpl
 from align.layout import lay_out, pack_sequences, pad_sequences, row_lengths
 from align.learner import Learner, RunInfo, RunResult
@@ -158,12 +167,18 @@ __all__ = [
     "build_backend",
     "build_critic",
     "build_engine",
+    "build_hf_model",
+    "build_hf_scorer",
     "build_reward",
+    "byte_tokenizer",
     "check_prompts",
     "combine_losses",
     "default_plugins",
+    "hf_model_source",
     "hookimpl",
+    "last_token_positions",
     "lay_out",
+    "load_hf_tokenizer",
     "load_plugins",
     "loss_function",
     "message_text",
@@ -186,6 +201,7 @@ __all__ = [
     "start_rollouts",
     "submit_reward",
     "text_or_messages",
+    "tiny_llama",
     "train",
     "validate_run_config",
 ]

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align import ConfigError, ModelConfig
+from align.config import ModelConfig
+from align.errors import ConfigError
 
 CACHE_ENV = "ALIGN_CACHE_DIR"
 FINGERPRINT_BYTES = 64 << 20

@@ -1,14 +1,14 @@
-"""align-hf: the transformers backend (the default), the embedded tiny model and the ``hf``
-rollout engine (transformers ``generate``)."""
+"""align-hf: the transformers backend (the default) and the ``hf`` rollout engine (transformers
+``generate``). The models it runs come from the core (``align.build_hf_model``: the embedded tiny
+model, HF folders, GGUF files, shortcuts); ``tiny_llama``, ``byte_tokenizer`` and
+``last_token_positions`` are re-exported from there for existing imports."""
 
 from transformers.utils import logging as hf_logging
 
-from align import Register, hookimpl
-from align_hf.backend import HFBackend, HFBackendConfig, last_token_positions, sequence_logps
+from align import Register, byte_tokenizer, hookimpl, last_token_positions, tiny_llama
+from align_hf.backend import HFBackend, HFBackendConfig, sequence_logps
 from align_hf.engine import HFEngine, HFEngineConfig, build_hf_engine
 from align_hf.hydra import HydraBackend, build_hf_backend
-from align_hf.models import tiny_llama
-from align_hf.tokenizer import byte_tokenizer
 
 hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars drown the training log
 

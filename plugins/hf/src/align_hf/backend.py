@@ -20,14 +20,14 @@ from align import (
     SequenceLogps,
     TokenBatch,
     TokenLogps,
+    build_hf_model,
+    build_hf_scorer,
+    last_token_positions,
+    load_hf_tokenizer,
     module_device,
     resolve_device,
 )
-from align_hf.models import load_causal_lm, load_scorer, load_tokenizer
 
-# The one head of a scorer built for a role, by role.
-SCORER_LABELS = {"reward": "reward", "critic": "value"}
-CAUSAL_ROLES = ("policy", "reference")
 FROZEN_ROLES = ("reference", "reward")
 
 
@@ -70,7 +70,7 @@ class HFBackend:
         self.run = run
         self.cfg: HFBackendConfig = run.backend  # type: ignore[assignment]
         self.device = resolve_device(self.cfg.device, "backend.device")
-        self.tokenizer = load_tokenizer(run.model)
+        self.tokenizer = load_hf_tokenizer(run.model)
         self._tokenizers: dict[str, Any] = {_tokenizer_source(run.model): self.tokenizer}
 
     def tokenizer_for(self, model: ModelConfig | None = None) -> Any:
@@ -78,7 +78,7 @@ class HFBackend:
         cfg = model or self.run.model
         source = _tokenizer_source(cfg)
         if source not in self._tokenizers:
-            self._tokenizers[source] = load_tokenizer(cfg)
+            self._tokenizers[source] = load_hf_tokenizer(cfg)
         return self._tokenizers[source]
 
     def build_model(self, role: str, model: ModelConfig | None = None) -> nn.Module:
@@ -87,17 +87,7 @@ class HFBackend:
         built afresh from its model section (never copied from the policy, which may hold a
         resumed checkpoint's weights)."""
         cfg = model or self.run.model
-        tokenizer = self.tokenizer_for(cfg)
-        built: Any
-        if role in CAUSAL_ROLES:
-            built = load_causal_lm(cfg, len(tokenizer), self.cfg.attn_implementation)
-        elif role in SCORER_LABELS:
-            built = load_scorer(cfg, len(tokenizer), 1, self.cfg.attn_implementation, [SCORER_LABELS[role]])
-        else:
-            raise ValueError(
-                f"unknown model role '{role}'; roles: {', '.join((*CAUSAL_ROLES, *SCORER_LABELS))}"
-            )
-        built.config.pad_token_id = tokenizer.pad_token_id
+        built: Any = build_hf_model(role, cfg, self.tokenizer_for(cfg), self.cfg.attn_implementation)
         built.to(self.device)
         if role in FROZEN_ROLES:
             built.eval()
@@ -142,10 +132,9 @@ class HFBackend:
 
     def build_scorer(self, num_labels: int, label_names: Sequence[str] | None = None) -> nn.Module:
         """A sequence classifier (``AutoModelForSequenceClassification``) for reward models."""
-        model: Any = load_scorer(
-            self.run.model, len(self.tokenizer), num_labels, self.cfg.attn_implementation, label_names
+        model: Any = build_hf_scorer(
+            self.run.model, self.tokenizer, num_labels, label_names, self.cfg.attn_implementation
         )
-        model.config.pad_token_id = self.tokenizer.pad_token_id
         model.to(self.device)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -441,22 +430,6 @@ def head_token_logps(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor
     return torch.cat(
         [token_logps_of(head(hidden[rows]), targets[rows]) for rows in _row_chunks(hidden.shape[0], vocab)]
     )
-
-
-def last_token_positions(batch: TokenBatch, pad_token_id: int | None) -> Tensor:
-    """Flat index (into ``rows * width``) of each sequence's last token that is not the pad
-    token: where transformers' sequence classifiers read their score, padded or packed."""
-    ids = batch.input_ids.reshape(-1)
-    owners = batch.sequence_ids.reshape(-1)
-    keep = owners >= 0
-    if pad_token_id is not None:
-        keep &= ids != pad_token_id
-    flat = torch.arange(ids.numel(), device=ids.device)
-    last = torch.full((batch.num_sequences,), -1, dtype=torch.long, device=ids.device)
-    last = last.scatter_reduce(0, owners[keep], flat[keep], reduce="amax")
-    if bool((last < 0).any()):
-        raise ValueError("a sequence has no token other than padding to read its score from")
-    return last
 
 
 def sequence_scores(model: nn.Module, batch: TokenBatch) -> Tensor:

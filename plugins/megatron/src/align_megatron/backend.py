@@ -1,9 +1,9 @@
 """The ``megatron`` backend: megatron-core GPTModel with tensor, pipeline, sequence and data
 parallelism.
 
-Models start as HF models (the run's ``model`` section, built by the hf backend's public API)
-and are converted to megatron shards (``align_megatron.conversion``); every output is an HF
-checkpoint again. Algorithms see the same ``Backend`` methods as on ``hf``:
+Models start as HF models (the run's ``model`` section, built by the core's
+``align.build_hf_model``) and are converted to megatron shards (``align_megatron.conversion``);
+every output is an HF checkpoint again. Algorithms see the same ``Backend`` methods as on ``hf``:
 
 - Log-probs come from logits split over the vocabulary (``parallel_output``): the log-softmax
   normaliser and the target's logit are all-reduced over the TP group, never the vocabulary.
@@ -45,6 +45,10 @@ from align import (
     SequenceLogps,
     TokenBatch,
     TokenLogps,
+    build_hf_model,
+    build_hf_scorer,
+    last_token_positions,
+    load_hf_tokenizer,
 )
 from align_megatron.conversion import (
     LlamaLayout,
@@ -65,6 +69,8 @@ CAUSAL_ROLES = ("policy", "reference")
 SCORER_ROLES = ("reward", "critic")
 FROZEN_ROLES = ("reference", "reward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# How the HF models a megatron model starts from attend: they never run, only their weights are read.
+HF_ATTENTION = "eager"
 # Logit given to the vocabulary's padding rows (added so TP divides it): exp() of it is 0.
 MASKED_LOGIT = -1e30
 # TransformerEngine's spec fuses the pre-attention and pre-MLP norms into the next linear layer.
@@ -190,8 +196,6 @@ class MegatronModel(nn.Module):
 
 class MegatronBackend:
     def __init__(self, run: RunConfig) -> None:
-        from align_hf import HFBackend, HFBackendConfig
-
         self.run = run
         self.cfg: MegatronBackendConfig = run.backend  # type: ignore[assignment]
         if run.trainer.precision == "bf16_mixed" and cpu_only():
@@ -207,11 +211,10 @@ class MegatronBackend:
             self.cfg.pipeline_model_parallel_size,
             self.cfg.sequence_parallel,
         )
-        # HF models are the starting point (and the tokenizer): the hf backend builds them.
-        # On the CPU: they are only read once, into the megatron model on its own device.
-        hf_cfg = HFBackendConfig(attn_implementation="eager", device="cpu")
-        self.hf = HFBackend(run.model_copy(update={"backend": hf_cfg}))
-        self.tokenizer = self.hf.tokenizer
+        # HF models are the starting point (and the tokenizer), built by the core on the CPU:
+        # they are only read once, into the megatron model on its own device.
+        self.tokenizer = load_hf_tokenizer(run.model)
+        self._tokenizers: dict[str, Any] = {_tokenizer_source(run.model): self.tokenizer}
         self.is_main = self.par.is_main
 
     # ---- building ------------------------------------------------------------------------
@@ -228,7 +231,8 @@ class MegatronBackend:
         if is_distributed_checkpoint(cfg.path):
             built = self._from_checkpoint(Path(cfg.path), DTYPES[cfg.dtype], 1 if role in SCORER_ROLES else 0)
         else:
-            built = self._converted(self.hf.build_model(role, cfg), DTYPES[cfg.dtype])
+            hf_model = build_hf_model(role, cfg, self.tokenizer_for(cfg), HF_ATTENTION)
+            built = self._converted(hf_model, DTYPES[cfg.dtype])
         if role in FROZEN_ROLES:
             built.eval()
             built.requires_grad_(False)
@@ -240,8 +244,16 @@ class MegatronBackend:
         cfg = self.run.model
         if is_distributed_checkpoint(cfg.path):
             return self._from_checkpoint(Path(cfg.path), DTYPES[cfg.dtype], num_labels)
-        hf_model = self.hf.build_scorer(num_labels, label_names)
+        hf_model = build_hf_scorer(cfg, self.tokenizer, num_labels, label_names, HF_ATTENTION)
         return self._converted(hf_model, DTYPES[cfg.dtype])
+
+    def tokenizer_for(self, model: ModelConfig | None = None) -> Any:
+        """The tokenizer of a model section (the run's own tokenizer when they share one)."""
+        cfg = model or self.run.model
+        source = _tokenizer_source(cfg)
+        if source not in self._tokenizers:
+            self._tokenizers[source] = load_hf_tokenizer(cfg)
+        return self._tokenizers[source]
 
     def _from_checkpoint(self, path: Path, dtype: torch.dtype, num_labels: int) -> MegatronModel:
         """The model a distributed checkpoint (``save_checkpoint_weights``: a run's
@@ -551,8 +563,6 @@ class MegatronBackend:
 
     def _sequence_scores(self, meg: MegatronModel, batch: TokenBatch) -> Tensor:
         rows, weight = self._my_rows(batch)
-        from align_hf import last_token_positions  # transformers' rule, as the hf backend reads it
-
         width = batch.input_ids.shape[1]
         last = last_token_positions(batch, getattr(meg.hf_config, "pad_token_id", None))
         # Where each sequence's last token sits among this rank's rows (-1: another rank's).
@@ -676,6 +686,10 @@ def _sharded_state(meg: MegatronModel) -> dict[str, Any]:
         gpt.post_process = post_process
     state["score.weight"] = make_sharded_tensor_for_checkpoint(meg.score.weight, "score.weight")
     return state
+
+
+def _tokenizer_source(cfg: ModelConfig) -> str:
+    return cfg.tokenizer or cfg.path
 
 
 def is_distributed_checkpoint(path: str) -> bool:
