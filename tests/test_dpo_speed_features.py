@@ -91,6 +91,29 @@ def test_chunked_rows_give_the_same_logps_and_gradients():
         assert torch.allclose(grad, results[0][2], atol=1e-5)
 
 
+def test_row_chunks_share_one_embedding_lookup_and_one_lm_head():
+    """With several row chunks the decoder runs per chunk, the embedding and the LM head once
+    over all of them (one vocabulary-sized weight gradient each), giving one pass's numbers."""
+    model = tiny_llama(TINY, 300, "sdpa")
+    batch = pad_sequences([*SEQUENCES, ([1, 2], [3, 4, 5, 6, 7, 8, 9, 10, 11, 2])], pad_id=0)
+    calls = {"embed": 0, "head": 0, "decoder": 0}
+
+    def counter(name: str) -> Any:
+        def count(*_: Any) -> None:
+            calls[name] += 1
+
+        return count
+
+    model.get_input_embeddings().register_forward_hook(counter("embed"))
+    model.get_output_embeddings().register_forward_hook(counter("head"))
+    model.model.register_forward_hook(counter("decoder"))
+    whole = sequence_logps(model, batch, None)
+    calls.update(embed=0, head=0, decoder=0)
+    chunked = sequence_logps(model, batch, 8)  # 4 rows of 8-11 tokens: one row per chunk
+    assert calls == {"embed": 1, "head": 1, "decoder": 4}
+    assert torch.allclose(chunked.sum, whole.sum, atol=1e-5) and torch.equal(chunked.count, whole.count)
+
+
 # ---- the precomputed reference ---------------------------------------------------------------
 def small_run(out: Path, **sections: Any) -> dict[str, Any]:
     base = dpo_config(

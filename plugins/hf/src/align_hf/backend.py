@@ -231,12 +231,49 @@ def sequence_logps(model: nn.Module, batch: TokenBatch, chunk_tokens: int | None
     operation's tensors small enough to stay in the CPU caches (elementwise ops on activations
     larger than the caches run several times slower). The autograd graph spans all chunks, so
     any loss over the whole batch backpropagates as usual."""
+    pieces = list(_pieces(batch, chunk_tokens))
+    parts = _decoder_and_head(model)
+    # A decoder that does not expose its embedding (hydra's branched one) runs chunk by chunk.
+    if len(pieces) > 1 and parts is not None and callable(getattr(parts[0], "get_input_embeddings", None)):
+        return _chunked_sequence_logps(*parts, pieces)
     sums = counts = None
-    for piece in _pieces(batch, chunk_tokens):
+    for piece in pieces:
         part = _logps(model, piece)
         sums = part.sum if sums is None else sums + part.sum
         counts = part.count if counts is None else counts + part.count
     assert sums is not None and counts is not None
+    return SequenceLogps(sums, counts)
+
+
+def _chunked_sequence_logps(decoder: nn.Module, head: nn.Module, pieces: list[TokenBatch]) -> SequenceLogps:
+    """``sequence_logps`` over row chunks with the embedding lookup and the LM head run once for
+    all chunks, only the decoder per chunk. Same math; what it saves is in the backward: a
+    per-chunk lookup writes a zeroed vocabulary-sized gradient for the embedding every chunk and
+    a per-chunk head a vocabulary-sized weight gradient, each then added into the next
+    (docs/performance.md, "Where the time goes"); one head matmul over all scored tokens is
+    also a larger, faster one."""
+    ids = torch.cat([piece.input_ids.reshape(-1) for piece in pieces])
+    embedding: Any = getattr(decoder, "get_input_embeddings", None)  # checked by the caller
+    embeds = embedding()(ids).split([piece.input_ids.numel() for piece in pieces])
+    hidden, targets, owners = [], [], []
+    for piece, embedded in zip(pieces, embeds, strict=True):
+        out = decoder(
+            inputs_embeds=embedded.view(*piece.input_ids.shape, -1),
+            attention_mask=None if piece.packed or _right_padded(piece) else piece.attention_mask,
+            position_ids=piece.position_ids,
+            use_cache=False,  # see _scored_logps
+        )
+        scored = piece.loss_mask[:, 1:]
+        hidden.append(out.last_hidden_state[:, :-1][scored])
+        targets.append(piece.input_ids[:, 1:][scored])
+        owners.append(piece.sequence_ids[:, 1:][scored])
+    logps = head_token_logps(head, torch.cat(hidden), torch.cat(targets))
+    owner = torch.cat(owners)
+    num_sequences = pieces[0].num_sequences
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=owner.device).index_add(
+        0, owner, torch.ones_like(owner)
+    )
+    sums = logps.new_zeros(num_sequences).index_add(0, owner, logps)
     return SequenceLogps(sums, counts)
 
 
