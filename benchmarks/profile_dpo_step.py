@@ -2,6 +2,8 @@
 
     python benchmarks/profile_dpo_step.py ablate --reps 5    # each speed feature off, one at a time
     python benchmarks/profile_dpo_step.py profile            # torch.profiler table of one step
+    python benchmarks/profile_dpo_step.py ablate --threads 1 --cpu-time   # on a loaded machine
+    python benchmarks/profile_dpo_step.py matmuls            # the step's matmul shapes vs the peak
 
 A step is what the trainer does per batch: the policy's log-probs of 8 pairs (chosen and
 rejected in one batch), DPO loss against given reference log-probs, backward, clip, AdamW.
@@ -14,6 +16,7 @@ mode adds per step: the reference's forward pass on the batch.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dpo_vs_trl import BATCH_PAIRS, BETA, LR, MAX_LENGTH, prepare
 
 import align_hf.backend as hf
+from align import SequenceLogps
 from align.builtin.data import PreferenceData, PreferenceFormat
 
 
@@ -38,6 +42,14 @@ def unfused_token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     """What autograd does without the fused function: a float32 copy, gather - logsumexp."""
     logits = logits.float()
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def per_chunk_sequence_logps(model: Any, batch: Any, chunk_tokens: int | None = None) -> SequenceLogps:
+    """Row chunks as before: embedding lookup and LM head once per chunk (a vocabulary-sized
+    weight gradient each per chunk, added together in the backward)."""
+    pieces = [hf._logps(model, piece) for piece in hf._pieces(batch, chunk_tokens)]
+    sums = torch.stack([piece.sum for piece in pieces]).sum(0)
+    return SequenceLogps(sums, torch.stack([piece.count for piece in pieces]).sum(0))
 
 
 @contextmanager
@@ -88,7 +100,7 @@ class Step:
             hf.sequence_logps(self.model, self.pairs.tokens, 1024)
 
 
-def ablate(step: Step, reps: int) -> None:
+def ablate(step: Step, reps: int, clock: Callable[[], float] = time.perf_counter) -> None:
     variants: dict[str, Callable[[], None]] = {
         "all features (align default)": step.train,
         "no row chunks (one padded pass)": lambda: step.train(chunk_tokens=None),
@@ -97,16 +109,19 @@ def ablate(step: Step, reps: int) -> None:
             hf, "_right_padded", lambda batch: False, lambda: step.train(chunk_tokens=None)
         ),
         "AdamW per-tensor loop (not fused)": lambda: step.train(fused_adamw=False),
+        "embedding and LM head per row chunk": lambda: _with(
+            hf, "sequence_logps", per_chunk_sequence_logps, step.train
+        ),
         "padding-free (one packed row)": lambda: step.train(packed=True),
         "reference forward (live mode, per step)": step.reference_forward,
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(reps + 1):
         for name, run in variants.items():
-            started = time.perf_counter()
+            started = clock()
             run()
             if rep:
-                times[name].append(time.perf_counter() - started)
+                times[name].append(clock() - started)
     tokens = step.pairs.num_tokens
     pad = step.pairs.tokens.pad_fraction
     print(f"\n{BATCH_PAIRS} pairs, {tokens} real tokens, layout pad fraction {pad:.2f}")
@@ -132,23 +147,60 @@ def profile(step: Step, chunk_tokens: int | None) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
+def matmul_rates(threads: int, rows: int = 1024) -> None:
+    """GFLOP/s of the step's own matmul shapes (a chunk of ``rows`` tokens through each weight of
+    the benchmark model: forward, input gradient, weight gradient) against the square products
+    ``dpo_vs_trl.py`` takes as the machine's peak, in fp32 and bf16."""
+    torch.set_num_threads(threads)
+
+    def rate(matmul: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) -> float:
+        matmul(a, b)
+        best = math.inf
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(10):
+                matmul(a, b)
+            best = min(best, (time.perf_counter() - started) / 10)
+        out_rows, inner = a.shape
+        return 2 * out_rows * inner * (b.shape[0] if matmul is F.linear else b.shape[1]) / best / 1e9
+
+    print("| dtype | tokens x in -> out | forward | input grad | weight grad |\n|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        square = torch.randn(2048, 2048, dtype=dtype)
+        print(f"| {dtype} | square 2048 (the peak) | {rate(torch.mm, square, square):.0f} | | |")
+        for d_in, d_out in ((512, 512), (512, 1536), (1536, 512), (512, 8192)):
+            x, w = torch.randn(rows, d_in, dtype=dtype), torch.randn(d_out, d_in, dtype=dtype)
+            g = torch.randn(rows, d_out, dtype=dtype)
+            rates = (rate(F.linear, x, w), rate(torch.mm, g, w), rate(torch.mm, g.t(), x))
+            print(f"| {dtype} | {rows} x {d_in} -> {d_out} | " + " | ".join(f"{r:.0f}" for r in rates) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["ablate", "profile"])
+    parser.add_argument("what", choices=["ablate", "profile", "matmuls"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="ablate: time the process's CPU time, not wall time (with --threads 1 it is robust to "
+        "other processes sharing the cores)",
+    )
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="profile: 0 for one padded pass")
     parser.add_argument("--workdir", help="model and data of dpo_vs_trl.py (default: a temp folder)")
     args = parser.parse_args()
+    if args.what == "matmuls":
+        matmul_rates(args.threads)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-workload-") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         prepare(workdir)
         step = Step(workdir, args.threads)
         if args.what == "ablate":
-            ablate(step, args.reps)
+            ablate(step, args.reps, time.process_time if args.cpu_time else time.perf_counter)
         else:
             profile(step, args.chunk_tokens or None)
 
