@@ -4,7 +4,6 @@ the two settings contradict, bf16-mixed DPO learns as fp32 does, and it resumes 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from helpers import DATA, assert_same_weights, dpo_config, load_weights, read_metrics, run_cli, write_yaml
 from helpers.online import arith_config
+from helpers.resume import train_stopped_at
 
 import align
 from align.checkpoint import STATE_FILE
@@ -109,31 +109,12 @@ def test_pure_bf16_keeps_bfloat16_weights(tmp_path: Path) -> None:
     assert {w.dtype for w in load_weights(result.final_dir).values()} == {torch.bfloat16}
 
 
-STOP_AT_STEP_2 = """
-import align
-
-
-@align.hookimpl
-def on_step_end(run, step, metrics):
-    if metrics["split"] == "train" and step == 2:
-        run.request_stop("stopped at step 2")
-"""
-
-
 def test_bf16_mixed_resumes_bit_exact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fp32_and_mixed: dict[str, align.RunResult]
 ) -> None:
     straight = fp32_and_mixed["bf16_mixed"]
-    (tmp_path / "stop_at_2.py").write_text(STOP_AT_STEP_2)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    out = tmp_path / "stopped"
-    config = learning_run(out, "bf16_mixed")
-    with monkeypatch.context() as patch:
-        patch.setenv("ALIGN_PLUGIN_MODULES", "stop_at_2")
-        try:
-            stopped = train(config, align.load_plugins())
-        finally:
-            sys.modules.pop("stop_at_2", None)
+    config = learning_run(tmp_path / "stopped", "bf16_mixed")
+    stopped = train_stopped_at(config, 2, tmp_path, monkeypatch)
     assert stopped.steps == 2
     resumed = train(config | {"resume": True})
     assert resumed.steps == 6
