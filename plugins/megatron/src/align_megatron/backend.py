@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -47,15 +46,18 @@ from align import (
     TokenLogps,
     build_hf_model,
     build_hf_scorer,
+    hf_model_source,
     last_token_positions,
     load_hf_tokenizer,
 )
 from align_megatron.conversion import (
+    HFWeights,
     LlamaLayout,
     hf_tensors,
     layout_of,
     megatron_names,
     megatron_shard,
+    safetensors_weights,
     stage_local_name,
     stage_of,
 )
@@ -228,8 +230,11 @@ class MegatronBackend:
                 f"{', '.join((*CAUSAL_ROLES, *SCORER_ROLES))}"
             )
         cfg = model or self.run.model
+        folder = _safetensors_folder(hf_model_source(cfg)) if role in CAUSAL_ROLES else None
         if is_distributed_checkpoint(cfg.path):
             built = self._from_checkpoint(Path(cfg.path), DTYPES[cfg.dtype], 1 if role in SCORER_ROLES else 0)
+        elif folder is not None and not _is_scorer(hf_config := _hf_config(folder)):
+            built = self._from_safetensors(folder, hf_config, cfg)
         else:
             hf_model = build_hf_model(role, cfg, self.tokenizer_for(cfg), HF_ATTENTION)
             built = self._converted(hf_model, DTYPES[cfg.dtype])
@@ -246,6 +251,21 @@ class MegatronBackend:
             return self._from_checkpoint(Path(cfg.path), DTYPES[cfg.dtype], num_labels)
         hf_model = build_hf_scorer(cfg, self.tokenizer, num_labels, label_names, HF_ATTENTION)
         return self._converted(hf_model, DTYPES[cfg.dtype])
+
+    def _from_safetensors(self, folder: Path, hf_config: Any, cfg: ModelConfig) -> MegatronModel:
+        """The causal LM in an HF folder of safetensors files, each rank reading only the rows or
+        columns of its own shards (``get_slice``): no rank builds the whole HF model. Holds the
+        same weights, bit for bit, as converting the HF model ``build_hf_model`` loads."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        # What the HF model the other path converts would carry: its class, the tokenizer's pad.
+        hf_config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[hf_config.model_type]]
+        hf_config.pad_token_id = self.tokenizer_for(cfg).pad_token_id
+        hf_config.dtype = DTYPES[cfg.dtype]
+        layout = layout_of(hf_config)
+        built = self._empty_model(layout, hf_config, DTYPES[cfg.dtype])
+        self._load(built, safetensors_weights(folder, layout.tied_embeddings))
+        return built
 
     def tokenizer_for(self, model: ModelConfig | None = None) -> Any:
         """The tokenizer of a model section (the run's own tokenizer when they share one)."""
@@ -309,10 +329,12 @@ class MegatronBackend:
             )
         return MegatronModel(gpt, layout, hf_config, uses_te, self.par.pp, self.par.pp_rank, score)
 
-    def _load(self, model: MegatronModel, get: Any) -> None:
+    def _load(self, model: MegatronModel, hf: Callable[[str], Tensor] | HFWeights) -> None:
+        """Set this rank's shards from the HF weights ``hf`` (whole tensors by name, or an
+        ``HFWeights`` that reads only each shard's part)."""
         with torch.no_grad():
             for name in model.held_names():
-                shard = megatron_shard(name, get, model.layout, self.par.tp_rank, self.par.tp)
+                shard = megatron_shard(name, hf, model.layout, self.par.tp_rank, self.par.tp)
                 target = model.parameter(name)
                 if target.shape != shard.shape:
                     raise RuntimeError(
@@ -365,23 +387,10 @@ class MegatronBackend:
         self.tokenizer.save_pretrained(path)
 
     def load_weights(self, model: nn.Module, path: Path) -> None:
-        """Load an HF checkpoint written by ``save_pretrained`` into this rank's shards."""
+        """Load an HF checkpoint written by ``save_pretrained`` into this rank's shards (each
+        rank reads only its shards' rows or columns of the safetensors files)."""
         meg = _megatron(model)
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise RuntimeError(f"checkpoint {path} holds no *.safetensors file")
-        handles = [safe_open(str(f), framework="pt") for f in files]
-        where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-
-        def get(name: str) -> Tensor:
-            if name == "lm_head.weight" and name not in where and meg.layout.tied_embeddings:
-                name = "model.embed_tokens.weight"
-            if name not in where:
-                raise RuntimeError(f"checkpoint {path} does not match the model: {name} is missing")
-            tensor: Tensor = where[name].get_tensor(name)
-            return tensor
-
-        self._load(meg, get)
+        self._load(meg, safetensors_weights(path, meg.layout.tied_embeddings))
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save_checkpoint_weights(self, model: nn.Module, path: Path) -> None:
@@ -701,6 +710,18 @@ def is_distributed_checkpoint(path: str) -> bool:
     return (folder / "metadata.json").is_file() and bool(
         dist_checkpointing.check_is_distributed_checkpoint(str(folder))
     )
+
+
+def _safetensors_folder(source: str) -> Path | None:
+    """``source`` (a resolved ``model.path``) when it is a local folder of safetensors files."""
+    folder = Path(source)
+    return folder if folder.is_dir() and any(folder.glob("*.safetensors")) else None
+
+
+def _hf_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
 
 
 def _is_scorer(hf_config: Any) -> bool:

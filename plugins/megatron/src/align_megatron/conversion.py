@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,59 @@ REPLICATED_OUTSIDE_LAYERS = {
     "decoder.final_layernorm.weight": "model.norm.weight",
     "score.weight": "score.weight",
 }
+
+
+@dataclass(frozen=True)
+class HFWeights:
+    """HF weights by name, read whole (``whole(name)``) or in parts: ``part(name, dim, start,
+    stop)`` is rows (``dim`` 0) or columns (``dim`` 1) ``start:stop``, so a TP rank can read only
+    its shard of a tensor (safetensors' ``get_slice``) instead of the whole of it."""
+
+    whole: Callable[[str], Tensor]
+    part: Callable[[str, int, int, int], Tensor] | None = None
+
+    def narrow(self, name: str, dim: int, start: int, stop: int) -> Tensor:
+        if self.part is not None:
+            return self.part(name, dim, start, stop)
+        return self.whole(name).narrow(dim, start, stop - start).clone()
+
+    def shard(self, name: str, dim: int, size: int, rank: int, parts: int) -> Tensor:
+        """Part ``rank`` of ``parts`` equal parts of the ``size`` rows/columns (``dim``)."""
+        each = size // parts
+        return self.narrow(name, dim, rank * each, (rank + 1) * each)
+
+
+def safetensors_weights(folder: Path, tied_embeddings: bool) -> HFWeights:
+    """The HF weights in ``folder``'s ``*.safetensors`` files, read lazily: a whole tensor, or
+    only a shard's rows or columns (``get_slice``), when asked for. With tied embeddings a
+    missing ``lm_head.weight`` is the embedding table."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"checkpoint {folder} holds no *.safetensors file")
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+    def stored(name: str) -> str:
+        if name == "lm_head.weight" and name not in where and tied_embeddings:
+            name = "model.embed_tokens.weight"
+        if name not in where:
+            raise RuntimeError(f"checkpoint {folder} does not match the model: {name} is missing")
+        return name
+
+    def whole(name: str) -> Tensor:
+        key = stored(name)
+        tensor: Tensor = where[key].get_tensor(key)
+        return tensor
+
+    def part(name: str, dim: int, start: int, stop: int) -> Tensor:
+        key = stored(name)
+        piece = where[key].get_slice(key)
+        tensor: Tensor = piece[start:stop] if dim == 0 else piece[:, start:stop]
+        return tensor
+
+    return HFWeights(whole, part)
 
 
 @dataclass(frozen=True)
@@ -210,33 +264,36 @@ def stage_local_name(name: str, layout: LlamaLayout, pp: int) -> str:
 
 
 def megatron_shard(
-    name: str, get: Callable[[str], Tensor], layout: LlamaLayout, tp_rank: int, tp: int
+    name: str, hf: Callable[[str], Tensor] | HFWeights, layout: LlamaLayout, tp_rank: int, tp: int
 ) -> Tensor:
-    """One megatron tensor (TP rank ``tp_rank``'s shard) from the HF tensors ``get`` returns."""
+    """One megatron tensor (TP rank ``tp_rank``'s shard) from the HF tensors: ``hf`` returns a
+    whole tensor by name, or is an ``HFWeights`` that also reads parts (then only the rows or
+    columns of this shard are read)."""
+    weights = hf if isinstance(hf, HFWeights) else HFWeights(hf)
+    get = weights.whole
     if name == "embedding.word_embeddings.weight":
-        return _vocab_shard(get("model.embed_tokens.weight"), layout, tp_rank, tp)
+        return _vocab_shard(weights, "model.embed_tokens.weight", layout, tp_rank, tp)
     if name == "output_layer.weight":
-        return _vocab_shard(get("lm_head.weight"), layout, tp_rank, tp)
+        return _vocab_shard(weights, "lm_head.weight", layout, tp_rank, tp)
     if name in REPLICATED_OUTSIDE_LAYERS:
         return get(REPLICATED_OUTSIDE_LAYERS[name]).clone()
     layer, part = _split_layer_name(name)
-    hf = f"{HF_LAYER}{layer}."
+    prefix = f"{HF_LAYER}{layer}."
     if part == "input_layernorm.weight":
-        return get(hf + "input_layernorm.weight").clone()
+        return get(prefix + "input_layernorm.weight").clone()
     if part == "pre_mlp_layernorm.weight":
-        return get(hf + "post_attention_layernorm.weight").clone()
+        return get(prefix + "post_attention_layernorm.weight").clone()
     if part in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = part.rsplit(".", 1)[1]
-        q, k, v = (get(f"{hf}self_attn.{x}_proj.{kind}") for x in "qkv")
-        return _qkv_shard(q, k, v, layout, tp_rank, tp)
+        return _qkv_shard(weights, prefix, part.rsplit(".", 1)[1], layout, tp_rank, tp)
+    attention, ffn = layout.num_heads * layout.head_dim, layout.ffn_hidden_size
     if part == "self_attention.linear_proj.weight":
-        return get(hf + "self_attn.o_proj.weight").chunk(tp, dim=1)[tp_rank].clone()
+        return weights.shard(prefix + "self_attn.o_proj.weight", 1, attention, tp_rank, tp)
     if part == "mlp.linear_fc1.weight":
-        gate = get(hf + "mlp.gate_proj.weight").chunk(tp, dim=0)[tp_rank]
-        up = get(hf + "mlp.up_proj.weight").chunk(tp, dim=0)[tp_rank]
+        gate = weights.shard(prefix + "mlp.gate_proj.weight", 0, ffn, tp_rank, tp)
+        up = weights.shard(prefix + "mlp.up_proj.weight", 0, ffn, tp_rank, tp)
         return torch.cat([gate, up], dim=0)
     if part == "mlp.linear_fc2.weight":
-        return get(hf + "mlp.down_proj.weight").chunk(tp, dim=1)[tp_rank].clone()
+        return weights.shard(prefix + "mlp.down_proj.weight", 1, ffn, tp_rank, tp)
     raise KeyError(f"no HF weight maps to megatron's {name}")
 
 
@@ -247,26 +304,34 @@ def _split_layer_name(name: str) -> tuple[int, str]:
     return int(layer), part
 
 
-def _vocab_shard(table: Tensor, layout: LlamaLayout, tp_rank: int, tp: int) -> Tensor:
-    padded = layout.padded_vocab(tp)
-    if padded > table.shape[0]:
-        table = torch.cat([table, table.new_zeros(padded - table.shape[0], *table.shape[1:])])
-    return table.chunk(tp, dim=0)[tp_rank].clone()
+def _vocab_shard(weights: HFWeights, name: str, layout: LlamaLayout, tp_rank: int, tp: int) -> Tensor:
+    """Rows ``tp_rank`` of the table zero-padded to a multiple of ``tp``: the real rows read,
+    the padding made here."""
+    each = layout.padded_vocab(tp) // tp
+    start = tp_rank * each
+    stop = min(start + each, layout.vocab_size)
+    rows = weights.narrow(name, 0, start, max(stop, start))
+    if rows.shape[0] < each:
+        rows = torch.cat([rows, rows.new_zeros(each - rows.shape[0], *rows.shape[1:])])
+    return rows
 
 
-def _qkv_shard(q: Tensor, k: Tensor, v: Tensor, layout: LlamaLayout, tp_rank: int, tp: int) -> Tensor:
-    """[q heads of group g, k head g, v head g] for each group g this rank owns."""
-    groups, d = layout.num_kv_heads, layout.head_dim
+def _qkv_shard(weights: HFWeights, hf: str, kind: str, layout: LlamaLayout, tp_rank: int, tp: int) -> Tensor:
+    """[q heads of group g, k head g, v head g] for each group g this rank owns (whole groups:
+    the rank's rows of q, k and v)."""
+    groups, d = layout.num_kv_heads // tp, layout.head_dim
+    first = tp_rank * groups
+    q_rows = layout.heads_per_group * d
+    q, k, v = (
+        weights.narrow(f"{hf}self_attn.{x}_proj.{kind}", 0, first * rows, (first + groups) * rows)
+        for x, rows in (("q", q_rows), ("k", d), ("v", d))
+    )
     rest = q.shape[1:]
     grouped = torch.cat(
-        [
-            q.reshape(groups, layout.heads_per_group * d, *rest),
-            k.reshape(groups, d, *rest),
-            v.reshape(groups, d, *rest),
-        ],
+        [q.reshape(groups, q_rows, *rest), k.reshape(groups, d, *rest), v.reshape(groups, d, *rest)],
         dim=1,
     )
-    return grouped.chunk(tp, dim=0)[tp_rank].reshape(-1, *rest).clone()
+    return grouped.reshape(-1, *rest)
 
 
 # ---- Megatron -> HF ------------------------------------------------------------------------
