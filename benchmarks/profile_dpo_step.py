@@ -147,7 +147,7 @@ def profile(step: Step, chunk_tokens: int | None) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
-def matmul_rates(threads: int, rows: int = 1024) -> None:
+def matmul_rates(threads: int, rows: int = 1024, square_size: int = 2048) -> None:
     """GFLOP/s of the step's own matmul shapes (a chunk of ``rows`` tokens through each weight of
     the benchmark model: forward, input gradient, weight gradient) against the square products
     ``dpo_vs_trl.py`` takes as the machine's peak, in fp32 and bf16."""
@@ -166,8 +166,8 @@ def matmul_rates(threads: int, rows: int = 1024) -> None:
 
     print("| dtype | tokens x in -> out | forward | input grad | weight grad |\n|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
-        square = torch.randn(2048, 2048, dtype=dtype)
-        print(f"| {dtype} | square 2048 (the peak) | {rate(torch.mm, square, square):.0f} | | |")
+        square = torch.randn(square_size, square_size, dtype=dtype)
+        print(f"| {dtype} | square {square_size} (the peak) | {rate(torch.mm, square, square):.0f} | | |")
         for d_in, d_out in ((512, 512), (512, 1536), (1536, 512), (512, 8192)):
             x, w = torch.randn(rows, d_in, dtype=dtype), torch.randn(d_out, d_in, dtype=dtype)
             g = torch.randn(rows, d_out, dtype=dtype)
