@@ -199,17 +199,20 @@ def attach(meg: Any, lora: align.LoraConfig, targets: Sequence[str], par: Any, s
             "lora", Adapter(layer, name.endswith(COLUMN_PARALLEL), lora.r, lora.alpha, lora.dropout, par, sp)
         )
         layer.register_forward_hook(_add_adapter)
+    # Every layer's A is drawn, in the whole model's order, on every pipeline stage (each keeps
+    # its own layers'), so that PP > 1 starts from the same adapters as PP = 1.
+    held = global_adapter_names(meg, targets)
+    widths = {name.split(".", 3)[-1]: adapter_of(meg, name).in_features for name in held}
     generator = torch.Generator().manual_seed(seed)
-    whole: dict[str, Tensor] = {}
-    for name in global_adapter_names(meg, targets):
-        adapter = adapter_of(meg, name)
-        bound = 1 / math.sqrt(adapter.in_features)
-        whole[name] = torch.empty(adapter.r, adapter.in_features).uniform_(-bound, bound, generator=generator)
     with torch.no_grad():
-        for name, a in whole.items():
-            adapter = adapter_of(meg, name)
-            cut = a if adapter.column else a.chunk(par.tp, dim=1)[par.tp_rank]
-            adapter.A.copy_(cut)
+        for i in range(meg.layout.num_layers):
+            for target in targets:
+                bound = 1 / math.sqrt(widths[target])
+                a = torch.empty(lora.r, widths[target]).uniform_(-bound, bound, generator=generator)
+                name = f"{LAYER}{i}.{target}"
+                if name in held:
+                    adapter = adapter_of(meg, name)
+                    adapter.A.copy_(a if adapter.column else a.chunk(par.tp, dim=1)[par.tp_rank])
 
 
 def adapted_layers(
