@@ -231,7 +231,8 @@ def test_saved_reward_model_loads_with_transformers_and_scores_identically(
     torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
     # and from plain texts through the reward source
     pairs = read_jsonl(tmp / "eval.jsonl")[:3]
-    as_trained = ModelRewardConfig(path=str(result.final_dir), max_length=128, device="cpu")  # as trained, on the CPU
+    # as trained, on the CPU
+    as_trained = ModelRewardConfig(path=str(result.final_dir), max_length=128, device="cpu")
     source = ModelReward(as_trained)
     from_text = source([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     torch.testing.assert_close(from_text, ours[:3, 0], rtol=1e-5, atol=1e-5)
