@@ -516,3 +516,16 @@ def test_unknown_schema_and_list_kind(capsys):
     assert_user_error(run_cli(capsys, "schema", "nosuch"), "unknown algorithm 'nosuch'")
     result = run_cli(capsys, "list", "--kind", "nosuch")
     assert result.code == 2 and "invalid choice: 'nosuch'" in result.err
+
+
+def test_a_missing_model_folder_is_named_as_a_folder(tmp_path: Path) -> None:
+    """A pruned checkpoint or a mistyped run folder is "no such folder", not transformers'
+    complaint about a malformed hub repository id."""
+    from align import ConfigError, ModelConfig
+    from align.hf_models import load_hf_tokenizer
+
+    missing = tmp_path / "runs" / "x" / "checkpoints" / "step_12" / "model"
+    with pytest.raises(ConfigError, match="no such folder"):
+        load_hf_tokenizer(ModelConfig(path=str(missing)))
+    with pytest.raises(ConfigError, match="no such folder"):
+        load_hf_tokenizer(ModelConfig(path="runs/never/final"))

@@ -12,6 +12,7 @@ The ``hf`` backend runs these models as they are; ``megatron`` converts them to 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -114,6 +115,14 @@ def tiny_llama_config(knobs: TinyModelConfig, vocab_size: int, attn_implementati
     return config
 
 
+def is_missing_folder(source: str) -> bool:
+    """``source`` is meant as a local folder (absolute, ``./``, ``../``, ``~``, or more than one
+    ``/``, which no hub id has) and does not exist: transformers would otherwise report it as a
+    malformed hub repository id."""
+    local = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    return local and not Path(source).expanduser().exists()
+
+
 def load_hf_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer of a model section (``model.tokenizer``, else ``model.path``); one without
     a pad token pads with its end-of-sequence token."""
@@ -122,6 +131,9 @@ def load_hf_tokenizer(cfg: ModelConfig) -> Any:
     source = resolve_tokenizer(cfg)
     if source == TINY:
         return byte_tokenizer()
+    if is_missing_folder(source):
+        where = f"relative paths are from {Path.cwd()}"
+        raise ConfigError(f"model.tokenizer: no such folder '{source}' ({where})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
