@@ -99,17 +99,6 @@ class PPOConfig(align.OnlineConfig):
     )
 
     @model_validator(mode="after")
-    def _one_trainer_per_critic_server(self) -> PPOConfig:
-        ranks = getattr(self.backend, "nproc_per_node", 1)
-        if ranks > 1 and self.critic.name != "local":
-            raise ValueError(
-                f"critic '{self.critic.name}' with backend.nproc_per_node={ranks} is not supported yet: "
-                "every rank would send the server its training steps; use critic: {name: local}, or one "
-                "process"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _warmup_leaves_iterations(self) -> PPOConfig:
         if self.critic_warmup_iterations > self.iterations:
             raise ValueError(
