@@ -20,7 +20,6 @@ from helpers import (
     QUIET_TRAINER,
     REPO,
     TINY_MODEL,
-    assert_user_error,
     load_weights,
     max_weight_diff,
     merge,
@@ -201,11 +200,12 @@ def test_ppo_dp2_matches_dp1(tmp_path: Path) -> None:
     assert max_weight_diff(critic1, critic2) < WEIGHT_TOLERANCE
 
 
-def test_remote_critic_with_ranks_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Caught when the config is validated, before any process starts."""
+def test_remote_critic_with_ranks_validates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rank 0 alone drives a remote critic (tests/test_ppo_remote_critic_dp.py runs it), so the
+    config is accepted."""
     config = online_config("ppo", tmp_path / "out", 2, critic={"name": "remote", "url": "http://127.0.0.1:1"})
     result = run_cli(capsys, "validate", write_yaml(tmp_path / "remote.yaml", config))
-    assert_user_error(result, "critic 'remote' with backend.nproc_per_node=2", "critic: {name: local}")
+    assert result.code == 0 and "valid ppo config" in result.out
 
 
 @pytest.mark.slow

@@ -239,7 +239,9 @@ def test_dynamic_sampling_drops_groups_of_equal_rewards_and_refills():
             return [align.PromptRow(i, [1], f"p{i}", {}) for i in range(start, start + count)]
 
     class Rollouts:
-        def generate(self, rows: list[align.PromptRow], sampling: Any) -> align.RolloutResult:
+        def generate(
+            self, rows: list[align.PromptRow], sampling: Any, score: bool = True
+        ) -> align.RolloutResult:
             groups = [
                 [align.Sample(row, [5], [0.0], "stop", "", r) for r in rewards_of_prompt[row.example_id]]
                 for row in rows
