@@ -67,14 +67,14 @@ def online_config(algo: str, output_dir: Path, ranks: int, **sections: Any) -> d
     return merge(config, sections)
 
 
-def align_run(config: str, *extra: str) -> None:
+def align_run(config: str, *extra: str, timeout_s: int = TIMEOUT_S) -> None:
     """``align run`` in a child process (it starts torchrun itself for nproc_per_node > 1)."""
     done = subprocess.run(
         [*ALIGN, "run", config, *extra],
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=TIMEOUT_S,
+        timeout=timeout_s,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]

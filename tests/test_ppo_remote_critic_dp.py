@@ -7,7 +7,6 @@ behind."""
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,11 @@ from typing import Any
 import pytest
 import torch
 from helpers import (
-    ALIGN,
     read_metrics,
-    subprocess_env,
     write_yaml,
 )
 from test_dp_actors import (
+    align_run,
     assert_same_trajectory,
     last_checkpoint,
     online_config,
@@ -39,18 +37,6 @@ REMOTE = {
 LOCAL = {"name": "local", "value_clip": 0.2, "optim": {"lr": 1e-2}}
 CRITIC_KEYS = ("critic_loss", "critic_explained_variance", "value_mean")
 TIMEOUT_S = 900  # torchrun, two ranks and a critic server: minutes on a loaded 2-core machine
-
-
-def align_run(config: str, *extra: str) -> None:
-    done = subprocess.run(
-        [*ALIGN, "run", config, *extra],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
 def server_processes() -> set[int]:
@@ -72,7 +58,7 @@ def run(tmp_path: Path, name: str, ranks: int, critic: dict[str, Any], *extra: s
     out = tmp_path / name
     config = online_config("ppo", out, ranks, critic=critic, epochs=1, kl={"coef": 0.05})
     config["critic"] = critic  # replaced whole: the local and remote critics have other keys
-    align_run(write_yaml(tmp_path / f"{name}.yaml", config), *extra)
+    align_run(write_yaml(tmp_path / f"{name}.yaml", config), *extra, timeout_s=TIMEOUT_S)
     return out
 
 
