@@ -11,7 +11,9 @@ token), GAE advantages and returns, whiten the advantages; then ``epochs`` passe
 minibatches: each minibatch sends the critic one training step (not awaited) and takes one
 policy step on the clipped policy loss (minus the entropy bonus). The first
 ``critic_warmup_iterations`` train only the critic. The adaptive KL controller then moves beta,
-and the engine is refit.
+and the engine is refit. With ``old_logps_source: engine`` the policy's ("old") pass is not run:
+the engine's own per-token log-probs are the old ones (exact for an engine that samples with the
+policy's weights in the training precision: hf in fp32).
 
 Resume: checkpoints fall at iteration boundaries with the iteration, the prompt position and
 beta; the local critic is the learner's trainable ``critic``, a remote one writes its own state
@@ -152,7 +154,10 @@ class PPO(align.OnlineAlgorithm):
                 pending = [self._critic().values(self.lay_out(chunk)) for chunk in chunks]
         with align.precision_scope(cfg.trainer.precision, self.ctx.policy):
             with _timed(metrics, "policy_logps_s"):
-                old, entropy = self.completion_logps(self.ctx.policy, chunks, with_entropy=True)
+                if cfg.old_logps_source == "scored":
+                    old, entropy = self.completion_logps(self.ctx.policy, chunks, with_entropy=True)
+                else:  # the engine sampled with the policy's weights: its log-probs are pi_old
+                    old, entropy = [self._engine_logps(sample) for sample in samples], []
             with _timed(metrics, "reference_logps_s"):
                 ref = self.completion_logps(self.reference, chunks)[0] if self.reference is not None else None
         result.wait_for_rewards()  # its metrics: score_s, reward_blocked_s, reward_hidden_s
@@ -182,7 +187,7 @@ class PPO(align.OnlineAlgorithm):
             Experience(
                 sample,
                 old[i],
-                self._engine_logps(sample, old[i]),
+                old[i] if cfg.old_logps_source == "engine" else self._engine_logps(sample),
                 values[i],
                 advantages[i, : len(sample.completion_ids)],
                 returns[i, : len(sample.completion_ids)],
@@ -223,13 +228,13 @@ class PPO(align.OnlineAlgorithm):
             values += [answer[row, : len(s.completion_ids)].float() for row, s in enumerate(chunk)]
         return values
 
-    def _engine_logps(self, sample: align.Sample, old: Tensor) -> Tensor:
+    def _engine_logps(self, sample: align.Sample) -> Tensor:
         if len(sample.logprobs) != len(sample.completion_ids):
             raise align.ConfigError(
                 f"rollout engine '{self.config.rollout.name}' returned {len(sample.logprobs)} log-probs for "
                 f"{len(sample.completion_ids)} tokens; the policy loss needs one per token"
             )
-        return torch.tensor(sample.logprobs, dtype=old.dtype)
+        return torch.tensor(sample.logprobs, dtype=torch.float32)
 
     # ---- training ----------------------------------------------------------------------
     def train_on(

@@ -97,6 +97,12 @@ class PPOConfig(align.OnlineConfig):
         None,
         description="Weigh each token by min(p_trainer / p_engine, cap) (truncated importance sampling).",
     )
+    old_logps_source: Literal["scored", "engine"] = Field(
+        "scored",
+        description="Where the old (behaviour) log-probs come from: scored (a pass of the policy over "
+        "the rollouts) or engine (the rollout engine's own per-token log-probs, no pass; exact only "
+        "when the engine samples with the policy's weights in the training precision, e.g. hf in fp32).",
+    )
 
     @model_validator(mode="after")
     def _warmup_leaves_iterations(self) -> PPOConfig:
@@ -104,5 +110,16 @@ class PPOConfig(align.OnlineConfig):
             raise ValueError(
                 f"critic_warmup_iterations ({self.critic_warmup_iterations}) must be at most iterations "
                 f"({self.iterations})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _engine_logps_leave_nothing_to_correct(self) -> PPOConfig:
+        # With the engine's log-probs as the old ones, pi_old / pi_engine is 1 at every token.
+        if self.old_logps_source == "engine" and self.importance_correction is not None:
+            raise ValueError(
+                "importance_correction corrects for the engine's log-probs differing from the "
+                "policy's; with old_logps_source: engine they are the same and the correction does "
+                "nothing: drop importance_correction, or use old_logps_source: scored"
             )
         return self
