@@ -144,9 +144,13 @@ class TinyModelConfig(StrictConfig):
 
 
 class LoraConfig(StrictConfig):
-    """LoRA adapters on a model section (``model.lora``), applied by the ``align-lora`` plugin on
-    the ``hf`` backend: the model's own weights are frozen and only the low-rank adapters (and
-    ``modules_to_save``) train; the reference policy is the same model with its adapters off."""
+    """LoRA adapters on a model section (``model.lora``): the model's own weights are frozen and
+    only the low-rank adapters (and ``modules_to_save``) train; the reference policy is the same
+    model with its adapters off. Applied by the ``align-lora`` plugin (peft) on the ``hf``
+    backend and by ``align-megatron`` itself on the ``megatron`` backend, which adapts whole
+    fused layers (q/k/v together, gate/up together) and refuses a regular expression,
+    ``modules_to_save``, a sequence scorer and TransformerEngine's layer spec (docs/lora.md).
+    Any other backend refuses ``model.lora``."""
 
     r: int = Field(16, gt=0, description="Rank of each adapter (peft's r).")
     alpha: int = Field(32, gt=0, description="Scale: an adapter's update is multiplied by alpha / r.")
@@ -154,12 +158,14 @@ class LoraConfig(StrictConfig):
     target_modules: str | list[str] = Field(
         "all-linear",
         description="Modules given adapters: 'all-linear' (every linear layer but the output head), "
-        "a list of module names (q_proj, v_proj...), or a regular expression over full names.",
+        "a list of module names (q_proj, v_proj...), or a regular expression over full names (hf "
+        "only; megatron takes whole fused layers: q_proj, k_proj and v_proj together, gate_proj and "
+        "up_proj together).",
     )
     modules_to_save: list[str] | None = Field(
         None,
         description="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head); "
-        "a scorer's head is always trained.",
+        "a scorer's head is always trained. hf backend only.",
     )
 
 
@@ -181,7 +187,10 @@ class ModelConfig(StrictConfig):
     dtype: Literal["float32", "bfloat16"] = "float32"
     tiny: TinyModelConfig = TinyModelConfig()
     lora: LoraConfig | None = Field(
-        None, description="Train LoRA adapters instead of the weights (needs the align-lora plugin)."
+        None,
+        description="Train LoRA adapters instead of the weights: on the hf backend (needs the align-lora "
+        "plugin) and the megatron backend (whole fused layers; no regular expression, modules_to_save "
+        "or scorer there).",
     )
 
     @model_validator(mode="after")
