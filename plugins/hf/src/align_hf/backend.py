@@ -27,6 +27,7 @@ from align import (
     module_device,
     resolve_device,
 )
+from align_hf.varlen import use_varlen_attention
 
 FROZEN_ROLES = ("reference", "reward")
 
@@ -89,6 +90,7 @@ class HFBackend:
         cfg = model or self.run.model
         built: Any = build_hf_model(role, cfg, self.tokenizer_for(cfg), self.cfg.attn_implementation)
         built.to(self.device)
+        self._packed_attention(built)
         if role in FROZEN_ROLES:
             built.eval()
             built.requires_grad_(False)
@@ -136,9 +138,16 @@ class HFBackend:
             self.run.model, self.tokenizer, num_labels, label_names, self.cfg.attn_implementation
         )
         model.to(self.device)
+        self._packed_attention(model)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model
+
+    def _packed_attention(self, model: nn.Module) -> None:
+        """Packed rows on the CPU: attention per sequence (``align_hf.varlen``) instead of sdpa
+        over the whole row with a block-diagonal mask. GPUs keep transformers' attention."""
+        if self.device.type == "cpu" and getattr(self.run.data, "padding_free", False):
+            use_varlen_attention(model)
 
     def sequence_scores(self, model: nn.Module, batch: TokenBatch) -> Tensor:
         return sequence_scores(model, batch.to(module_device(model))).to(batch.input_ids.device)
