@@ -146,7 +146,7 @@ class HFBackend:
     def _packed_attention(self, model: nn.Module) -> None:
         """Packed rows on the CPU: attention per sequence (``align_hf.varlen``) instead of sdpa
         over the whole row with a block-diagonal mask. GPUs keep transformers' attention."""
-        if self.device.type == "cpu" and getattr(self.run.data, "padding_free", False):
+        if self.device.type == "cpu" and getattr(getattr(self.run, "data", None), "padding_free", False):
             use_varlen_attention(model)
 
     def sequence_scores(self, model: nn.Module, batch: TokenBatch) -> Tensor:
