@@ -285,6 +285,37 @@ def test_killing_the_run_leaves_no_server_and_no_tritonserver(signum: int) -> No
             run.kill()
 
 
+def test_a_finished_run_stops_the_reward_server_it_started_and_exits(tmp_path: Path) -> None:
+    """`align run` with `reward: {name: remote, serve: ...}` ends: the run stops its server and
+    closes its client (whose worker thread would otherwise keep the process alive at exit)."""
+    out = tmp_path / "rs"
+    config = arith_config(
+        "rs", out, Path("tiny"), iterations=1, prompts_per_iteration=2, sampling={"n": 2}, min_reward=-100.0
+    )
+    config["model"] = TINY_MODEL
+    config["reward"] = {"name": "remote", "serve": {"name": "length", "target": 4}, "startup_timeout_s": 240}
+    command = [sys.executable, "-m", "align.cli", "run", str(write_yaml(tmp_path / "rs.yaml", config))]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, str] = {}  # the server, tritonserver: orphans once the run exits
+    deadline = time.monotonic() + 400
+    while run.poll() is None and time.monotonic() < deadline:
+        seen |= {pid: command_of(pid) for pid in descendants(run.pid) if pid not in seen}
+        time.sleep(0.2)
+    family = set(seen)
+    try:
+        assert run.poll() is not None, "the run did not exit within 400 s"
+        assert run.returncode == 0, run.stderr.read() if run.stderr else ""
+        assert any("tritonserver" in command for command in seen.values()), seen
+        assert read_metrics(out, "rollout")[0]["reward_mean"] <= 0.0  # -|len - 4| / 4
+        assert not wait_gone(family, 30), [command_of(p) for p in family if alive(p)]
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid in family:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_align_serve_reward_serves_on_the_configured_ports_and_stops_on_sigint(tmp_path: Path) -> None:
     http, grpc, metrics = free_ports(3)
     config = write_yaml(tmp_path / "serve.yaml", {"reward": {"name": "length", "target": 2}})

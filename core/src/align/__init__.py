@@ -74,7 +74,7 @@ from align.protocols import (
     TokenScoringBackend,
 )
 from align.registry import Entry, Register, Registry
-from align.rewards import RewardError, build_reward, message_text, submit_reward
+from align.rewards import RewardError, build_reward, close_reward, message_text, submit_reward
 from align.rollout import (
     Completion,
     EngineError,
@@ -172,6 +172,7 @@ __all__ = [
     "build_reward",
     "byte_tokenizer",
     "check_prompts",
+    "close_reward",
     "combine_losses",
     "default_plugins",
     "hf_model_source",

@@ -112,6 +112,12 @@ class Algorithm:
         """Called on resume with the checkpoint's folder, before ``load_state_dict``: read back
         what ``save_files`` wrote."""
 
+    def release(self) -> None:
+        """Called once when the run ends, after the final model is written, and also when it
+        fails or is interrupted: stop what this algorithm holds outside the process's memory
+        (servers it started, their clients' threads, engine processes). A client thread left
+        running keeps the Python process from exiting. Must not raise for what was never built."""
+
     def final_files(self, folder: Path) -> None:
         """Called while ``final/`` is written, with its folder, after the model: files that belong
         with the final model besides its weights (ILQL's Q and V heads, which ``align generate``

@@ -710,7 +710,10 @@ class Learner:
         try:
             # One process of a distributed run owns the folder: the others only read checkpoints.
             with OutputLock(self.output_dir) if self.is_main else nullcontext():
-                return self._run()
+                try:
+                    return self._run()
+                finally:
+                    self._release_algorithm()
         except OSError as exc:
             if exc.errno not in checkpoint.DISK_ERRNOS:
                 raise
@@ -721,6 +724,13 @@ class Learner:
                 f"could not write to {where}: {checkpoint.describe_write_failure(exc, Path(where))}; "
                 f"{kept}. Free space (or fix the folder) and rerun with --resume."
             ) from exc
+
+    def _release_algorithm(self) -> None:
+        """The algorithm's servers and clients stop with the run, however it ends; a failure to
+        stop them is reported after the run's own error, not instead of it."""
+        algorithm = getattr(self, "algorithm", None)
+        if algorithm is not None:
+            algorithm.release()
 
     def _run(self) -> RunResult:
         resumed_from = self._prepare_output_dir() if self.is_main else None

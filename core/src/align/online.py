@@ -29,7 +29,7 @@ from align.config import RewardConfig, RolloutEngineConfig, RunConfig
 from align.errors import UserError
 from align.layout import lay_out
 from align.registry import Registry
-from align.rewards import submit_reward
+from align.rewards import close_reward, submit_reward
 from align.rollout import EngineError, EngineSpec, LogitsHook, RolloutEngine, SamplingConfig
 
 if TYPE_CHECKING:
@@ -568,9 +568,16 @@ class OnlineAlgorithm(Algorithm):
         return sampling.model_copy(update={"seed": base + 1000 * iteration + round_index})
 
     def close(self) -> None:
+        """Free the engine (the next ``rollouts()`` starts it again: the final evaluation does)."""
         if self._rollouts is not None:
             self._rollouts.close()
             self._rollouts = None
+
+    def release(self) -> None:
+        """The end of the run: the engine and the reward (a server it started, its client)."""
+        self.close()
+        if self.reward is not None:
+            close_reward(self.reward)
 
     # ---- evaluation and state ----------------------------------------------------------
     @torch.no_grad()

@@ -14,6 +14,10 @@ Future[Tensor]`` that returns at once (the ``remote`` reward of align-pytriton s
 and returns). ``submit_reward`` calls it where there is one, and otherwise computes the scores
 at once into a finished future; either way the scores pass the same checks, and the caller
 waits only when it needs them (PPO scores while it takes its log-probs).
+
+A reward that holds something outside the process (a server it started, a client's threads)
+has ``close()``; ``close_reward`` calls it where there is one. Online algorithms close their
+rewards when the run ends (``Algorithm.release``), also after an error.
 """
 
 from __future__ import annotations
@@ -72,6 +76,14 @@ def build_reward(cfg: RewardConfig, registry: Registry) -> RewardSource:
         return source
     label = getattr(source, "label", None) or f"reward '{cfg.name}'"
     return CheckedReward(source, str(label))
+
+
+def close_reward(reward: Any) -> None:
+    """``reward.close()`` where the reward has one (a server's client and the server it started);
+    nothing otherwise. Idempotent as long as the reward's own ``close`` is."""
+    close = getattr(reward, "close", None)
+    if callable(close):
+        close()
 
 
 def submit_reward(
@@ -133,6 +145,9 @@ class CheckedReward:
         except Exception as exc:
             raise self._failure(exc, prompts, completions, rows) from exc
         return self._values(raw, prompts)
+
+    def close(self) -> None:
+        close_reward(self.source)
 
     def submit(
         self, prompts: Sequence[Any], completions: Sequence[Any], rows: Sequence[dict[str, Any]] | None = None

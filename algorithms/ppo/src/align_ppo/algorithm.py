@@ -386,6 +386,12 @@ class PPO(align.OnlineAlgorithm):
         if self.critic is not None:
             self.critic.close()
 
+    def release(self) -> None:
+        super().release()
+        self._close_critic()  # a run that failed before ``drive`` (its server was started)
+        for reward in self.eval_rewards.values():
+            align.close_reward(reward)
+
     def save_files(self, folder: Path) -> None:
         if self.critic is not None:
             self.critic.save(folder / CRITIC_FOLDER)

@@ -112,6 +112,7 @@ class SPR(align.OnlineAlgorithm):
             rollouts.score(result)
         finally:
             rollouts.reward = None
+            align.close_reward(reward)  # a reward server it started stops with the phase
             del reward
             gc.collect()
         return result

@@ -115,3 +115,8 @@ class SumReward:
         for reward, weight in self.terms:
             total += weight * reward(prompts, completions, rows)
         return total
+
+    def close(self) -> None:
+        """Close every term that holds something (a remote term's server and client)."""
+        for reward, _ in self.terms:
+            align.close_reward(reward)
