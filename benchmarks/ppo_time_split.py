@@ -240,7 +240,15 @@ class TimedCritic:
 
 
 # ---- worker (one per subprocess) -----------------------------------------------------------------
-def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+def run_align(
+    variant: str,
+    workdir: Path,
+    out: Path,
+    steps: int,
+    threads: int,
+    precision: str = "fp32",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     import align
     from align.loading import validate_run_config
     from align_ppo.algorithm import PPO
@@ -249,6 +257,8 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, threads: int) 
     config = ppo_config(
         critic_name, workdir, out, steps, threads, reward_server=variant.endswith("reward-server")
     )
+    config["trainer"]["precision"] = precision
+    config.update(overrides or {})
     timed: list[TimedCritic] = []
     build = PPO.setup
 

@@ -29,7 +29,16 @@ each run is not timed.
 
 Variants: ``align-local`` (the critic in the actor's process: one process, like TRL's),
 ``align-remote`` (the critic in a PyTriton server, asynchronous; its peak RSS is the actor
-process's alone, the server's is not counted), ``trl``.
+process's alone, the server's is not counted), ``align-local-engine`` (``align-local`` with the
+old log-probs from the engine's sampling, ``old_logps_source: engine``, as TRL takes them),
+``trl``. A ``-bf16`` suffix runs a variant in bf16
+mixed precision: ``trainer.precision: bf16_mixed`` for align (bfloat16 autocast over float32
+weights and optimizer state; the hf engine generates with the float32 weights), ``bf16=True``
+for TRL (accelerate's autocast over float32 weights; **TRL's default**: ``PPOConfig`` sets bf16
+unless fp16 is asked for). Ratios are printed for every align variant over every TRL variant.
+
+    python benchmarks/ppo_vs_trl.py --variants align-local,trl,align-local-bf16,trl-bf16
+    python benchmarks/ppo_vs_trl.py --bound 5.06   # the matmul bound of a step (TRL's step: 5.06 s)
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_model import (
+    SHAPES,
     add_run_arguments,
     alternating,
     apply_defaults,
@@ -53,6 +63,7 @@ from bench_model import (
     run_line,
     run_worker,
     trl_step_timer,
+    weight_parameters,
     workload_dir,
     write_worker_result,
 )
@@ -70,15 +81,28 @@ from ppo_time_split import (
     prepare,
 )
 
-ALIGN_VARIANTS = {"align-local": "local", "align-remote": "remote-async"}
-VARIANTS = (*ALIGN_VARIANTS, "trl")
+ALIGN_VARIANTS = {"align-local": "local", "align-local-engine": "local", "align-remote": "remote-async"}
+# What a variant changes in align's config besides its critic: ``-engine`` takes the old log-probs
+# from the hf engine's sampling (``old_logps_source: engine``), as TRL does, instead of a scoring pass.
+ALIGN_OVERRIDES: dict[str, dict[str, Any]] = {"align-local-engine": {"old_logps_source": "engine"}}
+BF16 = "-bf16"  # the suffix of a variant in bf16 mixed precision
+VARIANTS = tuple(v + suffix for suffix in ("", BF16) for v in (*ALIGN_VARIANTS, "trl"))
 DEFAULTS = {"variants": "align-local,trl", "steps": 3, "warmup": 1, "repeats": 2}
 TRL_PYTHON_ENV = "ALIGN_BENCH_TRL_PYTHON"
 DEFAULT_TRL_PYTHON = "/tmp/trl_ppo_venv/bin/python"
 
 
 # ---- workers (one per subprocess) ----------------------------------------------------------------
-def run_trl(workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any]:
+def base_variant(variant: str) -> str:
+    """The variant without its precision suffix (``trl-bf16`` -> ``trl``)."""
+    return variant.removesuffix(BF16)
+
+
+def is_bf16(variant: str) -> bool:
+    return variant.endswith(BF16)
+
+
+def run_trl(workdir: Path, out: Path, steps: int, threads: int, bf16: bool) -> dict[str, Any]:
     import datasets
     import torch
     import trl
@@ -121,7 +145,7 @@ def run_trl(workdir: Path, out: Path, steps: int, threads: int) -> dict[str, Any
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
-        bf16=False,
+        bf16=bf16,  # TRL's default (True); float32 weights (loaded so above), bfloat16 autocast
         fp16=False,
         use_cpu=True,
         report_to="none",
@@ -156,19 +180,77 @@ STARTED = time.perf_counter()
 
 
 def worker(args: argparse.Namespace) -> None:
-    if args.worker == "trl" and Path(sys.executable) != Path(args.trl_python):
+    if base_variant(args.worker) == "trl" and Path(sys.executable) != Path(args.trl_python):
         # TRL's PPO lives in another venv: the same worker, in that interpreter
         os.execv(args.trl_python, [args.trl_python, *sys.argv])
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
-        if args.worker == "trl":
-            result = run_trl(Path(args.workdir), Path(tmp), args.total_steps, args.threads)
+        bf16 = is_bf16(args.worker)
+        if base_variant(args.worker) == "trl":
+            result = run_trl(Path(args.workdir), Path(tmp), args.total_steps, args.threads, bf16)
         else:
             from ppo_time_split import run_align
 
-            variant = ALIGN_VARIANTS[args.worker]
-            result = run_align(variant, Path(args.workdir), Path(tmp), args.total_steps, args.threads)
+            name = base_variant(args.worker)
+            variant, overrides = ALIGN_VARIANTS[name], ALIGN_OVERRIDES.get(name)
+            precision = "bf16_mixed" if bf16 else "fp32"
+            result = run_align(
+                variant, Path(args.workdir), Path(tmp), args.total_steps, args.threads, precision, overrides
+            )
             result["score_mean"] = [row["score_mean"] for row in result.pop("rollout")]
     write_worker_result(result, Path(args.out), STARTED)
+
+
+# ---- the matmul bound ----------------------------------------------------------------------------
+def step_gflop(workdir: Path) -> dict[str, float]:
+    """The matrix-multiply GFLOP one PPO iteration of this workload cannot do without, per phase
+    (2 x weights per token forward, 3x that forward + backward; attention, a few hundred MFLOP at
+    ~38 tokens, and the one-row value heads are left out). The LM head counts only where a
+    log-prob or a sample is read (the completion tokens); the reward model and the value model
+    are the decoder without it. ``actor log-probs`` is the scoring pass align runs and TRL does
+    not (TRL reuses the generation's logits)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    prompts = [json.loads(line)["prompt"] for line in PROMPTS_FILE.read_text().splitlines() if line.strip()]
+    prompt_tokens = statistics.mean(len(tokenizer(p)["input_ids"]) for p in prompts)
+    dims = SHAPES["bench"]
+    head = dims["hidden"] * dims["vocab"]
+    decoder = weight_parameters(dims) - head
+    tokens = PROMPTS_PER_STEP * (prompt_tokens + NEW_TOKENS)
+    completions = PROMPTS_PER_STEP * NEW_TOKENS
+    policy_pass = 2 * (decoder * tokens + head * completions) / 1e9
+    scorer_pass = 2 * decoder * tokens / 1e9
+    return {
+        "generate": policy_pass,
+        "reference log-probs": policy_pass,
+        "reward": scorer_pass,
+        "critic values": scorer_pass,
+        "policy train": 3 * EPOCHS * policy_pass,
+        "critic train": 3 * EPOCHS * scorer_pass,
+        "actor log-probs": policy_pass,
+    }
+
+
+def print_bound(workdir: Path, threads: int, trl_step_s: float | None, peak: float | None) -> None:
+    """The step time of this workload at the machine's square-matmul peak (measured here unless
+    given), for TRL's work and for align's (with its scoring pass), and the most align could be
+    faster than TRL's measured step."""
+    from dpo_vs_trl import measure_matmul_peak
+
+    gflop = step_gflop(workdir)
+    peak = peak or measure_matmul_peak(threads)["fp32"]
+    trl_work = sum(v for k, v in gflop.items() if k != "actor log-probs")
+    align_work = sum(gflop.values())
+    print(", ".join(f"{k} {v:.1f}" for k, v in gflop.items()) + " GFLOP")
+    print(
+        f"fp32 matmul peak {peak:.0f} GFLOP/s ({threads} threads): TRL's work {trl_work:.0f} GFLOP = "
+        f"{trl_work / peak:.2f} s, align's {align_work:.0f} GFLOP = {align_work / peak:.2f} s"
+    )
+    if trl_step_s:
+        print(
+            f"TRL's step {trl_step_s:.2f} s: at most {trl_step_s / (trl_work / peak):.2f}x faster doing "
+            f"TRL's work at the peak; the 2x target needs {trl_step_s / 2:.2f} s"
+        )
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -210,14 +292,14 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def ratios(summary: dict[str, dict[str, Any]]) -> list[str]:
-    if "trl" not in summary:
-        return []
-    trl = summary["trl"]
+    """Every align variant over every TRL variant (equal precision and TRL's default bf16 both)."""
+    trls = {name: s for name, s in summary.items() if base_variant(name) == "trl"}
     return [
-        f"{name} / trl: step {trl['median_step_s'] / s['median_step_s']:.2f}x faster, "
+        f"{name} / {trl_name}: step {trl['median_step_s'] / s['median_step_s']:.2f}x faster, "
         f"{s['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x peak RSS"
         for name, s in summary.items()
-        if name != "trl"
+        if name not in trls
+        for trl_name, trl in trls.items()
     ]
 
 
@@ -246,9 +328,26 @@ def main() -> None:
     )
     parser.add_argument("--workdir", help="where the models are written (default: a temp folder)")
     parser.add_argument("--json", help="also write every run's numbers here")
+    parser.add_argument(
+        "--bound",
+        type=float,
+        nargs="?",
+        const=0.0,
+        metavar="TRL_STEP_S",
+        help="only print the step's matmul GFLOP, its time at this machine's fp32 matmul peak, and "
+        "(given TRL's measured step seconds) the most align could be faster",
+    )
+    parser.add_argument(
+        "--peak", type=float, help="with --bound: the fp32 matmul GFLOP/s to use instead of measuring"
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.bound is not None:
+        with workload_dir(args.workdir) as workdir:
+            prepare(workdir)
+            print_bound(workdir, args.threads, args.bound or None, args.peak)
         return
     apply_defaults(args, DEFAULTS)
     variants = parse_variants(args.variants)
