@@ -62,6 +62,12 @@ class BackendConfig(PluginConfig):
         "backend without its own parallelism (hf) runs them as data-parallel ranks (align.distributed).",
     )
 
+    def resume_may_change(self, run: RunConfig) -> tuple[str, ...]:
+        """Keys of this section a resumed ``run`` may change (``align.resume``): those its
+        checkpoints reshard to, weights and optimizer state (a parallel layout). None by default:
+        a changed backend section is refused."""
+        return ()
+
 
 class RewardConfig(PluginConfig):
     """Base of reward-source configs."""

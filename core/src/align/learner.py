@@ -54,6 +54,10 @@ ROLES_DIR = "roles"
 # Inside a checkpoint of a distributed run: each other rank's own trainer state (its optimizer
 # holds its shards), as ranks/rank_<r>.pt; rank 0's is the checkpoint's trainer_state.pt.
 RANKS_DIR = "ranks"
+# Inside a checkpoint: the optimizer states a backend saves in its own format
+# (``save_checkpoint_optimizer``: sharded like the weights, so they reshard with them), one folder
+# per role; the trainer states then hold None for those optimizers.
+OPTIMIZERS_DIR = "optimizers"
 
 notes = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -156,7 +160,8 @@ class Learner:
         self._total_steps = 0
         self._resume_state: dict[str, Any] | None = None
         self._resume_changes: list[resume.Change] = []
-        self._pending_roles: dict[str, tuple[Path, dict[str, Any]]] = {}
+        self._pending_roles: dict[str, tuple[Path, dict[str, Any]]] = {}  # role: (checkpoint, state)
+        self._optimizers_saved_by_backend: set[str] = set()  # roles, in the checkpoint being written
 
     # ---- what a driver reads ------------------------------------------------------------
     @property
@@ -438,9 +443,13 @@ class Learner:
         # clearing deleted its file, or its folder under it (a crash of 1 in 3 CI runs).
         barrier()
         with checkpoint.guarded_write(f"the checkpoint of step {self.step}", tmp, self.output_dir):
+            self._optimizers_saved_by_backend = set()
             self._save_checkpoint_weights(self.context.policy, tmp / "model")
+            self._save_optimizer(self.trainables[POLICY], tmp)
             for role, trainable in self._other_trainables():
                 self._save_module(trainable.module, tmp / ROLES_DIR / role)
+                if saved_by_backend(trainable.module):
+                    self._save_optimizer(trainable, tmp)
             self.algorithm.save_files(tmp)
             if self.data_parallel > 1:
                 self._write_rank_states(tmp)
@@ -460,10 +469,13 @@ class Learner:
         if self.data_parallel > 1:  # the same weights on every rank: the main rank writes it all
             distributed.gather_to_main(self._state())
         else:
+            self._optimizers_saved_by_backend = set()
             self._save_checkpoint_weights(self.context.policy, tmp / "model")  # collective
+            self._save_optimizer(self.trainables[POLICY], tmp)
             for role, trainable in self._other_trainables():  # the same collective saves as the main
                 if saved_by_backend(trainable.module):
                     self._save_checkpoint_weights(trainable.module, tmp / ROLES_DIR / role)
+                    self._save_optimizer(trainable, tmp)
             (tmp / RANKS_DIR).mkdir(parents=True, exist_ok=True)
             torch.save(self._state(), tmp / RANKS_DIR / f"rank_{process_rank()}.pt")
         barrier()
@@ -483,11 +495,11 @@ class Learner:
         policy = self.trainables[POLICY]
         return {
             "step": self.step,
-            "optimizer": policy.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(policy),
             "scheduler": policy.scheduler.state_dict(),
             "trainables": {
                 role: {
-                    "optimizer": t.optimizer.state_dict(),
+                    "optimizer": self._optimizer_state(t),
                     "scheduler": t.scheduler.state_dict(),
                     "step": t.step,
                 }
@@ -497,6 +509,26 @@ class Learner:
             "rng": checkpoint.rng_state(),
             "config": self.config.model_dump(mode="json"),
         }
+
+    def _optimizer_state(self, trainable: Trainable) -> dict[str, Any] | None:
+        """What a trainer state holds of ``trainable``'s optimizer: its state dict, or None when
+        the backend saved it in the checkpoint (``_save_optimizer``)."""
+        if trainable.role in self._optimizers_saved_by_backend:
+            return None
+        return trainable.optimizer.state_dict()
+
+    def _save_optimizer(self, trainable: Trainable, checkpoint_dir: Path) -> None:
+        """Every rank, after ``trainable``'s weights: its optimizer state in the backend's own
+        format, in ``optimizers/<role>/``, where the backend has ``save_checkpoint_optimizer(model,
+        optimizer, folder) -> bool`` (collective, like its weights' save; e.g. sharded like
+        megatron's parameters, so a resume at another parallel layout reads it back) and takes
+        this model (False: not saved, the state stays in each rank's trainer state). Not with the
+        core's data-parallel ranks, where only the main rank saves."""
+        save = getattr(self.backend, "save_checkpoint_optimizer", None)
+        if not callable(save) or self.data_parallel > 1:
+            return
+        if save(trainable.module, trainable.optimizer, checkpoint_dir / OPTIMIZERS_DIR / trainable.role):
+            self._optimizers_saved_by_backend.add(trainable.role)
 
     def _other_trainables(self) -> list[tuple[str, Trainable]]:
         return [(role, t) for role, t in self.trainables.items() if role != POLICY]
@@ -551,8 +583,12 @@ class Learner:
             self._claim_for_a_new_run()
         if source is not None:
             self._resume_state = checkpoint.load_state(source)
+            saved_config = self._resume_state.get("config")
             self._resume_changes = resume.check_changes(
-                self._resume_state.get("config"), self.config.model_dump(mode="json"), str(source)
+                saved_config,
+                self.config.model_dump(mode="json"),
+                str(source),
+                resume.backend_may_change(saved_config, self.config),
             )
             self._set_aside_newer_than(source, int(self._resume_state["step"]))
         return source
@@ -656,10 +692,10 @@ class Learner:
         policy = self.trainables[POLICY]
         self._load_checkpoint_weights(self.context.policy, path / "model")
         policy.largest_param = None
-        self._restore_optim(policy, state["optimizer"], state["scheduler"])
+        self._restore_optim(policy, state["optimizer"], state["scheduler"], path)
         policy.step = self.last_saved_step = int(state["step"])
         for role, saved in state.get("trainables", {}).items():
-            self._pending_roles[role] = (path / ROLES_DIR / role, saved)
+            self._pending_roles[role] = (path, saved)
         for role in [r for r in self._pending_roles if r in self.trainables]:
             self._restore_trainable(self.trainables[role], *self._pending_roles.pop(role))
         # Checkpoints from before the learner kept the data position at the top level.
@@ -678,6 +714,11 @@ class Learner:
         if self.is_main:
             return checkpoint.load_state(path)
         own = path / RANKS_DIR / f"rank_{process_rank()}.pt"
+        if not own.is_file() and (path / OPTIMIZERS_DIR).is_dir():
+            # Written at another parallel layout: the backend reshards the weights and optimizer
+            # states, and a backend that saves those promises the rest of a rank's state (RNG,
+            # schedules, the algorithm's) is the same on every rank: the main rank's.
+            return checkpoint.load_state(path)
         if not own.is_file():
             raise ConfigError(
                 f"resume: {path} holds no state for rank {process_rank()} ({own.name}): it was written "
@@ -686,16 +727,24 @@ class Learner:
         state: dict[str, Any] = torch.load(own, weights_only=True)
         return state
 
-    def _restore_trainable(self, trainable: Trainable, folder: Path, saved: dict[str, Any]) -> None:
-        self._load_module(trainable.module, folder)
-        self._restore_optim(trainable, saved["optimizer"], saved["scheduler"])
+    def _restore_trainable(self, trainable: Trainable, path: Path, saved: dict[str, Any]) -> None:
+        self._load_module(trainable.module, path / ROLES_DIR / trainable.role)
+        self._restore_optim(trainable, saved["optimizer"], saved["scheduler"], path)
         trainable.step = int(saved["step"])
         trainable.largest_param = None
 
     def _restore_optim(
-        self, trainable: Trainable, optimizer: dict[str, Any], scheduler: dict[str, Any]
+        self, trainable: Trainable, optimizer: dict[str, Any] | None, scheduler: dict[str, Any], path: Path
     ) -> None:
-        trainable.optimizer.load_state_dict(optimizer)
+        """``optimizer`` None: the backend saved it in checkpoint ``path`` (``_save_optimizer``)."""
+        if optimizer is None:
+            load = getattr(self.backend, "load_checkpoint_optimizer", None)  # the pair of its save
+            if not callable(load):
+                raise ConfigError(f"resume: {path}/{OPTIMIZERS_DIR} was written by another backend")
+            load(trainable.module, trainable.optimizer, path / OPTIMIZERS_DIR / trainable.role)
+        else:
+            _check_optimizer_fits(optimizer, trainable, path)
+            trainable.optimizer.load_state_dict(optimizer)
         trainable.scheduler.load_state_dict(scheduler)
         # The configured hyperparameters, not the checkpoint's: see align.resume.
         resume.apply_optim_settings(trainable.optimizer, trainable.scheduler, trainable.optim)
@@ -816,6 +865,25 @@ def _describe_folder(folder: Path) -> str:
     if unusable:
         return f"{held} but no usable checkpoint ({'; '.join(unusable)})"
     return f"{held} but no checkpoint"
+
+
+def _check_optimizer_fits(state: dict[str, Any], trainable: Trainable, path: Path) -> None:
+    """A ConfigError unless a saved optimizer state dict holds state of this process's parameters'
+    shapes (torch.optim would take another layout's shards, and fail at the first step)."""
+    groups = trainable.optimizer.param_groups
+    params = [p for group in groups for p in group["params"]]
+    counts = [len(group["params"]) for group in state.get("param_groups", [])]
+    fits = counts == [len(group["params"]) for group in groups] and all(
+        not isinstance(value, Tensor) or value.dim() == 0 or value.shape == params[int(index)].shape
+        for index, entry in state.get("state", {}).items()
+        for value in entry.values()
+    )
+    if not fits:
+        raise ConfigError(
+            f"resume: the optimizer state of {trainable.role} in {path} does not fit this process's "
+            f"parameters: it was written at another parallel layout (TP, PP or number of processes) by "
+            f"a backend that keeps it per rank. Resume with the layout it was written with."
+        )
 
 
 def saved_by_backend(module: nn.Module) -> bool:

@@ -10,7 +10,10 @@ compared with it, key by key:
 - settings that would make the resumed run a different run than the one checkpointed (model,
   backend, algorithm, seed, training data and its batching, optimizer kind) are refused with a
   ConfigError listing them; start a new run from the checkpoint's weights instead
-  (``model.path=<checkpoint>/model``; see ``restart_advice``).
+  (``model.path=<checkpoint>/model``; see ``restart_advice``);
+- except the backend settings its config's ``resume_may_change(run)`` names: a backend whose
+  checkpoints (weights and optimizer state) reshard says which of its keys (a parallel layout)
+  a resume may change; none by default. They are applied, and listed in the warning.
 
 So ``config.yaml`` of a resumed run describes what it actually uses, and "lower optim.lr and
 resume" after a divergence does lower the learning rate.
@@ -24,7 +27,7 @@ from typing import Any
 
 import torch
 
-from align.config import OptimConfig
+from align.config import OptimConfig, RunConfig
 from align.errors import ConfigError
 
 # Dotted prefixes a resumed run may not change.
@@ -81,9 +84,10 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[Cha
     ]
 
 
-def split_changes(changes: list[Change]) -> tuple[list[Change], list[Change]]:
-    """(applied, refused)."""
-    refused = [c for c in changes if _under(c[0], REFUSED) and not _under(c[0], ALLOWED)]
+def split_changes(changes: list[Change], may_change: Iterable[str] = ()) -> tuple[list[Change], list[Change]]:
+    """(applied, refused). ``may_change``: dotted keys allowed besides ``ALLOWED``."""
+    allowed = (*ALLOWED, *may_change)
+    refused = [c for c in changes if _under(c[0], REFUSED) and not _under(c[0], allowed)]
     return [c for c in changes if c not in refused], refused
 
 
@@ -91,11 +95,14 @@ def describe(changes: list[Change]) -> str:
     return ", ".join(f"{path} {old!r} -> {new!r}" for path, old, new in changes)
 
 
-def check_changes(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint: str) -> list[Change]:
-    """The changes a resume applies; a ConfigError listing those it cannot."""
+def check_changes(
+    saved: dict[str, Any] | None, current: dict[str, Any], checkpoint: str, may_change: Iterable[str] = ()
+) -> list[Change]:
+    """The changes a resume applies; a ConfigError listing those it cannot. ``may_change``:
+    dotted keys a resume may change besides ``ALLOWED`` (``backend_may_change``)."""
     if saved is None:
         return []
-    applied, refused = split_changes(changed_settings(saved, current))
+    applied, refused = split_changes(changed_settings(saved, current), may_change)
     if refused:
         raise ConfigError(
             f"cannot resume from {checkpoint} with changed {describe(refused)}: the resumed run would "
@@ -103,6 +110,16 @@ def check_changes(saved: dict[str, Any] | None, current: dict[str, Any], checkpo
             f"output_dir from the checkpoint's weights ({restart_advice(checkpoint, saved)})."
         )
     return applied
+
+
+def backend_may_change(saved: dict[str, Any] | None, run: RunConfig) -> tuple[str, ...]:
+    """The dotted ``backend.*`` keys a resume of ``run`` may change: those its backend config's
+    ``resume_may_change(run)`` names (checkpoints that reshard to another parallel layout), and
+    only when the checkpoint was written by the same backend."""
+    saved_backend = (saved or {}).get("backend") or {}
+    if saved_backend.get("name") != run.backend.name:
+        return ()
+    return tuple(f"backend.{key}" for key in run.backend.resume_may_change(run))
 
 
 def restart_advice(checkpoint: str, saved: dict[str, Any]) -> str:
