@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -109,7 +112,18 @@ def launch_processes(processes: int, args: argparse.Namespace) -> int:
     command += ["-m", "align.cli", "run", args.config, *args.overrides]
     command += ["--algo", args.algo] if args.algo else []
     command += ["--resume"] if args.resume else []
-    return subprocess.run(command, check=False).returncode
+    # torchrun gets SIGTERM when this process dies, even by SIGKILL: it then stops the ranks,
+    # and their children (a critic server) follow them; nothing is left running unseen.
+    linux = sys.platform.startswith("linux")
+    return subprocess.run(
+        command, check=False, preexec_fn=_terminate_with_parent if linux else None
+    ).returncode
+
+
+def _terminate_with_parent() -> None:
+    """In a child between fork and exec: SIGTERM when its parent dies (Linux's PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _print_result(result: RunResult) -> None:
