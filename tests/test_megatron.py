@@ -38,6 +38,11 @@ LOGIT_TOLERANCE = 1e-4
 LOSS_TOLERANCE = 1e-5
 # The tiny model with two layers: one per stage at PP=2.
 TWO_LAYERS = {**TINY_MODEL, "tiny": {**TINY_MODEL["tiny"], "num_layers": 2}}
+# A TP=2 or PP=2 run resumed in one process ends within this of the run it resumed: the same
+# updates from resharded weights and optimizer state, summed in another order (measured: 7.5e-9
+# from TP=2, 1.2e-7 from PP=2, whose pipeline micro-batches sum the gradients in pieces; the TP=2
+# checkpoint resumed with a fresh optimizer instead ends 3.4e-3 away).
+RESHARDED_RESUME_TOLERANCE = 1e-6
 
 
 def small_dpo(tmp_path: Path, name: str, backend: dict[str, Any], **sections: Any) -> str:
@@ -198,11 +203,15 @@ def test_megatron_tp1_dpo_follows_the_hf_backend(tp1_run: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(tp1_run: Path, tmp_path: Path) -> None:
+def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(
+    tp1_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """One torchrun launch (2 processes, gloo): the conversion at TP=2, DPO at TP=2 (checkpoint
     at step 2), the same run resumed from that checkpoint, and DPO at DP=2 (TP=1). The main rank
     starts each checkpoint late, so rank 1 (which needs no collective to save at DP=2) always
-    gets there first: its state must still end up in the checkpoint."""
+    gets there first: its state must still end up in the checkpoint. Then, in this process (a
+    world of one): the TP=2 checkpoint resumes at TP=1 (weights and optimizer state resharded)
+    and ends where the TP=2 run did; the DP=2 checkpoint's resume at DP=1 is refused."""
     tp2 = small_dpo(tmp_path, "tp2", {"tensor_model_parallel_size": 2}, trainer={"save_every": 2})
     resumed = small_dpo(
         tmp_path,
@@ -210,7 +219,7 @@ def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(tp1_run: Path, tmp_pat
         {"tensor_model_parallel_size": 2},
         resume=str(tmp_path / "tp2/checkpoints/step_2"),
     )
-    dp2 = small_dpo(tmp_path, "dp2", {})
+    dp2 = small_dpo(tmp_path, "dp2", {}, trainer={"save_every": 2})
     report = torchrun(tmp_path, tp=2, runs=[tp2, resumed, dp2], delay_main_checkpoints=0.5)
 
     assert report["world_size"] == 2
@@ -238,7 +247,61 @@ def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(tp1_run: Path, tmp_pat
     last = tmp_path / "tp2/checkpoints/step_4/model"
     assert (last / "metadata.json").is_file() and not list(last.glob("*.safetensors"))
     assert_reshards_to_tp1(tmp_path / "tp2.yaml", last, tmp_path / "tp2/final")
+
+    # The optimizer state is in the distributed checkpoint too; what stays per rank is the same on
+    # both ranks (so a rank a checkpoint has no file for may take the main rank's).
+    step_2 = tmp_path / "tp2/checkpoints/step_2"
+    assert (step_2 / "optimizers/policy/metadata.json").is_file()
+    main_state = torch.load(step_2 / "trainer_state.pt", weights_only=True)
+    rank_1_state = torch.load(step_2 / "ranks/rank_1.pt", weights_only=True)
+    assert main_state["optimizer"] is None and same_values(main_state, rank_1_state)
+    assert_resumes_in_one_process(tmp_path, "tp2")
+    # A changed data-parallel size is refused (DP=2 -> DP=1), naming both layouts.
+    refused = run_cli(capsys, "run", one_process_resume(tmp_path, "dp2"))
+    assert_user_error(refused, "DP 2", "DP 1", "data-parallel size")
     shutil.rmtree(tmp_path / "tp2/checkpoints", ignore_errors=True)
+
+
+def one_process_resume(folder: Path, run: str) -> str:
+    """A config resuming run ``run``'s step-2 checkpoint at TP=1, PP=1 (one process) into
+    ``<run>_in_one``."""
+    config = _yaml(str(folder / f"{run}.yaml"))
+    config |= {
+        "backend": {"name": "megatron"},
+        "output_dir": str(folder / f"{run}_in_one"),
+        "resume": str(folder / run / "checkpoints/step_2"),
+    }
+    return write_yaml(folder / f"{run}_in_one.yaml", config)
+
+
+def assert_resumes_in_one_process(folder: Path, run: str) -> None:
+    """Run ``run``'s step-2 checkpoint (written at TP=2 or PP=2) resumed in this process (TP=1,
+    PP=1): steps 3-4 give its losses and its final weights, to float32 summation order."""
+    run_in_process(one_process_resume(folder, run))
+    resumed = folder / f"{run}_in_one"
+    assert train_losses(resumed) == pytest.approx(train_losses(folder / run)[2:], abs=LOSS_TOLERANCE)
+    ours, theirs = (load_file(f / "final/model.safetensors") for f in (resumed, folder / run))
+    assert set(ours) == set(theirs)
+    differences = {k: float((ours[k] - theirs[k]).abs().max()) for k in ours}
+    print(f"{run} resumed in one process: largest weight difference", max(differences.values()))
+    assert max(differences.values()) <= RESHARDED_RESUME_TOLERANCE
+
+
+def same_values(first: Any, second: Any) -> bool:
+    """Equal nested dicts, lists and tuples of tensors and plain values (tensors bit for bit)."""
+    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
+        return (
+            isinstance(first, torch.Tensor)
+            and isinstance(second, torch.Tensor)
+            and torch.equal(first, second)
+        )
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(same_values(first[k], second[k]) for k in first)
+    if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
+        return len(first) == len(second) and all(
+            same_values(a, b) for a, b in zip(first, second, strict=True)
+        )
+    return bool(first == second)
 
 
 def megatron_at_tp1(config: Path) -> Any:
@@ -354,6 +417,8 @@ def test_pp2_follows_tp1_and_resumes_bit_exact(tp1_run: Path, second_launch: tup
     assert (folder / "pp2/checkpoints/step_2/ranks/rank_1.pt").is_file()
     # The stages' distributed checkpoint reads back as one model (PP=1).
     assert_reshards_to_tp1(folder / "pp2.yaml", folder / "pp2/checkpoints/step_4/model", folder / "pp2/final")
+    # And resumes as one (weights and optimizer state): PP=2 -> PP=1.
+    assert_resumes_in_one_process(folder, "pp2")
 
 
 @pytest.mark.slow

@@ -49,6 +49,7 @@ from align import (
     hf_model_source,
     last_token_positions,
     load_hf_tokenizer,
+    model_sections,
 )
 from align_megatron.conversion import (
     HFWeights,
@@ -63,6 +64,7 @@ from align_megatron.conversion import (
 )
 from align_megatron.cpu_shims import cpu_checkpoint_writer, cpu_only
 from align_megatron.lora import REPLICATED as REPLICATED_ADAPTER
+from align_megatron.optimizer_state import load_optimizer_state, sharded_optimizer_state
 from align_megatron.parallel import Parallelism, build_gpt, initialize, transformer_engine_available
 from align_megatron.pipeline import run_stages
 
@@ -115,6 +117,21 @@ class MegatronBackendConfig(BackendConfig):
                 "pipeline_model_parallel_size > 1 (or leave it unset)"
             )
         return value
+
+    def resume_may_change(self, run: RunConfig) -> tuple[str, ...]:
+        """The parallel layout: checkpoints hold the weights and the optimizer state sharded by
+        megatron-core's distributed checkpointing, so a resume reads them at another TP/PP (the
+        data-parallel size is checked when the optimizer state is loaded). Not with LoRA: the
+        adapters' optimizer state stays per rank."""
+        if any(section.lora is not None for _, section in model_sections(run)):
+            return ()
+        return (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "sequence_parallel",
+            "pipeline_micro_batches",
+            "nproc_per_node",
+        )
 
     @property
     def micro_batches(self) -> int:
@@ -424,6 +441,33 @@ class MegatronBackend:
             if meg.score is not None:
                 meg.score.weight.copy_(loaded.pop("score.weight"))
             meg.gpt.load_state_dict(loaded, strict=True)
+
+    def save_checkpoint_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path
+    ) -> bool:
+        """The optimizer state of ``model``'s parameters (each rank's for its shards) as a
+        distributed checkpoint in ``path``, sharded like the parameters
+        (``align_megatron.optimizer_state``), so ``load_checkpoint_optimizer`` reads it at another
+        TP or PP. Collective. False (nothing written) for a model that is not one of this
+        backend's, or an optimizer of parameters it does not hold."""
+        from megatron.core import dist_checkpointing
+
+        if not isinstance(model, MegatronModel):
+            return False
+        state = sharded_optimizer_state(optimizer, _sharded_state(model), self.par)
+        if state is None:
+            return False
+        path.mkdir(parents=True, exist_ok=True)
+        with cpu_checkpoint_writer():
+            dist_checkpointing.save(state, str(path))
+        return True
+
+    def load_checkpoint_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path
+    ) -> None:
+        """Load what ``save_checkpoint_optimizer`` wrote, at this run's TP/PP (a changed
+        data-parallel size is a config error)."""
+        load_optimizer_state(optimizer, _sharded_state(_megatron(model)), self.par, path)
 
     # ---- gradients ------------------------------------------------------------------------
     def finish_gradients(

@@ -542,6 +542,16 @@ class MegatronLoraBackend:
             return
         self.load_weights(model, path)
 
+    def save_checkpoint_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path
+    ) -> bool:
+        """A LoRA model's optimizer state (its adapters') is not sharded into the checkpoint: it
+        stays in each rank's trainer state (False), so its resume keeps the TP/PP it was written
+        at (``MegatronBackendConfig.resume_may_change``). Other models: the megatron backend's."""
+        if has_adapters(model):
+            return False
+        return bool(self.inner.save_checkpoint_optimizer(model, optimizer, path))
+
     def load_weights(self, model: nn.Module, path: Path) -> None:
         if not has_adapters(model):
             self.inner.load_weights(model, path)
