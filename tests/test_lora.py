@@ -247,10 +247,12 @@ def test_kto_with_lora_scores_its_reference_as_the_policy_without_adapters(tmp_p
 def test_grpo_with_lora_refits_the_engine_with_merged_weights(warm_model: Path, tmp_path: Path) -> None:
     """Two GRPO iterations with LoRA and a KL term: the engine starts on the merged policy and is
     refit after the first update, so in the second iteration its log-probs are still the
-    trainer's (mismatch 1 to rounding) although the policy moved away from its reference."""
+    trainer's (mismatch 1 to rounding) although the policy moved away from its reference. With
+    LoRA's default adapter dropout (0.05): the old policy's pass runs with dropout off, as the
+    engine samples (with it on, the mismatch was 1.002)."""
     out = tmp_path / "grpo"
     config = arith_config("grpo", out, warm_model)
-    config["model"]["lora"] = {"r": 8, "alpha": 32, "dropout": 0.0}
+    config["model"]["lora"] = {"r": 8, "alpha": 32}
     config = merge(
         config,
         dict(
@@ -265,7 +267,7 @@ def test_grpo_with_lora_refits_the_engine_with_merged_weights(warm_model: Path, 
     first, second = read_metrics(out, "rollout")
     assert first["kl"] == 0.0  # policy == reference before any update (adapters start at zero)
     assert second["kl"] > 1e-4  # the policy moved: the refit had something to carry
-    assert second["logprob_mismatch"] == pytest.approx(1.0, abs=1e-3)
+    assert second["logprob_mismatch"] == pytest.approx(1.0, abs=1e-4)
     assert second["refit_s"] > 0.0
     assert (result.final_dir / "adapter_model.safetensors").is_file()
 

@@ -60,6 +60,7 @@ from align.online import (
     Rollouts,
     Sample,
     build_engine,
+    eval_mode,
     policy_weights,
     start_rollouts,
 )
@@ -175,6 +176,7 @@ __all__ = [
     "close_reward",
     "combine_losses",
     "default_plugins",
+    "eval_mode",
     "hf_model_source",
     "hookimpl",
     "last_token_positions",

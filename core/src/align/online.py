@@ -298,6 +298,22 @@ def start_rollouts(
         )
 
 
+@contextmanager
+def eval_mode(module: Any) -> Iterator[None]:
+    """``module`` in eval mode (dropout off, LoRA's adapter dropout too) for a scoring pass,
+    then back in the mode it was in. A pass that stands for the old policy or the reference
+    must not sample dropout masks: the engine generated without them, and an old policy whose
+    log-probs change from call to call makes the importance ratio noise."""
+    was_training = bool(getattr(module, "training", False))
+    if was_training:
+        module.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            module.train()
+
+
 class PromptStream:
     """The training prompts in a seeded order, one shuffle per pass over the data, read from
     ``position`` on: an online method's place in its prompts, which its checkpoints hold so that
@@ -389,15 +405,18 @@ class OnlineAlgorithm(Algorithm):
         self, model: Any, chunks: Iterable[Sequence[Sample]], with_entropy: bool = False
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each sample's per-token log-probs (and entropies) of its completion under ``model``,
-        float32, one forward per chunk (the caller sizes the chunks to fit memory). With
-        data-parallel ranks the chunks are dealt out between them (a collective call)."""
+        float32, one forward per chunk (the caller sizes the chunks to fit memory), with dropout
+        off (``eval_mode``): these are the old policy's and the reference's, which the engine
+        sampled without dropout. With data-parallel ranks the chunks are dealt out between them
+        (a collective call)."""
         logps: list[torch.Tensor] = []
         entropies: list[torch.Tensor] = []
-        for chunk_logps, chunk_entropies in self.deal_out(
-            list(chunks), lambda chunk: self._chunk_logps(model, chunk, with_entropy)
-        ):
-            logps += chunk_logps
-            entropies += chunk_entropies
+        with eval_mode(model):
+            for chunk_logps, chunk_entropies in self.deal_out(
+                list(chunks), lambda chunk: self._chunk_logps(model, chunk, with_entropy)
+            ):
+                logps += chunk_logps
+                entropies += chunk_entropies
         return logps, entropies
 
     def deal_out(self, items: Sequence[T], work: Callable[[T], R]) -> list[R]:

@@ -82,7 +82,7 @@ class LocalCritic:
 
     def values(self, batch: align.TokenBatch) -> Future[Tensor]:
         try:
-            with torch.no_grad(), self.learner.forward_precision(ROLE):
+            with torch.no_grad(), align.eval_mode(self.model), self.learner.forward_precision(ROLE):
                 scores = self.backend.token_scores(self.model, batch)
             return _done(scores.values.detach().float())
         except Exception as exc:
