@@ -49,11 +49,11 @@ def sharded_optimizer_state(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     by_id = get_param_id_to_sharded_param_map(model_state, params)
     state = optimizer.state_dict()
-    entries = [value for entry in state["state"].values() for value in entry.items()]
-    if len(by_id) != len(params) or not all(isinstance(value, Tensor) for _, value in entries):
+    named = [item for entry in state["state"].values() for item in entry.items()]  # (name, value)
+    if len(by_id) != len(params) or not all(isinstance(value, Tensor) for _, value in named):
         return None
-    scalars = sorted({name for name, value in entries if value.dim() == 0})
-    tensors = sorted({name for name, value in entries if value.dim() > 0})
+    scalars = sorted({name for name, value in named if value.dim() == 0})
+    tensors = sorted({name for name, value in named if value.dim() > 0})
     steps = {
         index: {name: entry[name] for name in scalars if name in entry}
         for index, entry in state["state"].items()
@@ -138,9 +138,8 @@ def load_optimizer_state(
 
 
 def check_layout(saved: dict[str, int], par: Parallelism, path: Path) -> None:
-    """A resume may change TP and PP (the state reshards) but not the data-parallel size: the
-    checks behind the rest of a rank's state (RNG, the algorithm's) being the same on every rank
-    were made at a fixed DP only (docs/megatron.md)."""
+    """A resume may change TP and PP (the state reshards) but not the data-parallel size: no
+    test resumes across one, so it is refused rather than trusted (docs/megatron.md)."""
     if saved["data_parallel"] == par.dp:
         return
     processes = par.tp * par.pp * saved["data_parallel"]
