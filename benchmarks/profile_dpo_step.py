@@ -4,6 +4,7 @@
     python benchmarks/profile_dpo_step.py profile            # torch.profiler table of one step
     python benchmarks/profile_dpo_step.py ablate --threads 1 --cpu-time   # on a loaded machine
     python benchmarks/profile_dpo_step.py matmuls            # the step's matmul shapes vs the peak
+    python benchmarks/profile_dpo_step.py ablate --compile   # also: packed, decoder layers compiled
 
 A step is what the trainer does per batch: the policy's log-probs of 8 pairs (chosen and
 rejected in one batch), DPO loss against given reference log-probs, backward, clip, AdamW.
@@ -16,6 +17,7 @@ mode adds per step: the reference's forward pass on the batch.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import sys
@@ -36,6 +38,7 @@ from dpo_vs_trl import BATCH_PAIRS, BETA, LR, MAX_LENGTH, prepare
 import align_hf.backend as hf
 from align import SequenceLogps
 from align.builtin.data import PreferenceData, PreferenceFormat
+from align_hf.varlen import VARLEN
 
 
 def unfused_token_logps(logits: Tensor, targets: Tensor) -> Tensor:
@@ -84,23 +87,54 @@ class Step:
         with torch.inference_mode():
             ref = hf.sequence_logps(self.model, self.pairs.tokens, 1024).sum.clone()
         self.ref = ref.split(BATCH_PAIRS)
+        self.compiled: tuple[Any, torch.optim.Optimizer] | None = None
 
-    def train(self, chunk_tokens: int | None = 1024, fused_adamw: bool = True, packed: bool = False) -> None:
+    def train(
+        self,
+        chunk_tokens: int | None = 1024,
+        fused_adamw: bool = True,
+        packed: bool = False,
+        attention: str = "sdpa",
+        compiled: bool = False,
+    ) -> None:
+        """One step; ``attention`` is the model's attention function for it (``VARLEN``: per
+        sequence in a packed row, what the hf backend uses for packed rows on CPU), ``compiled``
+        a copy of the model with its decoder layers compiled (``compile_layers``)."""
         tokens = (self.packed if packed else self.pairs).tokens
-        chosen, rejected = hf.sequence_logps(self.model, tokens, chunk_tokens).sum.split(BATCH_PAIRS)
+        model, optimizer = (
+            self.compiled if compiled and self.compiled else (self.model, self.optimizers[fused_adamw])
+        )
+        model.config._attn_implementation = attention
+        try:
+            chosen, rejected = hf.sequence_logps(model, tokens, chunk_tokens).sum.split(BATCH_PAIRS)
+        finally:
+            model.config._attn_implementation = "sdpa"
         logits = (chosen - self.ref[0]) - (rejected - self.ref[1])
         (-F.logsigmoid(BETA * logits).mean()).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        optimizer = self.optimizers[fused_adamw]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def compile_layers(self) -> float:
+        """A copy of the model whose decoder layers are ``torch.compile``d (dynamic shapes: one
+        packed row of a different length every batch), with its own fused AdamW; returns the
+        seconds its first (compiling) step took."""
+        model = copy.deepcopy(self.model)
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
+        self.compiled = (model, torch.optim.AdamW(model.parameters(), lr=LR, fused=True))
+        started = time.perf_counter()
+        self.train(packed=True, attention=VARLEN, compiled=True)
+        return time.perf_counter() - started
 
     def reference_forward(self) -> None:
         with torch.inference_mode():
             hf.sequence_logps(self.model, self.pairs.tokens, 1024)
 
 
-def ablate(step: Step, reps: int, clock: Callable[[], float] = time.perf_counter) -> None:
+def ablate(
+    step: Step, reps: int, clock: Callable[[], float] = time.perf_counter, compiled: bool = False
+) -> None:
     variants: dict[str, Callable[[], None]] = {
         "all features (align default)": step.train,
         "no row chunks (one padded pass)": lambda: step.train(chunk_tokens=None),
@@ -112,9 +146,17 @@ def ablate(step: Step, reps: int, clock: Callable[[], float] = time.perf_counter
         "embedding and LM head per row chunk": lambda: _with(
             hf, "sequence_logps", per_chunk_sequence_logps, step.train
         ),
-        "padding-free (one packed row)": lambda: step.train(packed=True),
+        "padding-free (one packed row), attention per sequence": lambda: step.train(
+            packed=True, attention=VARLEN
+        ),
+        "padding-free, block-diagonal mask (transformers' sdpa)": lambda: step.train(packed=True),
         "reference forward (live mode, per step)": step.reference_forward,
     }
+    if compiled:
+        print(f"compiling the decoder layers: first step {step.compile_layers():.1f} s")
+        variants["padding-free, attention per sequence, layers compiled"] = lambda: step.train(
+            packed=True, attention=VARLEN, compiled=True
+        )
     times: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(reps + 1):
         for name, run in variants.items():
@@ -137,13 +179,19 @@ def _with(module: Any, name: str, value: Any, run: Callable[[], None]) -> None:
         run()
 
 
-def profile(step: Step, chunk_tokens: int | None) -> None:
+def profile(step: Step, chunk_tokens: int | None, packed: bool = False) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    step.train(chunk_tokens=chunk_tokens)
+    def run() -> None:
+        if packed:
+            step.train(packed=True, attention=VARLEN)
+        else:
+            step.train(chunk_tokens=chunk_tokens)
+
+    run()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        step.train(chunk_tokens=chunk_tokens)
+        run()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
@@ -189,6 +237,14 @@ def main() -> None:
         "other processes sharing the cores)",
     )
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="profile: 0 for one padded pass")
+    parser.add_argument(
+        "--packed", action="store_true", help="profile: the packed row (attention per sequence) instead"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="ablate: also the packed step with torch.compile'd decoder layers",
+    )
     parser.add_argument("--workdir", help="model and data of dpo_vs_trl.py (default: a temp folder)")
     args = parser.parse_args()
     if args.what == "matmuls":
@@ -200,9 +256,9 @@ def main() -> None:
         prepare(workdir)
         step = Step(workdir, args.threads)
         if args.what == "ablate":
-            ablate(step, args.reps, time.process_time if args.cpu_time else time.perf_counter)
+            ablate(step, args.reps, time.process_time if args.cpu_time else time.perf_counter, args.compile)
         else:
-            profile(step, args.chunk_tokens or None)
+            profile(step, args.chunk_tokens or None, args.packed)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ VARLEN = "align_varlen_sdpa"
 FITS = ("llama", "mistral", "qwen2", "qwen3")
 
 
+# Under torch.compile the per-sequence loop runs eagerly (a graph break): traced, it would be
+# specialised to one batch's lengths and recompiled for every batch.
+@torch.compiler.disable
 def varlen_sdpa(
     module: nn.Module,
     query: Tensor,
