@@ -57,6 +57,9 @@ ADAPTER_DIR = "adapter"
 # gradient norm and, with sequence parallelism, sums its gradient over the TP group).
 REPLICATED = "align_replicated_over_tp"
 PEFT_PREFIX = "base_model.model."
+# A sequence scorer's head (trained in full beside the adapters), as PEFT's SEQ_CLS adapter
+# names it (its ``modules_to_save``).
+PEFT_HEAD = f"{PEFT_PREFIX}score.weight"
 
 # The HF module names users target, by the fused megatron layer holding them, in the order the
 # layer stacks them.
@@ -297,12 +300,15 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
 # ---- the adapter in PEFT's format, under HF names ------------------------------------------
 
 
-def peft_tensors(meg: Any, targets: Sequence[str], gather: Any) -> dict[str, Tensor]:
+def peft_tensors(
+    meg: Any, targets: Sequence[str], gather: Any, head: Tensor | None = None
+) -> dict[str, Tensor]:
     """The whole adapter as PEFT names it on the HF model (``base_model.model.model.layers.{i}.
     self_attn.q_proj.lora_A.weight``...): a fused layer's ``A`` is every member's ``A``, its
     ``B`` split by the conversion's own rules (q/k/v per query group, gate/up). ``gather(name,
-    tensor)`` returns the TP shards of an adapter matrix (from the stage holding it)."""
-    out: dict[str, Tensor] = {}
+    tensor)`` returns the TP shards of an adapter matrix (from the stage holding it). A
+    sequence scorer's whole ``head`` goes with it (``base_model.model.score.weight``)."""
+    out: dict[str, Tensor] = {} if head is None else {PEFT_HEAD: head}
     for i in range(meg.layout.num_layers):
         for target in targets:
             name = f"{LAYER}{i}.{target}"
@@ -322,7 +328,8 @@ def load_peft_tensors(
     meg: Any, targets: Sequence[str], saved: dict[str, Tensor], source: Path, par: Any
 ) -> None:
     """Set this rank's adapter shards from ``peft_tensors``' names. The members of a fused layer
-    must share one ``A`` (an adapter trained on HF with separate q/k/v ``A`` cannot be fused)."""
+    must share one ``A`` (an adapter trained on HF with separate q/k/v ``A`` cannot be fused).
+    A sequence scorer's head is set too (on the last stage, which holds it)."""
     expected = set(peft_tensors_names(meg.layout, targets))
     if set(saved) != expected:
         raise RuntimeError(
@@ -357,10 +364,17 @@ def load_peft_tensors(
                         f"adapter {source}: {name} {tuple(value.shape)} != {tuple(param.shape)}"
                     )
                 param.copy_(value)
+        if meg.score is not None:
+            head = saved[PEFT_HEAD]
+            if head.shape != meg.score.weight.shape:
+                raise RuntimeError(
+                    f"adapter {source}: score {tuple(head.shape)} != {tuple(meg.score.weight.shape)}"
+                )
+            meg.score.weight.copy_(head)
 
 
 def peft_tensors_names(layout: LlamaLayout, targets: Sequence[str]) -> list[str]:
-    names = []
+    names = [PEFT_HEAD] if layout.is_scorer else []
     for i in range(layout.num_layers):
         for target in targets:
             for member in FUSED[target]:
@@ -373,12 +387,15 @@ def write_peft_adapter(
     path: Path, tensors: dict[str, Tensor], lora: align.LoraConfig, targets: Sequence[str], base: str
 ) -> None:
     """``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT writes them, so that
-    ``PeftModel.from_pretrained(base_model, path)`` loads the adapter on the HF model."""
+    ``PeftModel.from_pretrained(base_model, path)`` loads the adapter on the HF model: a causal
+    LM's (``CAUSAL_LM``), or with the head a sequence classifier's (``SEQ_CLS``, the head in
+    ``modules_to_save``, trained in full)."""
+    scorer = PEFT_HEAD in tensors
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / ADAPTER_FILE), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if scorer else "CAUSAL_LM",
         "base_model_name_or_path": base,
         "r": lora.r,
         "lora_alpha": lora.alpha,
@@ -390,7 +407,7 @@ def write_peft_adapter(
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": ["score"] if scorer else None,
     }
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -435,10 +452,12 @@ def runnable(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class MegatronLoraBackend:
-    """The megatron backend with LoRA adapters on the policy of every section with ``lora``
-    (``align_megatron.lora``), the policy with its adapters off as the reference, adapters alone
-    in checkpoints, and merged weights for engines and ``final/``. What it does not define is
-    the wrapped backend's (a method given a reference view runs the policy with adapters off)."""
+    """The megatron backend with LoRA adapters on the trained model of every section with
+    ``lora`` (``align_megatron.lora``): the policy, a reward model being trained, PPO's critic
+    (a sequence scorer's head trains in full, as PEFT's SEQ_CLS does); the policy with its
+    adapters off as the reference, adapters (and a scorer's head) alone in checkpoints, and
+    merged weights for engines and ``final/``. What it does not define is the wrapped backend's
+    (a method given a reference view runs the policy with adapters off)."""
 
     applies_lora = True
 
@@ -446,7 +465,9 @@ class MegatronLoraBackend:
         self.inner, self.run = inner, run
         self.tokenizer = inner.tokenizer
         self.is_main = inner.is_main
-        self._policies: list[tuple[align.ModelConfig, nn.Module, list[str]]] = []
+        # Every model with adapters, by the section it came from, and its adapted layers.
+        self._adapted: list[tuple[align.ModelConfig, nn.Module, list[str]]] = []
+        self._policies: list[tuple[align.ModelConfig, nn.Module]] = []  # references come from these
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self.inner, name)
@@ -465,27 +486,16 @@ class MegatronLoraBackend:
     def build_model(self, role: str, model: align.ModelConfig | None = None) -> nn.Module:
         section = model or self.run.model
         if role == "reference":
-            for source, policy, _ in reversed(self._policies):
+            for source, policy in reversed(self._policies):
                 if source == section:
                     return AdaptersOff(policy)
             return self.inner.build_model(role, model)
-        if section.lora is not None and role == "critic":
-            raise align.ConfigError(
-                "critic.model.lora: LoRA on a sequence scorer (a critic) is not built for backend "
-                "megatron yet; train the critic in full or use backend hf"
-            )
         built = self.inner.build_model(role, model)
-        if section.lora is None or role != "policy":
-            return built
-        if built.uses_te:
-            raise align.ConfigError(
-                "model.lora: backend megatron with TransformerEngine's layer spec fuses the norms "
-                "into linear_qkv / linear_fc1, whose adapters would need the norm's output: LoRA "
-                "runs with the local spec (no TransformerEngine) only yet"
-            )
-        targets = megatron_targets(section.lora)
-        attach(built, section.lora, targets, self.inner.par, self.inner.cfg.sequence_parallel, self.run.seed)
-        self._policies.append((section, built, targets))
+        if section.lora is None or role not in ("policy", "critic"):
+            return built  # frozen roles (a reward model read, not trained) are never adapted
+        self._adapt(built, section)  # (a critic's section is the run's model, or a copy of it)
+        if role == "policy":
+            self._policies.append((section, built))
         return built
 
     def build_policy(self) -> nn.Module:
@@ -495,12 +505,29 @@ class MegatronLoraBackend:
         return self.build_model("reference")
 
     def build_scorer(self, num_labels: int, label_names: Sequence[str] | None = None) -> nn.Module:
+        """The wrapped backend's trainable scorer (a reward model to train), with adapters on its
+        trunk when the run's model section has ``lora``; its score head trains in full."""
+        built = self.inner.build_scorer(num_labels, label_names)
         if self.run.model.lora is not None:
+            self._adapt(built, self.run.model)
+        return built
+
+    def _adapt(self, built: Any, section: align.ModelConfig) -> None:
+        """Freeze ``built`` and put adapters on its ``section.lora`` targets; a sequence
+        scorer's head (on the last stage) stays trainable: it starts untrained, so adapters
+        alone could not make it score (PEFT's SEQ_CLS trains it in full too)."""
+        assert section.lora is not None
+        if built.uses_te:
             raise align.ConfigError(
-                "model.lora: LoRA on a sequence scorer (reward-model training) is not built for "
-                "backend megatron yet; train it in full or use backend hf"
+                "model.lora: backend megatron with TransformerEngine's layer spec fuses the norms "
+                "into linear_qkv / linear_fc1, whose adapters would need the norm's output: LoRA "
+                "runs with the local spec (no TransformerEngine) only yet"
             )
-        return self.inner.build_scorer(num_labels, label_names)
+        targets = megatron_targets(section.lora)
+        attach(built, section.lora, targets, self.inner.par, self.inner.cfg.sequence_parallel, self.run.seed)
+        if built.score is not None:
+            built.score.requires_grad_(True)
+        self._adapted.append((section, built, targets))
 
     @contextmanager
     def reference_view(self, policy: nn.Module) -> Iterator[nn.Module]:
@@ -563,17 +590,35 @@ class MegatronLoraBackend:
     def _save_adapter(self, model: nn.Module, path: Path) -> None:
         """Every rank takes part (TP gathers, PP broadcasts); the main rank writes."""
         targets = self._targets(model)
-        tensors = peft_tensors(model, targets, lambda name, which: self._gather(model, name, which))
+
+        def gather(name: str, which: str) -> list[Tensor]:
+            return self._gather(model, name, which)
+
+        tensors = peft_tensors(model, targets, gather, self._head(model))
         if self.is_main:
-            section = next(s for s, p, _ in self._policies if p is model)
+            section = next(s for s, p, _ in self._adapted if p is model)
             assert section.lora is not None
             write_peft_adapter(path, tensors, section.lora, targets, section.path)
 
     def _targets(self, model: nn.Module) -> list[str]:
-        for _, policy, targets in self._policies:
-            if policy is model:
+        for _, adapted, targets in self._adapted:
+            if adapted is model:
                 return targets
-        raise TypeError("not a LoRA policy this backend built")
+        raise TypeError("not a LoRA model this backend built")
+
+    def _head(self, model: Any) -> Tensor | None:
+        """A sequence scorer's whole head on every rank (from the last pipeline stage, which
+        holds it; every TP rank holds it whole); None for a causal LM."""
+        if not model.layout.is_scorer:
+            return None
+        from align_megatron.backend import _from_stage
+
+        par = self.inner.par
+        held = [model.score.weight.detach().contiguous()] * par.tp if par.last_stage else []
+        if par.pp > 1:
+            held = _from_stage(held, par.pp - 1, par, next(model.gpt.parameters()).dtype)
+        head: Tensor = held[0].cpu()
+        return head
 
     def _gather(self, model: Any, name: str, which: str) -> list[Tensor]:
         """The TP shards of adapter matrix ``which`` (A or B) of whole-model layer ``name``, on

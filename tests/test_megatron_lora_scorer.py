@@ -1,0 +1,225 @@
+"""LoRA on a megatron sequence scorer (a reward model being trained; PPO's critic takes the same
+path): adapters on the trunk's parallel linears as on the policy, the score head trained in full;
+it follows the hf backend's LoRA scorer from the same starting adapters; checkpoints hold the
+adapter and the head (PEFT's SEQ_CLS format) and a resume from one is bit-exact; ``final/`` is
+the merged HF sequence classifier, which transformers loads and which scores as the trained
+adapter and head do (TP=1, in this process)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import DATA, dpo_config, head_jsonl, merge, write_yaml
+from safetensors.torch import load_file
+
+import align
+
+pytest.importorskip("megatron.core")
+sys.path.insert(0, str(Path(__file__).parent))
+from test_megatron import TWO_LAYERS, run_in_process, train_losses
+
+LORA = {"r": 4, "alpha": 8}
+PAIRS = [([5, 6, 7], [8, 9, 10, 11]), ([40, 41], [42, 43, 44]), ([100, 101, 102, 103], [104])]
+REJECTED = [([5, 6, 7], [20, 21]), ([40, 41], [60]), ([100, 101, 102, 103], [70, 71, 72])]
+
+
+def reward_config(folder: Path, backend: str, lora: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """A Bradley-Terry run of the two-layer tiny model with LoRA on 16 shipped pairs, 4 a step
+    (lr 1e-2: the adapters start at zero), no eval split."""
+    train = folder.parent / "train.jsonl"
+    if not train.exists():
+        head_jsonl(DATA / "preference_train.jsonl", train, 16)
+    config = dpo_config(
+        folder,
+        algo="reward",
+        model=merge(TWO_LAYERS, {"lora": {**LORA, **lora}}),
+        backend={"name": backend},
+        data={"train": str(train), "eval": None, "max_length": 63},
+        optim={"lr": 1e-2},
+        **merge({"trainer": {"batch_size": 4, "max_steps": 4}}, sections),
+    )
+    config.pop("loss")
+    return config
+
+
+def scorer(config: dict[str, Any]) -> tuple[Any, torch.nn.Module]:
+    """The run's backend (with LoRA) and its trainable scorer, built in this process."""
+    plugins = align.default_plugins()
+    backend = align.build_backend(align.validate_run_config(config, plugins.registry), plugins)
+    assert isinstance(backend, align.ScoringBackend)
+    return backend, backend.build_scorer(1, ["reward"])
+
+
+def pair_loss(backend: Any, model: torch.nn.Module) -> torch.Tensor:
+    """Bradley-Terry on PAIRS (chosen) against REJECTED."""
+    from align_reward.algorithm import bradley_terry
+
+    scores = backend.sequence_scores(model, align.pad_sequences(PAIRS + REJECTED, pad_id=0))[:, 0]
+    return bradley_terry(scores[: len(PAIRS)], scores[len(PAIRS) :])
+
+
+def test_only_adapters_and_head_train_and_follow_the_hf_backend(tmp_path: Path) -> None:
+    """The megatron scorer trains 16 adapter matrices (A, B on 4 fused layers x 2 layers) plus
+    the head, and nothing else. With unfused targets (o_proj, down_proj: the same model on both
+    backends), the adapters the megatron scorer starts from copied into the hf backend's PEFT
+    scorer, and the same five AdamW steps, both give the same losses."""
+    from peft import set_peft_model_state_dict
+
+    _, full = scorer(reward_config(tmp_path / "all", "megatron", {}))
+    trainable = {name: p.numel() for name, p in full.named_parameters() if p.requires_grad}
+    assert set(trainable) - {"score.weight"} == {
+        name for name, _ in full.named_parameters() if name.endswith(("lora.A", "lora.B"))
+    }
+    assert len(trainable) == 17 and trainable["score.weight"] == 32  # hidden 32, one label
+    # r (d_in + d_out) for each fused layer: qkv 32 -> 96, proj 32 -> 32, fc1 32 -> 128, fc2 64 -> 32.
+    assert sum(trainable.values()) == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (64 + 32)) + 32
+
+    unfused = {"target_modules": ["o_proj", "down_proj"], "dropout": 0.0}
+    megatron, ours = scorer(reward_config(tmp_path / "meg", "megatron", unfused))
+    hf, theirs = scorer(reward_config(tmp_path / "hf", "hf", unfused))
+    with torch.no_grad():  # non-zero B, so that the copy is checked on every matrix
+        for name, param in ours.named_parameters():
+            if name.endswith("lora.B"):
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    megatron.save_checkpoint_weights(ours, tmp_path / "start")
+    start = load_file(tmp_path / "start/adapter_model.safetensors")
+    assert "base_model.model.score.weight" in start and len(start) == 2 * 2 * 2 + 1
+    set_peft_model_state_dict(theirs, start)  # PEFT's own names: the head lands in modules_to_save
+    losses: dict[str, list[float]] = {"megatron": [], "hf": []}
+    for key, backend, model in (("megatron", megatron, ours), ("hf", hf, theirs)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert len(params) == 9  # A and B on 2 layers x 2 linears, and the head
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        model.train()
+        for _ in range(5):
+            loss = pair_loss(backend, model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[key].append(float(loss.detach()))
+    assert losses["megatron"] == pytest.approx(losses["hf"], abs=1e-6)
+    assert losses["megatron"][-1] < losses["megatron"][0] - 0.05  # it learns
+
+
+@pytest.fixture(scope="module")
+def lora_reward(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LoRA reward run on megatron (4 steps, a checkpoint at step 2), then resumed there."""
+    folder = tmp_path_factory.mktemp("megatron_lora_reward")
+    config = reward_config(folder / "run", "megatron", {}, trainer={"save_every": 2})
+    run_in_process(write_yaml(folder / "run.yaml", config))
+    resumed = {
+        **config,
+        "output_dir": str(folder / "resumed"),
+        "resume": str(folder / "run/checkpoints/step_2"),
+    }
+    run_in_process(write_yaml(folder / "resumed.yaml", resumed))
+    return folder
+
+
+def test_checkpoints_hold_adapter_and_head_and_resume_bit_exact(lora_reward: Path) -> None:
+    losses = train_losses(lora_reward / "run")
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.05
+    assert train_losses(lora_reward / "resumed") == losses[2:]  # bit for bit
+    folder = lora_reward / "run/checkpoints/step_2/model"
+    saved = load_file(folder / "adapter_model.safetensors")
+    assert all(".lora_A." in k or ".lora_B." in k for k in saved if k != "base_model.model.score.weight")
+    assert saved["base_model.model.score.weight"].shape == (1, 32)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    ends = [
+        load_file(lora_reward / name / "final/adapter/adapter_model.safetensors")
+        for name in ("run", "resumed")
+    ]
+    assert set(ends[0]) == set(ends[1]) and all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+
+def test_final_is_a_merged_classifier_scoring_as_the_trained_adapter(lora_reward: Path) -> None:
+    """final/ loads with AutoModelForSequenceClassification and gives the scores of the megatron
+    LoRA scorer holding the trained adapter and head (final/adapter/), and of PEFT's SEQ_CLS
+    model of that adapter on the HF base; the training moved them off the base scorer's."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    final = lora_reward / "run/final"
+    assert json.loads((final / "config.json").read_text())["architectures"] == [
+        "LlamaForSequenceClassification"
+    ]
+    merged = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    config = reward_config(lora_reward / "check", "megatron", {})
+    backend, model = scorer(config)
+    batch = align.pad_sequences(PAIRS + REJECTED, pad_id=0)
+    with torch.no_grad():
+        untrained = backend.sequence_scores(model.eval(), batch)
+        backend.load_weights(model, final)
+        trained = backend.sequence_scores(model, batch)
+        exported = merged(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(exported, trained, rtol=0, atol=1e-5)
+    assert float((trained - untrained).abs().max()) > 1e-2
+
+    plain = reward_config(lora_reward / "hf", "hf", {})
+    del plain["model"]["lora"]
+    _, base = scorer(plain)  # the same tiny scorer, before any training, on the hf backend
+    peft = PeftModel.from_pretrained(base, final / "adapter").eval()
+    with torch.no_grad():
+        adapted = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(adapted, exported, rtol=0, atol=1e-5)
+
+
+def ppo_config(folder: Path, **sections: Any) -> dict[str, Any]:
+    """Two PPO iterations with LoRA on the run's model section: the policy and the local critic
+    (initialised from it, a fresh head) each get adapters."""
+    from helpers.online import arith_config
+
+    config = arith_config(
+        "ppo",
+        folder,
+        Path("unused"),  # the tiny model below
+        backend={"name": "megatron"},
+        data={"eval": None},
+        iterations=2,
+        prompts_per_iteration=8,
+        sampling={"n": 2},
+        epochs=1,
+        trainer={"batch_size": 16},
+        optim={"lr": 1e-2},
+    )
+    config = merge(config, sections)
+    config["model"] = merge(TWO_LAYERS, {"lora": LORA})
+    config["reward"] = {"name": "length", "target": 2}
+    return config
+
+
+def test_ppo_critic_with_lora_checkpoints_adapter_and_head_and_resumes_bit_exact(tmp_path: Path) -> None:
+    """PPO's local critic (``build_model("critic")``) takes the same path as a reward model: its
+    checkpoint is its adapter and head (SEQ_CLS), the policy's its adapter alone (CAUSAL_LM); the
+    head trains; a run resumed from iteration 1 repeats iteration 2's critic, bit for bit."""
+    from helpers import read_metrics
+
+    config = ppo_config(tmp_path / "run", trainer={"save_every": 1})
+    run_in_process(write_yaml(tmp_path / "run.yaml", config))
+    resumed = {**config, "output_dir": str(tmp_path / "resumed")}
+    resumed["resume"] = str(tmp_path / "run/checkpoints/step_1")
+    run_in_process(write_yaml(tmp_path / "resumed.yaml", resumed))
+
+    def critic(run: str, step: int) -> dict[str, torch.Tensor]:
+        return load_file(tmp_path / run / f"checkpoints/step_{step}/roles/critic/adapter_model.safetensors")
+
+    first, second = critic("run", 1), critic("run", 2)
+    head = "base_model.model.score.weight"
+    assert head in first and not torch.equal(first[head], second[head])  # trained in full
+    assert all(".lora_A." in k or ".lora_B." in k for k in first if k != head)
+    folder = tmp_path / "run/checkpoints/step_1"
+    assert json.loads((folder / "roles/critic/adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    policy = load_file(folder / "model/adapter_model.safetensors")
+    assert head not in policy and set(policy) == set(first) - {head}
+    ours = read_metrics(tmp_path / "run", "rollout")
+    again = read_metrics(tmp_path / "resumed", "rollout")
+    keys = ("critic_loss", "critic_grad_norm", "critic_value_mean")
+    assert [[row[k] for k in keys] for row in again] == [[row[k] for k in keys] for row in ours[1:]]
+    final = critic("resumed", 2)
+    assert set(final) == set(second) and all(torch.equal(final[k], second[k]) for k in final)
