@@ -1,12 +1,17 @@
 """PPO with a remote critic and data-parallel actors (``backend.nproc_per_node: 2`` and
 ``critic: {name: remote}``): rank 0 alone talks to the critic server (every rank's values, one
 train request per global minibatch) and deals the values out. The DP=2 run follows the DP=1 run
-with the remote critic (same losses, critic metrics and critic steps); no server is left
-behind."""
+with the remote critic (same losses, critic metrics and critic steps) and the DP=2 run with the
+local critic; a DP=2 run killed after a checkpoint leaves no server behind and, resumed, ends
+bit-exact (policy and critic) with the uninterrupted one."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -14,10 +19,15 @@ from typing import Any
 import pytest
 import torch
 from helpers import (
+    ALIGN,
+    assert_same_weights,
+    load_weights,
     read_metrics,
+    subprocess_env,
     write_yaml,
 )
 from test_dp_actors import (
+    ITERATIONS,
     align_run,
     assert_same_trajectory,
     last_checkpoint,
@@ -39,8 +49,10 @@ CRITIC_KEYS = ("critic_loss", "critic_explained_variance", "value_mean")
 TIMEOUT_S = 900  # torchrun, two ranks and a critic server: minutes on a loaded 2-core machine
 
 
-def server_processes() -> set[int]:
-    """Pids of critic/reward servers and tritonservers on this machine."""
+def server_processes(*marks: str) -> set[int]:
+    """Pids of critic/reward servers and tritonservers on this machine (or, given ``marks``, of
+    the processes whose command line holds one of them)."""
+    marks = marks or ("align_pytriton.serve", "tritonserver")
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -49,17 +61,21 @@ def server_processes() -> set[int]:
             command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "align_pytriton.serve" in command or "tritonserver" in command:
+        if any(mark in command for mark in marks) and int(entry) != os.getpid():
             found.add(int(entry))
     return found
 
 
-def run(tmp_path: Path, name: str, ranks: int, critic: dict[str, Any], *extra: str) -> Path:
-    out = tmp_path / name
-    config = online_config("ppo", out, ranks, critic=critic, epochs=1, kl={"coef": 0.05})
+def config_file(tmp_path: Path, name: str, ranks: int, critic: dict[str, Any]) -> str:
+    """Two iterations (a checkpoint after each), a KL penalty, one epoch."""
+    config = online_config("ppo", tmp_path / name, ranks, critic=critic, epochs=1, kl={"coef": 0.05})
     config["critic"] = critic  # replaced whole: the local and remote critics have other keys
-    align_run(write_yaml(tmp_path / f"{name}.yaml", config), *extra, timeout_s=TIMEOUT_S)
-    return out
+    return write_yaml(tmp_path / f"{name}.yaml", config)
+
+
+def run(tmp_path: Path, name: str, ranks: int, critic: dict[str, Any], *extra: str) -> Path:
+    align_run(config_file(tmp_path, name, ranks, critic), *extra, timeout_s=TIMEOUT_S)
+    return tmp_path / name
 
 
 def critic_state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -67,19 +83,29 @@ def critic_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {f"model.{k}": v for k, v in state["model"].items()} | {"step": torch.tensor(state["step"])}
 
 
-def wait_until_gone(before: set[int]) -> set[int]:
-    """The server processes started since ``before`` still there after up to 20 s."""
+def wait_until_gone(before: set[int], *marks: str) -> set[int]:
+    """The processes (``server_processes(*marks)``) started since ``before`` still there after
+    up to 20 s."""
     deadline = time.monotonic() + 20
-    while (left := server_processes() - before) and time.monotonic() < deadline:
+    while (left := server_processes(*marks) - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
 
 
+@pytest.fixture(scope="module")
+def remote_dp2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The DP=2 run with the remote critic, uninterrupted (every test compares with it)."""
+    before = server_processes()
+    out = run(tmp_path_factory.mktemp("remote_dp2"), "remote_dp2", 2, REMOTE)
+    assert not wait_until_gone(before)  # every server the run started went with it
+    return out
+
+
 @pytest.mark.slow
-def test_dp2_with_a_remote_critic_follows_dp1(tmp_path: Path) -> None:
+def test_dp2_with_a_remote_critic_follows_dp1(tmp_path: Path, remote_dp2: Path) -> None:
     before = server_processes()
     remote1 = run(tmp_path, "remote_dp1", 1, REMOTE)
-    remote2 = run(tmp_path, "remote_dp2", 2, REMOTE)
+    remote2 = remote_dp2
     assert_same_trajectory(remote1, remote2)
     rows1, rows2 = read_metrics(remote1, "rollout"), read_metrics(remote2, "rollout")
     for one, two in zip(rows1, rows2, strict=True):
@@ -88,3 +114,90 @@ def test_dp2_with_a_remote_critic_follows_dp1(tmp_path: Path) -> None:
     # Both ranks' values came from the one server: the critic took one step per minibatch.
     assert critic_state(last_checkpoint(remote2))["step"] == critic_state(last_checkpoint(remote1))["step"]
     assert not wait_until_gone(before)  # every server a run started went with it
+
+
+@pytest.mark.slow
+def test_dp2_with_a_remote_critic_follows_dp2_with_the_local_critic(tmp_path: Path, remote_dp2: Path) -> None:
+    """At a constant learning rate the server's critic is the local one's computation in another
+    process: one step on the global minibatch (the local critic's ranks each take the whole
+    minibatch and average the same gradient), so the runs agree."""
+    local2 = run(tmp_path, "local_dp2", 2, LOCAL)
+    assert_same_trajectory(local2, remote_dp2)
+    keys = (*CRITIC_KEYS, "critic_grad_norm", "critic_clip_fraction")
+    for local, remote in zip(
+        read_metrics(local2, "rollout"), read_metrics(remote_dp2, "rollout"), strict=True
+    ):
+        for key in keys:
+            assert local[key] == pytest.approx(remote[key], rel=1e-4, abs=1e-5), key
+
+
+# A hook that "hangs" once the last iteration's rollout row is logged: after the checkpoint of
+# the iteration before (trainer.save_every: 1), before the last one's. Hooks run on every rank.
+HANG_AT_LAST_ITERATION = f"""
+import time
+
+import align
+
+
+@align.hookimpl
+def on_step_end(run, step, metrics):
+    if metrics.get("split") == "rollout" and metrics.get("iteration") == {ITERATIONS}:
+        time.sleep(300)
+"""
+
+
+def kill_at_last_iteration(config: str, output_dir: Path, tmp_path: Path) -> None:
+    """``align run config`` (it starts torchrun, the ranks, and rank 0 the critic server) in a
+    child process, SIGKILLed (the launcher alone, as ``kill -9`` would) during the last iteration."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "hang_at_last_iteration.py").write_text(textwrap.dedent(HANG_AT_LAST_ITERATION))
+    env = subprocess_env([plugins], ALIGN_PLUGIN_MODULES="hang_at_last_iteration")
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*ALIGN, "run", config], env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            while proc.poll() is None and time.monotonic() < deadline:
+                if any(row["iteration"] == ITERATIONS for row in rollout_rows(output_dir)):
+                    break
+                time.sleep(0.1)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert not (output_dir / "final").exists(), "the run was killed before it finished"
+
+
+def first_checkpoint(output_dir: Path) -> Path:
+    return min((output_dir / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+
+
+def rollout_rows(output_dir: Path) -> list[dict[str, Any]]:
+    """The rollout rows of a metrics.jsonl being written (complete lines only)."""
+    path = output_dir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [row for row in map(json.loads, filter(None, lines)) if row.get("split") == "rollout"]
+
+
+@pytest.mark.slow
+def test_killed_dp2_run_with_a_remote_critic_resumes_bit_exact(tmp_path: Path, remote_dp2: Path) -> None:
+    """Killed during iteration 2 (after the checkpoint of iteration 1): no rank, torchrun or
+    server is left; --resume starts a new server, which loads the critic's state from the
+    checkpoint, and the run ends where the uninterrupted one ends, policy and critic bit for bit."""
+    before = server_processes()
+    config = config_file(tmp_path, "killed", 2, REMOTE)
+    killed = tmp_path / "killed"
+    kill_at_last_iteration(config, killed, tmp_path)
+    assert not wait_until_gone(before), "the killed run left its critic server"
+    assert not wait_until_gone(before, str(killed)), "the killed run left torchrun or a rank"
+    assert [p.name for p in (killed / "checkpoints").iterdir()] == [first_checkpoint(remote_dp2).name]
+    align_run(config, "--resume", timeout_s=TIMEOUT_S)
+    assert_same_weights(load_weights(killed / "final"), load_weights(remote_dp2 / "final"))
+    assert_same_weights(critic_state(last_checkpoint(killed)), critic_state(last_checkpoint(remote_dp2)))
+    rows, straight = read_metrics(killed, "rollout"), read_metrics(remote_dp2, "rollout")
+    assert rows[-1]["iteration"] == ITERATIONS
+    assert rows[-1]["critic_loss"] == straight[-1]["critic_loss"]
+    assert not wait_until_gone(before)
