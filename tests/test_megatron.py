@@ -178,9 +178,10 @@ def test_nproc_per_node_makes_align_run_start_torchrun(
 
 @pytest.fixture(scope="module")
 def tp1_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The TP=1 DPO run (in-process, a world of one) the other layouts are compared with."""
+    """The TP=1 DPO run (in-process, a world of one) the other layouts are compared with (a
+    checkpoint at step 2, which the second launch resumes at TP=2 and at PP=2)."""
     folder = tmp_path_factory.mktemp("megatron")
-    run_in_process(small_dpo(folder, "tp1", {}))
+    run_in_process(small_dpo(folder, "tp1", {}, trainer={"save_every": 2}))
     return folder / "tp1"
 
 
@@ -255,36 +256,35 @@ def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(
     main_state = torch.load(step_2 / "trainer_state.pt", weights_only=True)
     rank_1_state = torch.load(step_2 / "ranks/rank_1.pt", weights_only=True)
     assert main_state["optimizer"] is None and same_values(main_state, rank_1_state)
-    assert_resumes_in_one_process(tmp_path, "tp2")
+    run_in_process(resumed_config(tmp_path / "tp2", tmp_path / "tp2_in_one", {}))
+    assert_resumed_like(tmp_path / "tp2_in_one", tmp_path / "tp2")
     # A changed data-parallel size is refused (DP=2 -> DP=1), naming both layouts.
-    refused = run_cli(capsys, "run", one_process_resume(tmp_path, "dp2"))
+    refused = run_cli(capsys, "run", resumed_config(tmp_path / "dp2", tmp_path / "dp2_in_one", {}))
     assert_user_error(refused, "DP 2", "DP 1", "data-parallel size")
     shutil.rmtree(tmp_path / "tp2/checkpoints", ignore_errors=True)
 
 
-def one_process_resume(folder: Path, run: str) -> str:
-    """A config resuming run ``run``'s step-2 checkpoint at TP=1, PP=1 (one process) into
-    ``<run>_in_one``."""
-    config = _yaml(str(folder / f"{run}.yaml"))
+def resumed_config(run: Path, into: Path, backend: dict[str, Any]) -> str:
+    """A config resuming ``run``'s step-2 checkpoint on the megatron backend with ``backend``'s
+    parallel sizes (none: TP=1, PP=1, one process) into ``into``."""
+    config = _yaml(str(run.with_suffix(".yaml")))
     config |= {
-        "backend": {"name": "megatron"},
-        "output_dir": str(folder / f"{run}_in_one"),
-        "resume": str(folder / run / "checkpoints/step_2"),
+        "backend": {"name": "megatron", **backend},
+        "output_dir": str(into),
+        "resume": str(run / "checkpoints/step_2"),
     }
-    return write_yaml(folder / f"{run}_in_one.yaml", config)
+    return write_yaml(into.with_suffix(".yaml"), config)
 
 
-def assert_resumes_in_one_process(folder: Path, run: str) -> None:
-    """Run ``run``'s step-2 checkpoint (written at TP=2 or PP=2) resumed in this process (TP=1,
-    PP=1): steps 3-4 give its losses and its final weights, to float32 summation order."""
-    run_in_process(one_process_resume(folder, run))
-    resumed = folder / f"{run}_in_one"
-    assert train_losses(resumed) == pytest.approx(train_losses(folder / run)[2:], abs=LOSS_TOLERANCE)
-    ours, theirs = (load_file(f / "final/model.safetensors") for f in (resumed, folder / run))
+def assert_resumed_like(resumed: Path, uninterrupted: Path) -> None:
+    """A run resumed from ``uninterrupted``'s step-2 checkpoint at another layout: steps 3-4 give
+    its losses and its final weights, to float32 summation order."""
+    assert train_losses(resumed) == pytest.approx(train_losses(uninterrupted)[2:], abs=LOSS_TOLERANCE)
+    ours, theirs = (load_file(f / "final/model.safetensors") for f in (resumed, uninterrupted))
     assert set(ours) == set(theirs)
-    differences = {k: float((ours[k] - theirs[k]).abs().max()) for k in ours}
-    print(f"{run} resumed in one process: largest weight difference", max(differences.values()))
-    assert max(differences.values()) <= RESHARDED_RESUME_TOLERANCE
+    largest = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    print(f"{resumed.name}: largest weight difference from {uninterrupted.name}", largest)
+    assert largest <= RESHARDED_RESUME_TOLERANCE
 
 
 def same_values(first: Any, second: Any) -> bool:
@@ -358,11 +358,12 @@ def _yaml(path: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def second_launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def second_launch(tmp_path_factory: pytest.TempPathFactory, tp1_run: Path) -> tuple[Path, dict[str, Any]]:
     """One more torchrun launch (2 processes, gloo; one launch, as process start-up dominates):
     DPO at PP=2 (one layer per stage, a checkpoint at step 2), the same run resumed from that
-    checkpoint, DPO at TP=2 with sequence parallelism, and GRPO's actor at TP=2 with each engine
-    refit checked. The folder and rank 0's report."""
+    checkpoint, DPO at TP=2 with sequence parallelism, GRPO's actor at TP=2 with each engine
+    refit checked, and the TP=1 run's step-2 checkpoint resumed at TP=2 and at PP=2. The folder
+    and rank 0's report."""
     folder = tmp_path_factory.mktemp("megatron_pp_sp_grpo")
     pp2 = small_dpo(folder, "pp2", {"pipeline_model_parallel_size": 2}, trainer={"save_every": 2})
     resumed = small_dpo(
@@ -387,7 +388,14 @@ def second_launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     grpo["model"] = TWO_LAYERS
     # A reward an untrained model's samples differ in (exact match never pays it): advantages.
     grpo["reward"] = {"name": "length", "target": 2}
-    runs = [pp2, resumed, sequence_parallel, write_yaml(folder / "grpo_tp2.yaml", grpo)]
+    grown = [
+        resumed_config(tp1_run, folder / name, backend)
+        for name, backend in (
+            ("tp1_at_tp2", {"tensor_model_parallel_size": 2}),
+            ("tp1_at_pp2", {"pipeline_model_parallel_size": 2}),
+        )
+    ]
+    runs = [pp2, resumed, sequence_parallel, write_yaml(folder / "grpo_tp2.yaml", grpo), *grown]
     return folder, torchrun(folder, tp=0, runs=runs, check_refits=True)
 
 
@@ -418,7 +426,18 @@ def test_pp2_follows_tp1_and_resumes_bit_exact(tp1_run: Path, second_launch: tup
     # The stages' distributed checkpoint reads back as one model (PP=1).
     assert_reshards_to_tp1(folder / "pp2.yaml", folder / "pp2/checkpoints/step_4/model", folder / "pp2/final")
     # And resumes as one (weights and optimizer state): PP=2 -> PP=1.
-    assert_resumes_in_one_process(folder, "pp2")
+    run_in_process(resumed_config(folder / "pp2", folder / "pp2_in_one", {}))
+    assert_resumed_like(folder / "pp2_in_one", folder / "pp2")
+
+
+@pytest.mark.slow
+def test_a_tp1_checkpoint_resumes_at_tp2_and_at_pp2(tp1_run: Path, second_launch: tuple[Path, Any]) -> None:
+    """Growing layouts (in the second launch): the TP=1 run's step-2 checkpoint resumed at TP=2
+    (the vocabulary padded from 101 to 102 rows, weights and optimizer state) and at PP=2 ends
+    where the TP=1 run did (measured: 7.5e-9 and 1.5e-8)."""
+    folder, _ = second_launch
+    for name in ("tp1_at_tp2", "tp1_at_pp2"):
+        assert_resumed_like(folder / name, tp1_run)
 
 
 @pytest.mark.slow
