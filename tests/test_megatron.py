@@ -162,7 +162,7 @@ def test_nproc_per_node_makes_align_run_start_torchrun(
 
     launched: list[list[str]] = []
 
-    def fake_run(command: list[str], check: bool) -> subprocess.CompletedProcess[str]:
+    def fake_run(command: list[str], check: bool, **popen: Any) -> subprocess.CompletedProcess[str]:
         launched.append(command)
         return subprocess.CompletedProcess(command, 3)
 
