@@ -155,8 +155,9 @@ class LoraConfig(StrictConfig):
     model with its adapters off. Applied by the ``align-lora`` plugin (peft) on the ``hf``
     backend and by ``align-megatron`` itself on the ``megatron`` backend, which adapts whole
     fused layers (q/k/v together, gate/up together) and refuses a regular expression,
-    ``modules_to_save``, a sequence scorer and TransformerEngine's layer spec (docs/lora.md).
-    Any other backend refuses ``model.lora``."""
+    ``modules_to_save`` and TransformerEngine's layer spec (docs/lora.md). A trained sequence
+    scorer (a reward model, PPO's critic) gets adapters on its trunk and trains its head in full,
+    on both. Any other backend refuses ``model.lora``."""
 
     r: int = Field(16, gt=0, description="Rank of each adapter (peft's r).")
     alpha: int = Field(32, gt=0, description="Scale: an adapter's update is multiplied by alpha / r.")
@@ -195,8 +196,8 @@ class ModelConfig(StrictConfig):
     lora: LoraConfig | None = Field(
         None,
         description="Train LoRA adapters instead of the weights: on the hf backend (needs the align-lora "
-        "plugin) and the megatron backend (whole fused layers; no regular expression, modules_to_save "
-        "or scorer there).",
+        "plugin) and the megatron backend (whole fused layers; no regular expression or "
+        "modules_to_save there).",
     )
 
     @model_validator(mode="after")
