@@ -181,3 +181,20 @@ def test_padding_free_dpo_uses_varlen_and_matches_padded_losses(
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], abs=1e-4)
         assert got["reward_margin"] == pytest.approx(want["reward_margin"], abs=1e-5)
+
+
+def test_a_switched_scorer_reads_packed_rows_as_padded_ones():
+    """Reward models and critics: sequence scores and per-token values, packed against padded."""
+    from align.hf_models import tiny_llama_scorer
+    from align_hf.backend import sequence_scores, token_scores
+
+    model = tiny_llama_scorer(TINY, 300, 1, "sdpa").eval()
+    model.config.pad_token_id = 0
+    padded = pad_sequences(SEQUENCES, pad_id=0)
+    want_scores, want_values = sequence_scores(model, padded), token_scores(model, padded)
+    assert use_varlen_attention(model)
+    packed = pack_sequences(SEQUENCES)
+    got_scores, got_values = sequence_scores(model, packed), token_scores(model, packed)
+    assert torch.allclose(got_scores, want_scores, atol=1e-5)
+    assert torch.equal(got_values.mask, want_values.mask)
+    assert torch.allclose(got_values.values, want_values.values, atol=1e-5)
