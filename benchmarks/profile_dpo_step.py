@@ -2,6 +2,7 @@
 
     python benchmarks/profile_dpo_step.py ablate --reps 5    # each speed feature off, one at a time
     python benchmarks/profile_dpo_step.py profile            # torch.profiler table of one step
+    python benchmarks/profile_dpo_step.py profile --packed   # ... of a packed step (attention per sequence)
     python benchmarks/profile_dpo_step.py ablate --threads 1 --cpu-time   # on a loaded machine
     python benchmarks/profile_dpo_step.py matmuls            # the step's matmul shapes vs the peak
     python benchmarks/profile_dpo_step.py ablate --compile   # also: packed, decoder layers compiled
