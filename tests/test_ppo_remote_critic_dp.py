@@ -7,11 +7,7 @@ bit-exact (policy and critic) with the uninterrupted one."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +15,12 @@ from typing import Any
 import pytest
 import torch
 from helpers import (
-    ALIGN,
     assert_same_weights,
     load_weights,
     read_metrics,
-    subprocess_env,
     write_yaml,
 )
+from helpers.online import kill_during_iteration
 from test_dp_actors import (
     ITERATIONS,
     align_run,
@@ -131,55 +126,8 @@ def test_dp2_with_a_remote_critic_follows_dp2_with_the_local_critic(tmp_path: Pa
             assert local[key] == pytest.approx(remote[key], rel=1e-4, abs=1e-5), key
 
 
-# A hook that "hangs" once the last iteration's rollout row is logged: after the checkpoint of
-# the iteration before (trainer.save_every: 1), before the last one's. Hooks run on every rank.
-HANG_AT_LAST_ITERATION = f"""
-import time
-
-import align
-
-
-@align.hookimpl
-def on_step_end(run, step, metrics):
-    if metrics.get("split") == "rollout" and metrics.get("iteration") == {ITERATIONS}:
-        time.sleep(300)
-"""
-
-
-def kill_at_last_iteration(config: str, output_dir: Path, tmp_path: Path) -> None:
-    """``align run config`` (it starts torchrun, the ranks, and rank 0 the critic server) in a
-    child process, SIGKILLed (the launcher alone, as ``kill -9`` would) during the last iteration."""
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "hang_at_last_iteration.py").write_text(textwrap.dedent(HANG_AT_LAST_ITERATION))
-    env = subprocess_env([plugins], ALIGN_PLUGIN_MODULES="hang_at_last_iteration")
-    log = tmp_path / "killed.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([*ALIGN, "run", config], env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + TIMEOUT_S
-            while proc.poll() is None and time.monotonic() < deadline:
-                if any(row["iteration"] == ITERATIONS for row in rollout_rows(output_dir)):
-                    break
-                time.sleep(0.1)
-            assert proc.poll() is None, log.read_text()[-3000:]
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-    assert not (output_dir / "final").exists(), "the run was killed before it finished"
-
-
 def first_checkpoint(output_dir: Path) -> Path:
     return min((output_dir / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))
-
-
-def rollout_rows(output_dir: Path) -> list[dict[str, Any]]:
-    """The rollout rows of a metrics.jsonl being written (complete lines only)."""
-    path = output_dir / "metrics.jsonl"
-    lines = path.read_text().split("\n")[:-1] if path.exists() else []
-    return [row for row in map(json.loads, filter(None, lines)) if row.get("split") == "rollout"]
 
 
 @pytest.mark.slow
@@ -190,7 +138,7 @@ def test_killed_dp2_run_with_a_remote_critic_resumes_bit_exact(tmp_path: Path, r
     before = server_processes()
     config = config_file(tmp_path, "killed", 2, REMOTE)
     killed = tmp_path / "killed"
-    kill_at_last_iteration(config, killed, tmp_path)
+    kill_during_iteration(config, killed, tmp_path, iteration=ITERATIONS, timeout_s=TIMEOUT_S)
     assert not wait_until_gone(before), "the killed run left its critic server"
     assert not wait_until_gone(before, str(killed)), "the killed run left torchrun or a rank"
     assert [p.name for p in (killed / "checkpoints").iterdir()] == [first_checkpoint(remote_dp2).name]

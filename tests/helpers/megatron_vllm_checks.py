@@ -22,8 +22,9 @@ import align
 
 
 def engine_against_policy(algorithm: Any) -> dict[str, Any]:
-    """How far the vllm engine is from the megatron policy's HF export (``named_weights``, the
-    conversion a refit streams; collective, so every rank calls this): the tensors vLLM keeps
+    """How far the vllm engine is from the policy's HF export (``named_weights``, what a refit
+    streams; on any backend: the megatron tests here, tests/test_grpo.py's on hf; collective
+    under torchrun, so every rank calls this): the tensors vLLM keeps
     as they are (embedding, norms, LM head; its vocabulary padded) compared directly, and the
     linear layers it repacks on CPU through the engine's log-probs of its own greedy completions
     of four prompts against the policy's. ``policy`` is the export itself."""

@@ -37,9 +37,10 @@ def arith_config(algo: str, output_dir: Path, model: Path, **sections: Any) -> d
     return merge(config, sections)
 
 
-# A hook that "hangs" once the third iteration's rollout was logged (after the checkpoint of
-# iteration 2, with trainer.save_every: 2): the run is killed there, between two checkpoints.
-HANG_AFTER_ITERATION_2 = """
+# A hook that "hangs" once the given iteration's rollout row is logged (after the checkpoint of
+# the iteration before it, given the run's trainer.save_every): the run is killed there, between
+# two checkpoints. Hooks run on every rank of a distributed run.
+HANG_AT_ITERATION = """
 import time
 
 import align
@@ -47,24 +48,29 @@ import align
 
 @align.hookimpl
 def on_step_end(run, step, metrics):
-    if metrics.get("split") == "rollout" and metrics.get("iteration") == 3:
-        time.sleep(120)
+    if metrics.get("split") == "rollout" and metrics.get("iteration") == {iteration}:
+        time.sleep(600)
 """
 
 
-def kill_during_iteration_3(config: str, output_dir: Path, tmp_path: Path) -> None:
-    """Run ``align run config`` in a child process and SIGKILL it during iteration 3."""
+def kill_during_iteration(
+    config: str, output_dir: Path, tmp_path: Path, iteration: int, timeout_s: float = 300
+) -> None:
+    """Run ``align run config`` in a child process (the launcher alone: with nproc_per_node > 1 it
+    starts torchrun and the ranks) and SIGKILL it once ``iteration``'s rollout row is logged."""
     plugin_dir = tmp_path / "plugins"
     plugin_dir.mkdir(exist_ok=True)
-    (plugin_dir / "hang_for_tests.py").write_text(textwrap.dedent(HANG_AFTER_ITERATION_2))
+    hook = HANG_AT_ITERATION.format(iteration=iteration)
+    (plugin_dir / "hang_for_tests.py").write_text(textwrap.dedent(hook))
     env = subprocess_env([plugin_dir], ALIGN_PLUGIN_MODULES="hang_for_tests")
     log_path = tmp_path / f"{output_dir.name}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([*ALIGN, "run", config], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + timeout_s
             while proc.poll() is None and time.monotonic() < deadline:
-                if any(row.get("iteration") == 3 for row in _complete_rows(output_dir / "metrics.jsonl")):
+                rows = _complete_rows(output_dir / "metrics.jsonl")
+                if any(row.get("split") == "rollout" and row.get("iteration") == iteration for row in rows):
                     break
                 time.sleep(0.05)
             assert proc.poll() is None, log_path.read_text()[-3000:]
@@ -74,6 +80,12 @@ def kill_during_iteration_3(config: str, output_dir: Path, tmp_path: Path) -> No
                 proc.kill()
             proc.wait()
     assert not (output_dir / "final").exists(), "the run was killed before it finished"
+
+
+def kill_during_iteration_3(config: str, output_dir: Path, tmp_path: Path) -> None:
+    """``kill_during_iteration`` at iteration 3: after the checkpoint of iteration 2, with
+    trainer.save_every: 2."""
+    kill_during_iteration(config, output_dir, tmp_path, iteration=3)
 
 
 def _complete_rows(path: Path) -> list[dict[str, Any]]:
