@@ -40,7 +40,9 @@ before its first step, which on this model is minutes per hundred pairs.
 Variants: ``align`` (align's defaults: the reference precomputed once and cached, CPU row
 chunks), and one setting changed at a time: ``align-live`` (reference model kept, scored every
 step), ``align-grouped`` (``data.group_by_length``), ``align-unchunked``
-(``backend.chunk_tokens: null``), ``align-packed`` (``data.padding_free``); ``trl`` (TRL's
+(``backend.chunk_tokens: null``), ``align-packed`` (``data.padding_free``),
+``align-packed-compiled`` (``data.padding_free`` + ``backend.compile``: its start-up includes
+no compile, which happens in the first step, the untimed warm-up); ``trl`` (TRL's
 default: reference model kept) and ``trl-precompute`` (``precompute_ref_log_probs=True``). A
 ``-bf16`` suffix runs a variant in bf16 mixed precision: ``trainer.precision: bf16_mixed`` for
 align, ``bf16=True`` for TRL (CPU autocast through accelerate); ``align-bf16-pure`` trains
@@ -111,6 +113,7 @@ ALIGN_FP32_VARIANTS: dict[str, dict[str, Any]] = {
     "align-grouped": {"group_by_length": True},
     "align-unchunked": {"chunk_tokens": None},
     "align-packed": {"padding_free": True},
+    "align-packed-compiled": {"padding_free": True, "compile": True},
 }
 BF16 = "-bf16"  # the suffix of a variant in bf16 mixed precision
 ALIGN_VARIANTS: dict[str, dict[str, Any]] = {
@@ -351,6 +354,8 @@ def run_align(variant: str, workdir: Path, out: Path, steps: int, args: argparse
     backend = {"name": "hf", "attn_implementation": "sdpa", "device": device}
     if "chunk_tokens" in knobs:
         backend["chunk_tokens"] = knobs["chunk_tokens"]
+    if knobs.get("compile"):
+        backend["compile"] = True
     config = {
         "algo": "dpo",
         "output_dir": str(out),
