@@ -70,7 +70,7 @@ class HFBackendConfig(BackendConfig):
         False,
         description="Compile each decoder layer of the policy with torch.compile(dynamic=True): a "
         "one-off compile in the first step (~20 s on 2 CPU cores; needs a C++ compiler on CPU) "
-        "for ~10% faster steps on packed CPU rows (data.padding_free). Reference, reward models and "
+        "for ~5% shorter steps on packed CPU rows (data.padding_free). Reference, reward models and "
         "critics run as built; checkpoints keep their names. Not with num_layers_unfrozen or "
         "model.lora (docs/performance.md).",
     )
