@@ -44,19 +44,27 @@ CRITIC_KEYS = ("critic_loss", "critic_explained_variance", "value_mean")
 TIMEOUT_S = 900  # torchrun, two ranks and a critic server: minutes on a loaded 2-core machine
 
 
+# Every process a run of this test process starts (align run, torchrun, the ranks, the critic
+# server, tritonserver) inherits this variable: the checks below count only this process's own,
+# not those of tests running beside it (pytest-xdist's other worker starts servers too).
+OWNER = f"ALIGN_TEST_OWNER={os.getpid()}"
+os.environ["ALIGN_TEST_OWNER"] = str(os.getpid())
+
+
 def server_processes(*marks: str) -> set[int]:
-    """Pids of critic/reward servers and tritonservers on this machine (or, given ``marks``, of
-    the processes whose command line holds one of them)."""
+    """Pids of the critic/reward servers and tritonservers this test process's runs started (or,
+    given ``marks``, of its runs' processes whose command line holds one of them)."""
     marks = marks or ("align_pytriton.serve", "tritonserver")
     found = set()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(mark in command for mark in marks) and int(entry) != os.getpid():
+        if any(mark in command for mark in marks) and OWNER.encode() in environ:
             found.add(int(entry))
     return found
 
