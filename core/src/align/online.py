@@ -304,14 +304,18 @@ def eval_mode(module: Any) -> Iterator[None]:
     then back in the mode it was in. A pass that stands for the old policy or the reference
     must not sample dropout masks: the engine generated without them, and an old policy whose
     log-probs change from call to call makes the importance ratio noise."""
-    was_training = bool(getattr(module, "training", False))
-    if was_training:
-        module.eval()
+    # Each submodule's own mode comes back (a frozen part kept in eval mode stays so), not a
+    # blanket ``train()``.
+    if not isinstance(module, torch.nn.Module):  # a stand-in without modes: nothing to switch
+        yield
+        return
+    modes = [(sub, sub.training) for sub in module.modules()]
+    module.eval()
     try:
         yield
     finally:
-        if was_training:
-            module.train()
+        for sub, mode in modes:
+            sub.training = mode
 
 
 class PromptStream:

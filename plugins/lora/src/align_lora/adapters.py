@@ -40,14 +40,8 @@ def adapters_off(policy: PeftModel) -> Iterator[nn.Module]:
     """The policy's base model with every adapter switched off and in eval mode (as a frozen
     reference is): exactly the model the adapters were put on, sharing its weights. Each module's
     train/eval mode is restored afterwards, so this may run inside a training step."""
-    modes = [(module, module.training) for module in policy.modules()]
-    policy.eval()
-    try:
-        with policy.disable_adapter():
-            yield policy.get_base_model()
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    with align.eval_mode(policy), policy.disable_adapter():
+        yield policy.get_base_model()
 
 
 class AdaptersOff(nn.Module):
