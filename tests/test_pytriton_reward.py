@@ -208,6 +208,23 @@ def test_remote_reward_config_needs_url_or_serve(registry: align.Registry) -> No
     assert cfg.reward.serve.name == "length"  # type: ignore[attr-defined]  # widened to any installed reward
 
 
+def test_a_server_gives_tritonserver_its_model_load_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTriton loads each model with a client whose requests time out after 60 s; a loaded
+    machine exceeded that and the server exited. ``serve`` raises it to the settings' value."""
+    import pytriton.client.client as pytriton_client
+    from pytriton.client import ModelClient
+
+    from align_pytriton.config import ServerSettings
+    from align_pytriton.server import allow_slow_model_loads
+
+    monkeypatch.setattr(pytriton_client, "_DEFAULT_NETWORK_TIMEOUT_S", 60.0)  # restored after the test
+    allow_slow_model_loads(ServerSettings().model_load_timeout_s)
+    loader = ModelClient("http://127.0.0.1:1", "m", lazy_init=True)  # as PyTriton's _load_model builds it
+    assert loader._network_timeout_s == 300.0
+    allow_slow_model_loads(10.0)  # never lowers PyTriton's own limit
+    assert pytriton_client._DEFAULT_NETWORK_TIMEOUT_S == 300.0
+
+
 # ---- processes ----------------------------------------------------------------------------
 def run_and_wait(conn: Any) -> None:
     """A run (forked from pytest: nothing to import) that starts a reward server, scores once,

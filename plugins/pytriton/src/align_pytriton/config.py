@@ -32,6 +32,12 @@ class ServerSettings(align.StrictConfig):
         1000, ge=0, description="How long a request may wait for others to fill a batch (microseconds)."
     )
     exit_timeout_s: int = Field(5, ge=0, description="On stop, how long in-flight requests may finish.")
+    model_load_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest wait for tritonserver to load each model at start-up (PyTriton's own "
+        "limit is 60 s, which a heavily loaded machine can exceed).",
+    )
 
 
 class ClientSettings(align.StrictConfig):

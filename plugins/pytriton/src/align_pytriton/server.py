@@ -47,6 +47,24 @@ def prepare_environment() -> None:
         os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
+def allow_slow_model_loads(timeout_s: float) -> None:
+    """Raise PyTriton's network timeout for loading a model into tritonserver.
+
+    ``Triton.run`` loads each bound model through a ``ModelClient`` built with default settings,
+    whose requests time out after ``pytriton.client.client._DEFAULT_NETWORK_TIMEOUT_S`` (60 s)
+    with no way to pass another value. Loading the Python backend's stub took longer than that
+    on a loaded 2-core machine and the server exited. This is a private name of PyTriton 0.7.0;
+    if a later version drops it, the default (60 s) applies again and nothing else changes.
+    """
+    import pytriton.client.client as pytriton_client
+
+    if hasattr(pytriton_client, "_DEFAULT_NETWORK_TIMEOUT_S"):
+        pytriton_client._DEFAULT_NETWORK_TIMEOUT_S = max(
+            float(pytriton_client._DEFAULT_NETWORK_TIMEOUT_S),
+            timeout_s,
+        )
+
+
 def serve(
     settings: ServerSettings, endpoints: Sequence[Endpoint], label: str, workspace: Path | None = None
 ) -> None:
@@ -54,6 +72,7 @@ def serve(
     start or dies. ``workspace``: where PyTriton puts its model store and sockets (default a new
     folder under ~/.cache/pytriton, removed when it stops cleanly)."""
     prepare_environment()
+    allow_slow_model_loads(settings.model_load_timeout_s)
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
