@@ -221,12 +221,22 @@ class Learner:
             raise ValueError(f"trainable role {role!r} must be an identifier (it names a folder)")
         optim = optim or self.config.optim
         params = [p for p in module.parameters() if p.requires_grad]
-        trainable = Trainable(role, module, params, optim, make_optimizer(optim, params))
+        trainable = Trainable(role, module, params, optim, self._make_optimizer(module, params, optim))
         trainable.own_total_steps = total_steps
         trainable.scheduler = self._schedule(trainable)
         self.trainables[role] = trainable
         if role in self._pending_roles:
             self._restore_trainable(trainable, *self._pending_roles.pop(role))
+
+    def _make_optimizer(
+        self, module: nn.Module, params: list[nn.Parameter], optim: OptimConfig
+    ) -> torch.optim.Optimizer:
+        """The backend's optimizer for a model it built, where it has ``build_optimizer(module,
+        params, optim)`` and returns one (megatron's distributed optimizer); else (None, or no
+        such method) torch.optim's, ``make_optimizer``."""
+        build = getattr(self.backend, "build_optimizer", None)
+        built = build(module, params, optim) if callable(build) else None
+        return built if built is not None else make_optimizer(optim, params)
 
     def _trainable(self, role: str) -> Trainable:
         if role not in self.trainables:
