@@ -208,3 +208,39 @@ def test_a_stop_request_saves_writes_final_and_says_why(tmp_path, monkeypatch):
     assert result.stopped_because == "enough at step 3" and result.steps == 3
     assert (out / "checkpoints" / "step_3").is_dir() and (out / "final" / "config.json").is_file()
     assert [r["step"] for r in read_metrics(out, "train")] == [1, 2, 3]
+
+
+DENORMALS_AFTER_A_RUN = """
+import sys, torch
+import align
+from align import load_plugins
+from align.loading import validate_run_config
+import json
+plugins = load_plugins()
+align.train(validate_run_config(json.loads(sys.argv[1]), plugins.registry), plugins)
+torch.set_num_threads(2)
+products = torch.full((256, 256), 1e-32) @ (torch.randn(256, 256) * 1e-9)  # all below 1e-38
+print(products.abs().max().item())
+"""
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_a_run_computes_denormal_floats_as_zero_on_every_cpu_thread(tmp_path: Path, flush: bool) -> None:
+    """trainer.flush_denormals: a saturated loss's denormal gradients made CPU steps 3-15x slower.
+    The flag is per thread: a fresh run sets it before torch starts its thread pool, so the
+    pool's threads (which compute the matmul here) flush as well."""
+    import json
+    import subprocess
+
+    config = sft_config(
+        tmp_path / "out", data={"eval": None}, trainer={"max_steps": 1, "flush_denormals": flush}
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", DENORMALS_AFTER_A_RUN, json.dumps(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    largest = float(done.stdout.strip().splitlines()[-1])
+    assert (largest == 0.0) if flush else (0.0 < largest < 1.17e-38)  # float32 normal min

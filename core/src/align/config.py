@@ -228,6 +228,12 @@ class TrainerConfig(StrictConfig):
     tensorboard: bool | Literal["auto"] = "auto"
     progress: bool | Literal["auto"] = "auto"
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU.")
+    flush_denormals: bool = Field(
+        True,
+        description="On CPU, compute with float32 values below the normal range (~1e-38) as zero "
+        "(torch.set_flush_denormal). A saturated loss's tiny gradients otherwise made steps 3-15x "
+        "slower. No effect on GPUs.",
+    )
     precision: Literal["fp32", "bf16_mixed", "bf16"] = Field(
         "fp32",
         description="fp32: everything in float32. bf16_mixed: forward passes under bfloat16 autocast, "

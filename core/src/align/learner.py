@@ -665,6 +665,9 @@ class Learner:
     def build(self) -> None:
         """Backend, data, policy, the algorithm, and the policy's optimizer and schedule."""
         cfg, registry = self.config, self.plugins.registry
+        # Before any parallel CPU work if possible: the flag is per thread, and the threads of
+        # torch's pool inherit it only when they are started after it is set.
+        torch.set_flush_denormal(cfg.trainer.flush_denormals)
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
         seed_everything(cfg.seed)
