@@ -40,6 +40,7 @@ from align import (
     BackendConfig,
     ConfigError,
     ModelConfig,
+    OptimConfig,
     RunConfig,
     SequenceLogps,
     TokenBatch,
@@ -63,7 +64,9 @@ from align_megatron.conversion import (
     stage_of,
 )
 from align_megatron.cpu_shims import cpu_checkpoint_writer, cpu_only
+from align_megatron.distributed_optimizer import MegatronDistributedOptimizer, optimizer_config
 from align_megatron.lora import REPLICATED as REPLICATED_ADAPTER
+from align_megatron.optimizer_state import layout_of as parallel_layout
 from align_megatron.optimizer_state import load_optimizer_state, sharded_optimizer_state
 from align_megatron.parallel import Parallelism, build_gpt, initialize, transformer_engine_available
 from align_megatron.pipeline import run_stages
@@ -106,6 +109,14 @@ class MegatronBackendConfig(BackendConfig):
     )
     nproc_per_node: int = Field(
         1, ge=1, description="Processes on this node; > 1: `align run` starts them under torchrun itself."
+    )
+    distributed_optimizer: bool | Literal["auto"] = Field(
+        False,
+        description=(
+            "megatron-core's distributed optimizer (each data-parallel rank keeps the optimizer "
+            "state of its slice of the parameters) instead of torch.optim; auto: on a GPU only. "
+            "Not with LoRA."
+        ),
     )
 
     @field_validator("pipeline_micro_batches")
@@ -225,6 +236,9 @@ class MegatronBackend:
                 "trainer.precision: bf16_mixed does not run on backend megatron without a GPU; use "
                 "fp32, or bf16 (bfloat16 weights)"
             )
+        self.distributed_optimizer = _use_distributed_optimizer(self.cfg, run)
+        # The distributed optimizers this backend built, by id of their model.
+        self._distributed: dict[int, MegatronDistributedOptimizer] = {}
         self.par: Parallelism = initialize(
             self.cfg.tensor_model_parallel_size,
             self.cfg.pipeline_model_parallel_size,
@@ -448,12 +462,16 @@ class MegatronBackend:
         """The optimizer state of ``model``'s parameters (each rank's for its shards) as a
         distributed checkpoint in ``path``, sharded like the parameters
         (``align_megatron.optimizer_state``), so ``load_checkpoint_optimizer`` reads it at another
-        TP or PP. Collective. False (nothing written) for a model that is not one of this
-        backend's, or an optimizer of parameters it does not hold."""
+        TP or PP; the distributed optimizer's through megatron's own ``sharded_state_dict``.
+        Collective. False (nothing written) for a model that is not one of this backend's, or an
+        optimizer of parameters it does not hold."""
         from megatron.core import dist_checkpointing
 
         if not isinstance(model, MegatronModel):
             return False
+        if isinstance(optimizer, MegatronDistributedOptimizer):
+            optimizer.save(_sharded_state(model), parallel_layout(self.par), path)
+            return True
         state = sharded_optimizer_state(optimizer, _sharded_state(model), self.par)
         if state is None:
             return False
@@ -466,8 +484,42 @@ class MegatronBackend:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path
     ) -> None:
         """Load what ``save_checkpoint_optimizer`` wrote, at this run's TP/PP (a changed
-        data-parallel size is a config error)."""
+        data-parallel size is a config error); the distributed optimizer's at its own layout."""
+        if isinstance(optimizer, MegatronDistributedOptimizer):
+            optimizer.load(_sharded_state(_megatron(model)), parallel_layout(self.par), path)
+            return
         load_optimizer_state(optimizer, _sharded_state(_megatron(model)), self.par, path)
+
+    # ---- the optimizer ---------------------------------------------------------------------
+    def build_optimizer(
+        self, module: nn.Module, params: Sequence[nn.Parameter], optim: OptimConfig
+    ) -> torch.optim.Optimizer | None:
+        """With ``distributed_optimizer``: megatron-core's distributed optimizer for a model this
+        backend built (``align_megatron.distributed_optimizer``); None (the learner's
+        torch.optim) otherwise."""
+        if not self.distributed_optimizer or not isinstance(module, MegatronModel):
+            return None
+        from megatron.core import parallel_state as ps
+
+        sequence_parallel = self.cfg.sequence_parallel and self.par.tp > 1
+        norms = module.norms() if sequence_parallel else set()
+        replicated = module.replicated()
+        for param in params:
+            # megatron marks its shards only where it initialises them itself (not here: the
+            # weights come from HF); its gradient norm counts an unmarked parameter on TP rank 0
+            # only, as a copy held whole by every TP rank.
+            if id(param) not in replicated and not hasattr(param, "tensor_model_parallel"):
+                param.tensor_model_parallel = self.par.tp > 1  # type: ignore[attr-defined]
+        dtype = params[0].dtype if params else torch.float32
+        optimizer = MegatronDistributedOptimizer(
+            module,
+            optimizer_config(optim, dtype, self.run.trainer.max_grad_norm),
+            module.gpt.config,
+            [p for p in params if id(p) in norms],
+            ps.get_tensor_model_parallel_group(),
+        )
+        self._distributed[id(module)] = optimizer
+        return optimizer
 
     # ---- gradients ------------------------------------------------------------------------
     def finish_gradients(
@@ -475,9 +527,13 @@ class MegatronBackend:
     ) -> float:
         """Sum the gradients over the DP group, then return the global gradient norm (over every
         TP shard, replicated weights counted once), clipping to ``max_norm`` when set: the
-        learner calls this between the backward passes and the optimizer step."""
+        learner calls this between the backward passes and the optimizer step. With the
+        distributed optimizer, megatron's DDP and optimizer do it (each rank its slice)."""
         from megatron.core import parallel_state as ps
 
+        distributed = self._distributed.get(id(module))
+        if distributed is not None:
+            return distributed.finish(max_norm)
         meg = _megatron(module)
         replicated = meg.replicated()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -739,6 +795,20 @@ def _sharded_state(meg: MegatronModel) -> dict[str, Any]:
         gpt.post_process = post_process
     state["score.weight"] = make_sharded_tensor_for_checkpoint(meg.score.weight, "score.weight")
     return state
+
+
+def _use_distributed_optimizer(cfg: MegatronBackendConfig, run: RunConfig) -> bool:
+    """``backend.distributed_optimizer`` resolved: ``auto`` is on with a GPU (and no LoRA), off
+    on CPU, where it runs through shims (``cpu_shims.megatron_optimizer_on_cpu``)."""
+    lora = any(section.lora is not None for _, section in model_sections(run))
+    if cfg.distributed_optimizer == "auto":
+        return not cpu_only() and not lora
+    if cfg.distributed_optimizer and lora:
+        raise ConfigError(
+            "backend.distributed_optimizer: not with model.lora (the adapters are not in megatron's "
+            "sharded state dict, which the distributed optimizer's state follows); set it to false"
+        )
+    return cfg.distributed_optimizer
 
 
 def _tokenizer_source(cfg: ModelConfig) -> str:

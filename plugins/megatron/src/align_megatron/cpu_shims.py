@@ -13,16 +13,19 @@ megatron-core 0.16 assumes CUDA in two places that a CPU run reaches:
 
 Both are applied once per process, and never when CUDA is available (the real code paths run).
 
-A third one wraps each distributed-checkpoint save (``cpu_checkpoint_writer``), see there.
+A third one wraps each distributed-checkpoint save (``cpu_checkpoint_writer``), and a fourth
+megatron-core's distributed optimizer (``megatron_optimizer_on_cpu``), see there.
 """
 
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from torch import Tensor
 
 _applied = False
 
@@ -75,3 +78,42 @@ def cpu_checkpoint_writer() -> Iterator[None]:
     finally:
         torch.cuda.synchronize = synchronize
         filesystem_async._results_queue = results
+
+
+@contextmanager
+def megatron_optimizer_on_cpu() -> Iterator[None]:
+    """Around each call into megatron-core's distributed optimizer without a GPU (a no-op with
+    one). Its code names the device and the tensor types literally, in two ways that would refuse
+    a CPU run: it makes its flags and norms with ``torch.tensor(..., device='cuda')`` and
+    ``torch.zeros(..., device='cuda')`` (the optimizer's ``__init__``, ``clip_grads``), made on
+    the CPU here, and it sorts the parameters into fp32 and 16-bit ones by ``param.type() ==
+    'torch.cuda.FloatTensor'`` (``DistributedOptimizer._build_model_and_main_param_groups``,
+    ``clip_grad_by_total_norm_fp32``), so ``Tensor.type()`` names a CPU tensor's CUDA type here.
+    Nothing else changes: the computation is megatron's, on the CPU, with gloo's collectives
+    (reduce-scatter, all-gather). Both are put back afterwards."""
+    if not cpu_only():
+        yield
+        return
+    tensor, zeros, type_name = torch.tensor, torch.zeros, torch.Tensor.type
+
+    def on_cpu(make: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def made(*args: Any, **kwargs: Any) -> Tensor:
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return make(*args, **kwargs)
+
+        return made
+
+    def cuda_type_name(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+        named = type_name(self, *args, **kwargs)
+        if args or kwargs or self.device.type != "cpu":  # a conversion, or a real CUDA tensor
+            return named
+        return named.replace("torch.", "torch.cuda.", 1)
+
+    torch.tensor, torch.zeros = on_cpu(tensor), on_cpu(zeros)
+    torch.Tensor.type = cuda_type_name  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.tensor, torch.zeros = tensor, zeros
+        torch.Tensor.type = type_name  # type: ignore[method-assign]
