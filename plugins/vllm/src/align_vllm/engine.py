@@ -187,14 +187,14 @@ class VLLMEngine:
     def refit(self, weights: NamedWeights) -> None:
         self.wake_up()
         converted = ((name, tensor.detach().to(self.dtype)) for name, tensor in weights)
-        try:
-            with self._on_device():
+        with self._on_device():
+            try:
                 self.llm.collective_rpc(
                     "reload_weights", kwargs={"weights_iterator": converted, "is_checkpoint_format": True}
                 )
-        except Exception as exc:
-            raise EngineError(f"engine 'vllm': refit failed: {_describe(exc)}") from exc
-        self.llm.reset_prefix_cache()
+            except Exception as exc:
+                raise EngineError(f"engine 'vllm': refit failed: {_describe(exc)}") from exc
+            self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
         if self.sleep_mode and not self.asleep:
@@ -212,7 +212,8 @@ class VLLMEngine:
         if self.closed:
             return
         self.closed = True
-        _shut_down(self.llm)
+        with self._on_device():
+            _shut_down(self.llm)
         del self.llm
         _ProcessGroups.closed()
 
