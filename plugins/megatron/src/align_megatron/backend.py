@@ -144,6 +144,20 @@ class MegatronBackendConfig(BackendConfig):
             "nproc_per_node",
         )
 
+    def uses_distributed_optimizer(self, run: RunConfig) -> bool:
+        """``distributed_optimizer`` resolved: ``auto`` is on with a GPU (and no LoRA), off on
+        CPU, where ``true`` runs it through a shim (``cpu_shims.megatron_optimizer_on_cpu``)."""
+        lora = any(section.lora is not None for _, section in model_sections(run))
+        if self.distributed_optimizer == "auto":
+            return not cpu_only() and not lora
+        if self.distributed_optimizer and lora:
+            raise ConfigError(
+                "backend.distributed_optimizer: not with model.lora (the adapters are not in "
+                "megatron's sharded state dict, which the distributed optimizer's state follows); "
+                "set it to false"
+            )
+        return self.distributed_optimizer
+
     @property
     def micro_batches(self) -> int:
         """The pipeline micro-batches of a scoring call (1 without pipeline stages)."""
@@ -236,7 +250,7 @@ class MegatronBackend:
                 "trainer.precision: bf16_mixed does not run on backend megatron without a GPU; use "
                 "fp32, or bf16 (bfloat16 weights)"
             )
-        self.distributed_optimizer = _use_distributed_optimizer(self.cfg, run)
+        self.distributed_optimizer = self.cfg.uses_distributed_optimizer(run)
         # The distributed optimizers this backend built, by id of their model.
         self._distributed: dict[int, MegatronDistributedOptimizer] = {}
         self.par: Parallelism = initialize(
@@ -795,20 +809,6 @@ def _sharded_state(meg: MegatronModel) -> dict[str, Any]:
         gpt.post_process = post_process
     state["score.weight"] = make_sharded_tensor_for_checkpoint(meg.score.weight, "score.weight")
     return state
-
-
-def _use_distributed_optimizer(cfg: MegatronBackendConfig, run: RunConfig) -> bool:
-    """``backend.distributed_optimizer`` resolved: ``auto`` is on with a GPU (and no LoRA), off
-    on CPU, where it runs through shims (``cpu_shims.megatron_optimizer_on_cpu``)."""
-    lora = any(section.lora is not None for _, section in model_sections(run))
-    if cfg.distributed_optimizer == "auto":
-        return not cpu_only() and not lora
-    if cfg.distributed_optimizer and lora:
-        raise ConfigError(
-            "backend.distributed_optimizer: not with model.lora (the adapters are not in megatron's "
-            "sharded state dict, which the distributed optimizer's state follows); set it to false"
-        )
-    return cfg.distributed_optimizer
 
 
 def _tokenizer_source(cfg: ModelConfig) -> str:
