@@ -4,8 +4,6 @@ the same global batch; a resumed TP=2 run ends bit-exact; only the main rank wri
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,104 +13,34 @@ from typing import Any
 import pytest
 import torch
 from helpers import (
-    DATA,
-    REPO,
-    TINY_MODEL,
     assert_user_error,
-    dpo_config,
-    head_jsonl,
     read_metrics,
+    read_yaml,
     run_cli,
-    subprocess_env,
     write_yaml,
 )
-from helpers.online import arith_config
+from helpers.megatron_runs import (
+    CHECKS,
+    grad_norms,
+    length_reward_run,
+    run_in_process,
+    small_dpo,
+    torchrun,
+    train_losses,
+    variant,
+)
 from safetensors.torch import load_file
 
 pytest.importorskip("megatron.core")
 
-CHECKS = REPO / "tests" / "helpers" / "megatron_checks.py"
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 # Float32 on CPU: sharded matmuls and reductions sum in another order than one process does.
 LOGIT_TOLERANCE = 1e-4
 LOSS_TOLERANCE = 1e-5
-# The tiny model with two layers: one per stage at PP=2.
-TWO_LAYERS = {**TINY_MODEL, "tiny": {**TINY_MODEL["tiny"], "num_layers": 2}}
-# A TP=2 or PP=2 run resumed in one process ends within this of the run it resumed: the same
+# A run resumed at another layout (TP, PP) ends within this of the run it resumed: the same
 # updates from resharded weights and optimizer state, summed in another order (measured: 7.5e-9
 # from TP=2, 1.2e-7 from PP=2, whose pipeline micro-batches sum the gradients in pieces; the TP=2
 # checkpoint resumed with a fresh optimizer instead ends 3.4e-3 away).
 RESHARDED_RESUME_TOLERANCE = 1e-6
-
-
-def small_dpo(tmp_path: Path, name: str, backend: dict[str, Any], **sections: Any) -> str:
-    """A 4-step DPO run of the tiny model (two layers) on 32 shipped pairs (no eval split), as a
-    config file."""
-    train = tmp_path / "train.jsonl"
-    if not train.exists():
-        head_jsonl(DATA / "preference_train.jsonl", train, 32)
-    config = dpo_config(
-        tmp_path / name,
-        model=TWO_LAYERS,
-        backend={"name": "megatron", **backend},
-        # 63: odd, so sequence parallelism at TP=2 pads the width
-        data={"train": str(train), "eval": None, "max_length": 63},
-        **sections,
-    )
-    return write_yaml(tmp_path / f"{name}.yaml", config)
-
-
-def run_in_process(config: str) -> None:
-    import align
-    from align.cli import load_config
-    from align.plugins import default_plugins
-
-    plugins = default_plugins()
-    align.train(load_config(config, [], None, plugins), plugins)
-
-
-def torchrun(tmp_path: Path, tp: int, runs: list[str], **options: Any) -> dict[str, Any]:
-    """Run the checks and ``runs`` under torchrun (2 processes); rank 0's report. ``options``
-    go into the spec (see megatron_checks.main)."""
-    spec = tmp_path / f"spec_tp{tp}.json"
-    report = tmp_path / f"report_tp{tp}.json"
-    spec.write_text(json.dumps({"tp": tp, "runs": runs, "report": str(report), **options}))
-    logs = tmp_path / f"torchrun_logs_tp{tp}"
-    # Each rank's stdout/stderr in its own file (torchrun's --redirects): a failed rank's own
-    # traceback, not the launcher's summary of it.
-    command = [
-        *TORCHRUN,
-        "--master_port",
-        str(29500 + os.getpid() % 1000),
-        "--log-dir",
-        str(logs),
-        "--redirects",
-        "3",
-        str(CHECKS),
-        str(spec),
-    ]
-    done = subprocess.run(
-        ["timeout", "300", *command], env=subprocess_env(), capture_output=True, text=True, cwd=tmp_path
-    )
-    assert done.returncode == 0, (
-        f"torchrun exited {done.returncode}\n{rank_logs(logs)}\n{done.stderr[-2000:]}"
-    )
-    print("torchrun report:", report.read_text()[-300:])
-    result: dict[str, Any] = json.loads(report.read_text())
-    return result
-
-
-def rank_logs(logs: Path, tail: int = 3000) -> str:
-    """The end of each rank's stderr (``<log-dir>/<run>/attempt_<n>/<local rank>/stderr.log``)."""
-    parts = []
-    for log in sorted(logs.glob("*/attempt_*/*/stderr.log")):
-        rank = log.parent.name
-        parts.append(f"---- rank {rank} stderr ({log.parent.parent.name}) ----\n{log.read_text()[-tail:]}")
-    return "\n".join(parts) or f"(no rank logs under {logs})"
-
-
-def train_losses(output_dir: Path) -> list[float]:
-    return [m["loss"] for m in read_metrics(output_dir, "train")]
 
 
 def assert_conversion_exact(report: dict[str, dict[str, float | bool]]) -> None:
@@ -146,7 +74,7 @@ def test_what_megatron_cannot_run_is_a_user_error(
 ) -> None:
     """Exit 2 with the key at fault, before anything is written."""
     backend = sections.pop("backend", {})
-    config = _yaml(small_dpo(tmp_path, "run", backend, **sections))
+    config = read_yaml(Path(small_dpo(tmp_path, "run", backend, **sections)))
     result = run_cli(capsys, "run", write_yaml(tmp_path / "bad.yaml", config))
     assert_user_error(result, *fragments)
     assert not (tmp_path / "run" / "final").exists()
@@ -188,12 +116,7 @@ def tp1_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_megatron_tp1_dpo_follows_the_hf_backend(tp1_run: Path, tmp_path: Path) -> None:
     """The same run on both backends: the same losses and final weights (to float32
     rounding), and the final model is an HF checkpoint."""
-    config = _yaml(str(tp1_run.parent / "tp1.yaml"))
-    run_in_process(
-        write_yaml(
-            tmp_path / "hf.yaml", {**config, "backend": {"name": "hf"}, "output_dir": str(tmp_path / "hf")}
-        )
-    )
+    run_in_process(variant(tp1_run.parent / "tp1.yaml", tmp_path / "hf", backend={"name": "hf"}))
     hf = train_losses(tmp_path / "hf")
     assert train_losses(tp1_run) == pytest.approx(hf, abs=LOSS_TOLERANCE)
     assert len(hf) == 4 and hf[-1] < hf[0] - 0.05  # it learns
@@ -267,13 +190,12 @@ def test_tp2_and_dp2_follow_tp1_and_tp2_resumes_bit_exact(
 def resumed_config(run: Path, into: Path, backend: dict[str, Any]) -> str:
     """A config resuming ``run``'s step-2 checkpoint on the megatron backend with ``backend``'s
     parallel sizes (none: TP=1, PP=1, one process) into ``into``."""
-    config = _yaml(str(run.with_suffix(".yaml")))
-    config |= {
-        "backend": {"name": "megatron", **backend},
-        "output_dir": str(into),
-        "resume": str(run / "checkpoints/step_2"),
-    }
-    return write_yaml(into.with_suffix(".yaml"), config)
+    return variant(
+        run.with_suffix(".yaml"),
+        into,
+        backend={"name": "megatron", **backend},
+        resume=str(run / "checkpoints/step_2"),
+    )
 
 
 def assert_resumed_like(resumed: Path, uninterrupted: Path) -> None:
@@ -350,13 +272,6 @@ def assert_reshards_to_tp1(config: Path, checkpoint: Path, final: Path) -> None:
     assert float((logits - expected).abs().max()) <= 1e-6
 
 
-def _yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    loaded: dict[str, Any] = yaml.safe_load(Path(path).read_text())
-    return loaded
-
-
 @pytest.fixture(scope="module")
 def second_launch(tmp_path_factory: pytest.TempPathFactory, tp1_run: Path) -> tuple[Path, dict[str, Any]]:
     """One more torchrun launch (2 processes, gloo; one launch, as process start-up dominates):
@@ -373,21 +288,9 @@ def second_launch(tmp_path_factory: pytest.TempPathFactory, tp1_run: Path) -> tu
         resume=str(folder / "pp2/checkpoints/step_2"),
     )
     sequence_parallel = small_dpo(folder, "sp", {"tensor_model_parallel_size": 2, "sequence_parallel": True})
-    grpo = arith_config(
-        "grpo",
-        folder / "grpo_tp2",
-        Path("unused"),  # the model is the tiny one below
-        backend={"name": "megatron", "tensor_model_parallel_size": 2},
-        data={"eval": None},
-        iterations=2,
-        prompts_per_iteration=8,
-        sampling={"n": 4},
-        trainer={"batch_size": 16},
-        optim={"lr": 1e-3},
+    grpo = length_reward_run(
+        "grpo", folder / "grpo_tp2", {"tensor_model_parallel_size": 2}, samples=4, lr=1e-3
     )
-    grpo["model"] = TWO_LAYERS
-    # A reward an untrained model's samples differ in (exact match never pays it): advantages.
-    grpo["reward"] = {"name": "length", "target": 2}
     grown = [
         resumed_config(tp1_run, folder / name, backend)
         for name, backend in (
@@ -397,10 +300,6 @@ def second_launch(tmp_path_factory: pytest.TempPathFactory, tp1_run: Path) -> tu
     ]
     runs = [pp2, resumed, sequence_parallel, write_yaml(folder / "grpo_tp2.yaml", grpo), *grown]
     return folder, torchrun(folder, tp=0, runs=runs, check_refits=True)
-
-
-def grad_norms(output_dir: Path) -> list[float]:
-    return [m["grad_norm"] for m in read_metrics(output_dir, "train")]
 
 
 @pytest.mark.slow

@@ -6,35 +6,37 @@ TP=2 refits its engine with merged weights (one torchrun launch, 2 processes, gl
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from helpers import (
-    DATA,
-    TINY_MODEL,
     assert_user_error,
     dpo_config,
-    head_jsonl,
     merge,
     read_metrics,
     run_cli,
     write_yaml,
 )
-from helpers.online import arith_config
+from helpers.megatron_runs import (
+    TWO_LAYERS,
+    length_reward_run,
+    pairs_config,
+    run_in_process,
+    torchrun,
+    train_losses,
+)
 from safetensors.torch import load_file
 
 import align
 
 pytest.importorskip("megatron.core")
-sys.path.insert(0, str(Path(__file__).parent))
-from test_megatron import LOSS_TOLERANCE, run_in_process, torchrun, train_losses
+from test_megatron import LOSS_TOLERANCE
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1}
 # Two layers (the adapters of both are checked), LoRA with dropout.
-MODEL = merge(TINY_MODEL, {"tiny": {"num_layers": 2}, "lora": LORA})
+MODEL = merge(TWO_LAYERS, {"lora": LORA})
 PAIRS = [([5, 6, 7], [8, 9, 10, 11]), ([40, 41], [42, 43, 44]), ([100, 101, 102, 103], [104])]
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -43,14 +45,12 @@ def lora_dpo(
     folder: Path, name: str, backend: dict[str, Any], lora: dict[str, Any] | None = None, **sections: Any
 ) -> str:
     """A 4-step DPO run with LoRA (lr 1e-2: adapters start at zero) on 16 shipped pairs, 4 a step."""
-    train = folder / "train.jsonl"
-    if not train.exists():
-        head_jsonl(DATA / "preference_train.jsonl", train, 16)
-    config = dpo_config(
-        folder / name,
+    config = pairs_config(
+        folder,
+        name,
+        {"name": "megatron", **backend},
+        pairs=16,
         model=merge(MODEL, {"lora": lora or {}}),
-        backend={"name": "megatron", **backend},
-        data={"train": str(train), "eval": None, "max_length": 63},
         optim={"lr": 1e-2},
         **merge({"trainer": {"batch_size": 4}}, sections),
     )
@@ -214,22 +214,16 @@ def test_sequence_parallel_follows_tp1_and_grpo_refits_merged(tmp_path: Path) ->
     refit checked against the policy."""
     no_dropout = {"dropout": 0.0}
     sp = lora_dpo(tmp_path, "sp", {"tensor_model_parallel_size": 2, "sequence_parallel": True}, no_dropout)
-    grpo = arith_config(
+    # No adapter dropout: the refit check compares the engine with the policy in train mode.
+    grpo = length_reward_run(
         "grpo",
         tmp_path / "grpo",
-        Path("unused"),
-        backend={"name": "megatron", "tensor_model_parallel_size": 2},
-        data={"eval": None},
-        iterations=2,
-        prompts_per_iteration=8,
-        sampling={"n": 4},
-        trainer={"batch_size": 16},
-        optim={"lr": 1e-2},
+        {"tensor_model_parallel_size": 2},
+        samples=4,
+        lr=1e-2,
+        model=merge(MODEL, {"lora": no_dropout}),
         kl={"coef": 0.05},
     )
-    # No adapter dropout: the refit check compares the engine with the policy in train mode.
-    grpo["model"] = merge(MODEL, {"lora": no_dropout})
-    grpo["reward"] = {"name": "length", "target": 2}
     report = torchrun(tmp_path, tp=0, runs=[sp, write_yaml(tmp_path / "grpo.yaml", grpo)], check_refits=True)
 
     run_in_process(lora_dpo(tmp_path, "tp1", {}, no_dropout))

@@ -9,20 +9,26 @@ follows TP=1."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import DATA, dpo_config, head_jsonl, merge, write_yaml
+from helpers import merge, read_metrics, write_yaml
+from helpers.megatron_runs import (
+    TWO_LAYERS,
+    grad_norms,
+    length_reward_run,
+    pairs_config,
+    run_in_process,
+    torchrun,
+    train_losses,
+)
 from safetensors.torch import load_file
 
 import align
 
 pytest.importorskip("megatron.core")
-sys.path.insert(0, str(Path(__file__).parent))
-from test_megatron import TWO_LAYERS, run_in_process, train_losses
 
 LORA = {"r": 4, "alpha": 8}
 PAIRS = [([5, 6, 7], [8, 9, 10, 11]), ([40, 41], [42, 43, 44]), ([100, 101, 102, 103], [104])]
@@ -32,20 +38,17 @@ REJECTED = [([5, 6, 7], [20, 21]), ([40, 41], [60]), ([100, 101, 102, 103], [70,
 def reward_config(folder: Path, backend: str, lora: dict[str, Any], **sections: Any) -> dict[str, Any]:
     """A Bradley-Terry run of the two-layer tiny model with LoRA on 16 shipped pairs, 4 a step,
     two epochs (lr 1e-2: the adapters start at zero), no eval split."""
-    train = folder.parent / "train.jsonl"
-    if not train.exists():
-        head_jsonl(DATA / "preference_train.jsonl", train, 16)
-    config = dpo_config(
-        folder,
-        algo="reward",
+    return pairs_config(
+        folder.parent,
+        folder.name,
+        {"name": backend},
+        pairs=16,
         model=merge(TWO_LAYERS, {"lora": {**LORA, **lora}}),
-        backend={"name": backend},
-        data={"train": str(train), "eval": None, "max_length": 63},
+        algo="reward",
+        loss=None,
         optim={"lr": 1e-2},
         **merge({"trainer": {"batch_size": 4, "max_steps": 8}}, sections),
     )
-    config.pop("loss")
-    return config
 
 
 def scorer(config: dict[str, Any]) -> tuple[Any, torch.nn.Module]:
@@ -171,46 +174,40 @@ def test_final_is_a_merged_classifier_scoring_as_the_trained_adapter(lora_reward
     torch.testing.assert_close(adapted, exported, rtol=0, atol=1e-5)
 
 
-def ppo_config(folder: Path, **sections: Any) -> dict[str, Any]:
-    """Two PPO iterations with LoRA on the run's model section: the policy and the local critic
-    (initialised from it, a fresh head) each get adapters."""
-    from helpers.online import arith_config
-
-    config = arith_config(
-        "ppo",
-        folder,
-        Path("unused"),  # the tiny model below
-        backend={"name": "megatron"},
-        data={"eval": None},
-        iterations=2,
-        prompts_per_iteration=8,
-        sampling={"n": 2},
-        epochs=1,
-        trainer={"batch_size": 16},
-        optim={"lr": 1e-2},
+def ppo_config(folder: Path, backend: dict[str, Any] | None = None, **sections: Any) -> dict[str, Any]:
+    """Two PPO iterations with LoRA on the run's model section (the megatron backend with
+    ``backend``'s parallel sizes): the policy and the local critic (initialised from it, a fresh
+    head) each get adapters."""
+    model = merge(TWO_LAYERS, {"lora": LORA})
+    return length_reward_run(
+        "ppo", folder, backend or {}, samples=2, lr=1e-2, model=model, epochs=1, **sections
     )
-    config = merge(config, sections)
-    config["model"] = merge(TWO_LAYERS, {"lora": LORA})
-    config["reward"] = {"name": "length", "target": 2}
-    return config
 
 
-def test_ppo_critic_with_lora_checkpoints_adapter_and_head_and_resumes_bit_exact(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def lora_ppo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PPO with LoRA on megatron at TP=1 (a checkpoint every iteration), then resumed from
+    iteration 1."""
+    folder = tmp_path_factory.mktemp("megatron_lora_ppo")
+    config = ppo_config(folder / "run", trainer={"save_every": 1})
+    run_in_process(write_yaml(folder / "run.yaml", config))
+    resumed = {**config, "output_dir": str(folder / "resumed")}
+    resumed["resume"] = str(folder / "run/checkpoints/step_1")
+    run_in_process(write_yaml(folder / "resumed.yaml", resumed))
+    return folder
+
+
+def lora_critic(run: Path, step: int) -> dict[str, torch.Tensor]:
+    """A PPO run's checkpointed critic: its adapter and head (PEFT's SEQ_CLS names)."""
+    return load_file(run / f"checkpoints/step_{step}/roles/critic/adapter_model.safetensors")
+
+
+def test_ppo_critic_with_lora_checkpoints_adapter_and_head_and_resumes_bit_exact(lora_ppo: Path) -> None:
     """PPO's local critic (``build_model("critic")``) takes the same path as a reward model: its
     checkpoint is its adapter and head (SEQ_CLS), the policy's its adapter alone (CAUSAL_LM); the
     head trains; a run resumed from iteration 1 repeats iteration 2's critic, bit for bit."""
-    from helpers import read_metrics
-
-    config = ppo_config(tmp_path / "run", trainer={"save_every": 1})
-    run_in_process(write_yaml(tmp_path / "run.yaml", config))
-    resumed = {**config, "output_dir": str(tmp_path / "resumed")}
-    resumed["resume"] = str(tmp_path / "run/checkpoints/step_1")
-    run_in_process(write_yaml(tmp_path / "resumed.yaml", resumed))
-
-    def critic(run: str, step: int) -> dict[str, torch.Tensor]:
-        return load_file(tmp_path / run / f"checkpoints/step_{step}/roles/critic/adapter_model.safetensors")
-
-    first, second = critic("run", 1), critic("run", 2)
+    tmp_path = lora_ppo
+    first, second = lora_critic(tmp_path / "run", 1), lora_critic(tmp_path / "run", 2)
     head = "base_model.model.score.weight"
     assert head in first and not torch.equal(first[head], second[head])  # trained in full
     assert all(".lora_A." in k or ".lora_B." in k for k in first if k != head)
@@ -222,17 +219,21 @@ def test_ppo_critic_with_lora_checkpoints_adapter_and_head_and_resumes_bit_exact
     again = read_metrics(tmp_path / "resumed", "rollout")
     keys = ("critic_loss", "critic_grad_norm", "critic_value_mean")
     assert [[row[k] for k in keys] for row in again] == [[row[k] for k in keys] for row in ours[1:]]
-    final = critic("resumed", 2)
+    final = lora_critic(tmp_path / "resumed", 2)
     assert set(final) == set(second) and all(torch.equal(final[k], second[k]) for k in final)
 
 
 @pytest.mark.slow
-def test_reward_lora_at_tp2_and_pp2_follows_tp1(lora_reward: Path, tmp_path: Path) -> None:
+def test_reward_lora_at_tp2_and_pp2_and_ppo_lora_at_tp2_follow_tp1(
+    lora_reward: Path, lora_ppo: Path, tmp_path: Path
+) -> None:
     """One torchrun launch (2 processes): the LoRA reward run at TP=2 (adapter dropout on: its
     masks do not depend on TP) gives TP=1's losses and final adapter and head; at PP=2 (dropout
     0: each stage draws its own masks) those of a TP=1 run without dropout, the head saved from
-    the last stage."""
-    from test_megatron import LOSS_TOLERANCE, torchrun
+    the last stage. PPO with LoRA on the policy and the critic at TP=2 gives TP=1's critic
+    metrics (to 1e-5) and policy gradient norms, and its checkpointed critic adapter and head
+    (to 1e-4; measured 1.0e-7)."""
+    from test_megatron import LOSS_TOLERANCE
 
     def run(name: str, backend: dict[str, Any], **lora: Any) -> str:
         config = reward_config(tmp_path / name, "megatron", lora)
@@ -241,7 +242,8 @@ def test_reward_lora_at_tp2_and_pp2_follows_tp1(lora_reward: Path, tmp_path: Pat
 
     tp2 = run("tp2", {"tensor_model_parallel_size": 2})
     pp2 = run("pp2", {"pipeline_model_parallel_size": 2}, dropout=0.0)
-    torchrun(tmp_path, tp=0, runs=[tp2, pp2])
+    ppo = ppo_config(tmp_path / "ppo_tp2", {"tensor_model_parallel_size": 2}, trainer={"save_every": 1})
+    torchrun(tmp_path, tp=0, runs=[tp2, pp2, write_yaml(tmp_path / "ppo_tp2.yaml", ppo)])
     run_in_process(run("tp1_no_dropout", {}, dropout=0.0))
 
     adapter = "final/adapter/adapter_model.safetensors"
@@ -250,3 +252,15 @@ def test_reward_lora_at_tp2_and_pp2_follows_tp1(lora_reward: Path, tmp_path: Pat
         ours, theirs = load_file(tmp_path / name / adapter), load_file(reference / adapter)
         assert set(ours) == set(theirs) and "base_model.model.score.weight" in ours, name
         assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-4, name
+
+    def flat_critic_metrics(run: Path) -> list[float]:
+        keys = ("critic_loss", "critic_grad_norm", "critic_value_mean", "critic_explained_variance")
+        return [row[k] for row in read_metrics(run, "rollout") for k in keys]
+
+    tp1_ppo, tp2_ppo = lora_ppo / "run", tmp_path / "ppo_tp2"
+    assert flat_critic_metrics(tp2_ppo) == pytest.approx(flat_critic_metrics(tp1_ppo), abs=1e-5)
+    assert grad_norms(tp2_ppo) == pytest.approx(grad_norms(tp1_ppo), rel=1e-5)
+    ours, theirs = lora_critic(tp2_ppo, 2), lora_critic(tp1_ppo, 2)
+    largest = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    print("PPO critic with LoRA at TP=2: largest difference from TP=1", largest)
+    assert set(ours) == set(theirs) and "base_model.model.score.weight" in ours and largest < 1e-4

@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_user_error, read_metrics, run_cli
+from helpers import assert_user_error, run_cli
+from helpers.megatron_runs import grad_norms, run_in_process, small_dpo, torchrun, train_losses
 from safetensors.torch import load_file
-from test_megatron import LOSS_TOLERANCE, run_in_process, small_dpo, torchrun, train_losses
+from test_megatron import LOSS_TOLERANCE
 
 pytest.importorskip("megatron.core")
-
-
-def grad_norms(output_dir: Path) -> list[float]:
-    return [m["grad_norm"] for m in read_metrics(output_dir, "train")]
 
 
 @pytest.mark.slow

