@@ -7,8 +7,17 @@ that says how to install vLLM.
 
 from align import Register, hookimpl
 from align_vllm.engine import VLLMEngine, VLLMEngineConfig, build_vllm_engine, check_head_size, vllm_available
+from align_vllm.placement import VLLMPlacement, vllm_placement
 
-__all__ = ["VLLMEngine", "VLLMEngineConfig", "build_vllm_engine", "check_head_size", "vllm_available"]
+__all__ = [
+    "VLLMEngine",
+    "VLLMEngineConfig",
+    "VLLMPlacement",
+    "build_vllm_engine",
+    "check_head_size",
+    "vllm_available",
+    "vllm_placement",
+]
 
 
 @hookimpl
