@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from helpers import (
     subprocess_env,
     write_yaml,
 )
+from helpers.online import kill_during_iteration, processes_mentioning
 
 CHECKS = REPO / "tests" / "helpers" / "dp_checks.py"
 PROMPTS = 8  # per iteration
@@ -188,6 +191,28 @@ def test_grpo_dp2_resumes_bit_exact(grpo_runs: tuple[Path, Path], tmp_path: Path
     config = online_config("grpo", resumed, 2)
     align_run(write_yaml(tmp_path / "resume.yaml", config), "--resume")
     assert max_weight_diff(load_weights(dp2 / "final"), load_weights(resumed / "final")) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_launcher_alone_stops_every_rank(
+    grpo_runs: tuple[Path, Path], tmp_path: Path, signum: int
+) -> None:
+    """``kill -INT`` or ``kill -TERM`` to the ``align run`` launcher of a DP=2 run, during iteration
+    2: it passes the signal on to torchrun, which stops the ranks (each runs in a session of its
+    own, so nothing else reaches them), and exits 128 + the signal. Nothing of the run is left,
+    and --resume ends where the uninterrupted run ends."""
+    _, dp2 = grpo_runs
+    stopped = tmp_path / "stopped"
+    config = write_yaml(tmp_path / "stopped.yaml", online_config("grpo", stopped, 2))
+    code = kill_during_iteration(config, stopped, tmp_path, iteration=ITERATIONS, signum=signum)
+    assert code == 128 + signum
+    deadline = time.monotonic() + 30
+    while (left := processes_mentioning(config)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, "the launcher left torchrun or a rank running"
+    align_run(config, "--resume")
+    assert max_weight_diff(load_weights(dp2 / "final"), load_weights(stopped / "final")) == 0.0
 
 
 @pytest.mark.slow

@@ -54,10 +54,16 @@ def on_step_end(run, step, metrics):
 
 
 def kill_during_iteration(
-    config: str, output_dir: Path, tmp_path: Path, iteration: int, timeout_s: float = 300
-) -> None:
+    config: str,
+    output_dir: Path,
+    tmp_path: Path,
+    iteration: int,
+    timeout_s: float = 300,
+    signum: int = signal.SIGKILL,
+) -> int:
     """Run ``align run config`` in a child process (the launcher alone: with nproc_per_node > 1 it
-    starts torchrun and the ranks) and SIGKILL it once ``iteration``'s rollout row is logged."""
+    starts torchrun and the ranks) and send it ``signum`` (to it alone, not to its process group)
+    once ``iteration``'s rollout row is logged; its exit code."""
     plugin_dir = tmp_path / "plugins"
     plugin_dir.mkdir(exist_ok=True)
     hook = HANG_AT_ITERATION.format(iteration=iteration)
@@ -74,12 +80,29 @@ def kill_during_iteration(
                     break
                 time.sleep(0.05)
             assert proc.poll() is None, log_path.read_text()[-3000:]
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, signum)
+            code = proc.wait(timeout=120)  # a caught signal: the launcher stops torchrun first
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
     assert not (output_dir / "final").exists(), "the run was killed before it finished"
+    return code
+
+
+def processes_mentioning(text: str) -> set[int]:
+    """Pids of the processes (other than this one) whose command line holds ``text``."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in command:
+            found.add(int(entry))
+    return found
 
 
 def kill_during_iteration_3(config: str, output_dir: Path, tmp_path: Path) -> None:

@@ -10,8 +10,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib.metadata import entry_points
+from types import FrameType
 from typing import Any
 
 from rich.console import Console
@@ -115,9 +117,46 @@ def launch_processes(processes: int, args: argparse.Namespace) -> int:
     # torchrun gets SIGTERM when this process dies, even by SIGKILL: it then stops the ranks,
     # and their children (a critic server) follow them; nothing is left running unseen.
     linux = sys.platform.startswith("linux")
-    return subprocess.run(
-        command, check=False, preexec_fn=_terminate_with_parent if linux else None
-    ).returncode
+    torchrun = subprocess.Popen(command, preexec_fn=_terminate_with_parent if linux else None)
+    with _signals_forwarded_to(torchrun) as received:
+        code = torchrun.wait()
+    if received:
+        errors.print(
+            f"stopped by {signal.Signals(received[0]).name}; rerun with --resume to continue from "
+            "the last checkpoint"
+        )
+        return 128 + received[0]
+    return code
+
+
+@contextmanager
+def _signals_forwarded_to(child: subprocess.Popen[bytes]) -> Iterator[list[int]]:
+    """Pass SIGINT, SIGTERM and SIGHUP on to ``child`` (torchrun) and keep waiting for it; yields
+    the signals received, in order.
+
+    torchrun starts each rank in a session of its own, so a Ctrl-C reaches the launcher and
+    torchrun but no rank; torchrun then stops the ranks itself. Python's default (a
+    KeyboardInterrupt here, and ``subprocess`` SIGKILLing torchrun a quarter-second later) would
+    leave the ranks running with nobody to stop them.
+    """
+
+    received: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    # A signal this process ignores (SIGINT of a job a script started with `&`) stays ignored.
+    caught = [
+        s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN
+    ]
+    previous = {s: signal.signal(s, forward) for s in caught}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _terminate_with_parent() -> None:
