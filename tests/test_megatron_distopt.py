@@ -21,6 +21,8 @@ pytest.importorskip("megatron.core")
 # Every test run clips (max_grad_norm 1.0 by default, norms ~2): a wrong norm shows in the weights.
 LOSS_TOLERANCE = 1e-6
 WEIGHT_TOLERANCE = 2e-5  # a few float32 roundings over 4 steps (DP and TP sum in other orders)
+# The learner's LR schedule must drive megatron's optimizer: 0, then 1e-3 falling to 0 over the run.
+SCHEDULE = {"lr_scheduler": "linear", "warmup_steps": 1}
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -34,6 +36,10 @@ def largest_difference(first: dict[str, torch.Tensor], second: dict[str, torch.T
 
 def grad_norms(output_dir: Path) -> list[float]:
     return [m["grad_norm"] for m in read_metrics(output_dir, "train")]
+
+
+def learning_rates(output_dir: Path) -> list[float]:
+    return [m["lr"] for m in read_metrics(output_dir, "train")]
 
 
 def test_optim_section_maps_to_megatron_optimizer_config() -> None:
@@ -74,16 +80,18 @@ def tp1_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """In this process (a world of one): DPO with torch.optim, the same with the distributed
     optimizer (a checkpoint at step 2), and that run resumed from its step-2 checkpoint."""
     folder = tmp_path_factory.mktemp("distopt")
-    run_in_process(small_dpo(folder, "torch_optim", {}))
-    run_in_process(small_dpo(folder, "tp1", {"distributed_optimizer": True}, trainer={"save_every": 2}))
+    on = {"distributed_optimizer": True}
+    run_in_process(small_dpo(folder, "torch_optim", {}, trainer=SCHEDULE))
+    run_in_process(small_dpo(folder, "tp1", on, trainer={**SCHEDULE, "save_every": 2}))
     step_2 = str(folder / "tp1/checkpoints/step_2")
-    run_in_process(small_dpo(folder, "tp1_resumed", {"distributed_optimizer": True}, resume=step_2))
+    run_in_process(small_dpo(folder, "tp1_resumed", on, trainer=SCHEDULE, resume=step_2))
     return folder
 
 
 def test_tp1_follows_torch_optim_and_resumes_bit_exact(tp1_runs: Path) -> None:
     expected = train_losses(tp1_runs / "torch_optim")
     assert len(expected) == 4 and expected[-1] < expected[0] - 0.05  # it learns
+    assert learning_rates(tp1_runs / "tp1") == pytest.approx([0.0, 1e-3, 2e-3 / 3, 1e-3 / 3])
     assert train_losses(tp1_runs / "tp1") == pytest.approx(expected, abs=LOSS_TOLERANCE)
     assert grad_norms(tp1_runs / "tp1") == pytest.approx(grad_norms(tp1_runs / "torch_optim"), rel=1e-5)
     torch_optim = final_weights(tp1_runs / "torch_optim")
@@ -100,9 +108,10 @@ def test_dp2_and_tp2_follow_torch_optim_and_dp2_resumes_bit_exact(tp1_runs: Path
     moments of half of the parameters, a checkpoint at step 2), that run resumed from step 2,
     and TP=2, all with the distributed optimizer, against torch.optim in one process."""
     on = {"distributed_optimizer": True}
-    dp2 = small_dpo(tmp_path, "dp2", on, trainer={"save_every": 2})
-    resumed = small_dpo(tmp_path, "dp2_resumed", on, resume=str(tmp_path / "dp2/checkpoints/step_2"))
-    tp2 = small_dpo(tmp_path, "tp2", {**on, "tensor_model_parallel_size": 2})
+    dp2 = small_dpo(tmp_path, "dp2", on, trainer={**SCHEDULE, "save_every": 2})
+    step_2 = str(tmp_path / "dp2/checkpoints/step_2")
+    resumed = small_dpo(tmp_path, "dp2_resumed", on, trainer=SCHEDULE, resume=step_2)
+    tp2 = small_dpo(tmp_path, "tp2", {**on, "tensor_model_parallel_size": 2}, trainer=SCHEDULE)
     torchrun(tmp_path, tp=0, runs=[dp2, resumed, tp2])
 
     expected = train_losses(tp1_runs / "torch_optim")
