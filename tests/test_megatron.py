@@ -5,7 +5,6 @@ the same global batch; a resumed TP=2 run ends bit-exact; only the main rank wri
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,12 +89,20 @@ def test_nproc_per_node_makes_align_run_start_torchrun(
 
     launched: list[list[str]] = []
 
-    def fake_run(command: list[str], check: bool, **popen: Any) -> subprocess.CompletedProcess[str]:
-        launched.append(command)
-        return subprocess.CompletedProcess(command, 3)
+    class FakeTorchrun:
+        """What ``align run`` uses of the ``subprocess.Popen`` it starts torchrun with."""
+
+        def __init__(self, command: list[str], **popen: Any) -> None:
+            launched.append(command)
+
+        def wait(self) -> int:
+            return 3
+
+        def poll(self) -> int:
+            return 3
 
     monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr(align.cli.subprocess, "run", fake_run)
+    monkeypatch.setattr(align.cli.subprocess, "Popen", FakeTorchrun)
     config = small_dpo(tmp_path, "run", {"nproc_per_node": 2, "tensor_model_parallel_size": 2})
     result = run_cli(capsys, "run", config, "trainer.max_steps=2", "--resume")
     assert result.code == 3
