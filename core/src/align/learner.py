@@ -453,13 +453,7 @@ class Learner:
         # clearing deleted its file, or its folder under it (a crash of 1 in 3 CI runs).
         barrier()
         with checkpoint.guarded_write(f"the checkpoint of step {self.step}", tmp, self.output_dir):
-            self._optimizers_saved_by_backend = set()
-            self._save_checkpoint_weights(self.context.policy, tmp / "model")
-            self._save_optimizer(self.trainables[POLICY], tmp)
-            for role, trainable in self._other_trainables():
-                self._save_module(trainable.module, tmp / ROLES_DIR / role)
-                if saved_by_backend(trainable.module):
-                    self._save_optimizer(trainable, tmp)
+            self._save_models(tmp)
             self.algorithm.save_files(tmp)
             if self.data_parallel > 1:
                 self._write_rank_states(tmp)
@@ -479,19 +473,27 @@ class Learner:
         if self.data_parallel > 1:  # the same weights on every rank: the main rank writes it all
             distributed.gather_to_main(self._state())
         else:
-            self._optimizers_saved_by_backend = set()
-            self._save_checkpoint_weights(self.context.policy, tmp / "model")  # collective
-            self._save_optimizer(self.trainables[POLICY], tmp)
-            for role, trainable in self._other_trainables():  # the same collective saves as the main
-                if saved_by_backend(trainable.module):
-                    self._save_checkpoint_weights(trainable.module, tmp / ROLES_DIR / role)
-                    self._save_optimizer(trainable, tmp)
+            self._save_models(tmp)  # the same collective saves as the main rank's
             (tmp / RANKS_DIR).mkdir(parents=True, exist_ok=True)
             torch.save(self._state(), tmp / RANKS_DIR / f"rank_{process_rank()}.pt")
         barrier()
         self.last_saved_step = self.step
         self.unsaved = False
         return tmp.with_suffix("")
+
+    def _save_models(self, tmp: Path) -> None:
+        """Every trainable's weights and the optimizer states the backend saves, into ``tmp``.
+        Every rank calls it (the backend's saves are collective); a trainable the backend does
+        not hold (a plain module) is written by the main rank alone."""
+        self._optimizers_saved_by_backend = set()
+        self._save_checkpoint_weights(self.context.policy, tmp / "model")
+        self._save_optimizer(self.trainables[POLICY], tmp)
+        for role, trainable in self._other_trainables():
+            if saved_by_backend(trainable.module):
+                self._save_checkpoint_weights(trainable.module, tmp / ROLES_DIR / role)
+                self._save_optimizer(trainable, tmp)
+            elif self.is_main:
+                self._save_module(trainable.module, tmp / ROLES_DIR / role)
 
     def _write_rank_states(self, tmp: Path) -> None:
         """The core's data-parallel ranks send their trainer states (RNG, optimizer) to the main
