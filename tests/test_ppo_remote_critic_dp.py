@@ -20,7 +20,7 @@ from helpers import (
     read_metrics,
     write_yaml,
 )
-from helpers.online import kill_during_iteration
+from helpers.online import kill_during_iteration, processes_mentioning
 from test_dp_actors import (
     ITERATIONS,
     align_run,
@@ -55,18 +55,7 @@ def server_processes(*marks: str) -> set[int]:
     """Pids of the critic/reward servers and tritonservers this test process's runs started (or,
     given ``marks``, of its runs' processes whose command line holds one of them)."""
     marks = marks or ("align_pytriton.serve", "tritonserver")
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(mark in command for mark in marks) and OWNER.encode() in environ:
-            found.add(int(entry))
-    return found
+    return processes_mentioning(*marks, environ_entry=OWNER)
 
 
 def config_file(tmp_path: Path, name: str, ranks: int, critic: dict[str, Any]) -> str:

@@ -90,17 +90,21 @@ def kill_during_iteration(
     return code
 
 
-def processes_mentioning(text: str) -> set[int]:
-    """Pids of the processes (other than this one) whose command line holds ``text``."""
+def processes_mentioning(*texts: str, environ_entry: str | None = None) -> set[int]:
+    """Pids of the processes (other than this one) whose command line holds one of ``texts``
+    (and, given ``environ_entry`` such as ``"NAME=value"``, whose environment holds it)."""
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0") if environ_entry else []
         except OSError:
             continue
-        if text in command:
+        if any(text in command for text in texts) and (
+            environ_entry is None or environ_entry.encode() in environ
+        ):
             found.add(int(entry))
     return found
 
