@@ -38,9 +38,9 @@ from align_megatron.cpu_shims import megatron_optimizer_on_cpu
 # What a distributed optimizer checkpoint records besides megatron's state, to refuse reading it
 # into anything else.
 KIND = "megatron_distributed_optimizer"
-# megatron's format for the state: each parameter's state as tensors of the parameter's shape
-# (gathered on each DP group's first rank when saved), so it does not depend on megatron's
-# internal buffer layout.
+# megatron's format for the state: each DP rank writes its slice of the optimizer's contiguous
+# buffers as it holds them (no communication); it reads back at the same TP and PP. The formats
+# that reshard further do not run with torch's AdamW on CPU (docs/megatron.md, Checkpoints).
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -74,9 +74,10 @@ def optimizer_config(optim: OptimConfig, dtype: torch.dtype, max_grad_norm: floa
 
 class MegatronDistributedOptimizer(torch.optim.Optimizer):
     """megatron-core's distributed optimizer behind ``torch.optim.Optimizer``'s interface (see
-    the module docstring). ``norm_groups``: the process group to sum the sequence-parallel norms'
-    gradients over before the DP reduction (the TP group with sequence parallelism), and those
-    parameters."""
+    the module docstring) for ``model`` (built with ``model_config``, its TransformerConfig) and
+    megatron's ``OptimizerConfig`` ``config``. ``sequence_parallel_params``: the norms' weights,
+    whose gradients are summed over ``tp_group`` before the DP reduction (with sequence
+    parallelism; empty without)."""
 
     def __init__(
         self,
