@@ -113,10 +113,16 @@ def main(spec_path: str) -> None:
     policies = [check.pop("policy") for check in checks]
     moved = max(float((policies[0][k] - policies[-1][k]).abs().max()) for k in policies[0])
     mine = {"checks": checks, "policy_moved": moved, "vllm_groups": groups, "rank": dist.get_rank()}
+    report_every_rank(mine, Path(spec["report"]))
+
+
+def report_every_rank(record: dict[str, Any], report: Path) -> None:
+    """Every rank's ``record``, gathered and written by rank 0 as ``{"ranks": [...],
+    "world_size": n}``; then the process group ends."""
     ranks: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, mine)
+    dist.all_gather_object(ranks, record)
     if dist.get_rank() == 0:
-        Path(spec["report"]).write_text(json.dumps({"ranks": ranks, "world_size": dist.get_world_size()}))
+        report.write_text(json.dumps({"ranks": ranks, "world_size": dist.get_world_size()}))
     dist.barrier()
     dist.destroy_process_group()
 

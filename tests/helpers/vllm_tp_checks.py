@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron_vllm_checks import report_every_rank  # a sibling: torchrun runs this file as a script
 
 import align
 
@@ -93,12 +94,7 @@ def main(spec_path: str) -> None:
     record["greedy_after_mismatch"] = completions(engine, prompts, greedy)
     engine.close()
     train(spec.get("runs", []))
-    ranks: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, record)
-    if dist.get_rank() == 0:
-        Path(spec["report"]).write_text(json.dumps({"ranks": ranks, "world_size": dist.get_world_size()}))
-    dist.barrier()
-    dist.destroy_process_group()
+    report_every_rank(record, Path(spec["report"]))
 
 
 if __name__ == "__main__":
