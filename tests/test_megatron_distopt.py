@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_user_error, read_metrics, run_cli
+from helpers.megatron_runs import grad_norms, run_in_process, small_dpo, torchrun, train_losses
 from safetensors.torch import load_file
-from test_megatron import run_in_process, small_dpo, torchrun, train_losses
 
 from align import ConfigError, OptimConfig
 
@@ -32,10 +32,6 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 def largest_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
     assert set(first) == set(second)
     return max(float((first[k] - second[k]).abs().max()) for k in first)
-
-
-def grad_norms(output_dir: Path) -> list[float]:
-    return [m["grad_norm"] for m in read_metrics(output_dir, "train")]
 
 
 def learning_rates(output_dir: Path) -> list[float]:
