@@ -1,8 +1,8 @@
 """megatron-core's distributed optimizer on the megatron backend (``backend.distributed_optimizer``,
 docs/megatron.md): the same DPO trajectory and weights as the learner's torch.optim at TP=1, DP=2
-and TP=2 (gradient norms and clipping included), and a run resumed from its checkpoint (the
-optimizer state in megatron's own sharded format) ends bit-exact. On CPU through the shim of
-``cpu_shims.megatron_optimizer_on_cpu``."""
+and TP=2 (gradient norms and clipping included), PPO's local critic (a sequence scorer) follows
+torch.optim's too, and runs resumed from their checkpoints (the optimizer state in megatron's own
+sharded format) end bit-exact. On CPU through the shim of ``cpu_shims.megatron_optimizer_on_cpu``."""
 
 from __future__ import annotations
 
@@ -121,3 +121,30 @@ def test_dp2_and_tp2_follow_torch_optim_and_dp2_resumes_bit_exact(tp1_runs: Path
     assert {name.split("_")[2] for name in written} == {"0", "1"}, written
     assert train_losses(tmp_path / "dp2_resumed") == train_losses(tmp_path / "dp2")[2:]
     assert largest_difference(final_weights(tmp_path / "dp2_resumed"), final_weights(tmp_path / "dp2")) == 0.0
+
+
+def test_ppo_critic_follows_torch_optim_and_resumes_bit_exact(tmp_path: Path) -> None:
+    """PPO with the local critic (a sequence scorer: its score head is in megatron's DDP too),
+    policy and critic both on the distributed optimizer, in this process: the critic's metrics
+    and the policy's gradient norms follow torch.optim's, and the run resumed from its
+    iteration-1 checkpoint (two optimizer states, policy/ and critic/) ends with the same
+    critic and policy, bit for bit."""
+    from test_megatron_scorer import critic_metrics, critic_weights, ppo_run
+
+    on = {"distributed_optimizer": True}
+    run_in_process(ppo_run(tmp_path, "torch_optim", {}))
+    run_in_process(ppo_run(tmp_path, "ppo", on, trainer={"save_every": 1}))
+    run_in_process(ppo_run(tmp_path, "resumed", on, resume=str(tmp_path / "ppo/checkpoints/step_1")))
+
+    expected = critic_metrics(tmp_path / "torch_optim")
+    for got, want in zip(critic_metrics(tmp_path / "ppo"), expected, strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert grad_norms(tmp_path / "ppo") == pytest.approx(grad_norms(tmp_path / "torch_optim"), rel=1e-5)
+    assert sorted(p.name for p in (tmp_path / "ppo/checkpoints/step_1/optimizers").iterdir()) == [
+        "critic",
+        "policy",
+    ]
+    assert critic_metrics(tmp_path / "resumed") == critic_metrics(tmp_path / "ppo")[1:]
+    first, second = critic_weights(tmp_path / "ppo", 2), critic_weights(tmp_path / "resumed", 2)
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+    assert largest_difference(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "ppo")) == 0.0
