@@ -99,20 +99,22 @@ def test_tp1_follows_torch_optim_and_resumes_bit_exact(tp1_runs: Path) -> None:
 
 
 @pytest.mark.slow
-def test_dp2_and_tp2_follow_torch_optim_and_dp2_resumes_bit_exact(tp1_runs: Path, tmp_path: Path) -> None:
+def test_dp2_tp2_and_pp2_follow_torch_optim_and_dp2_resumes_bit_exact(tp1_runs: Path, tmp_path: Path) -> None:
     """One torchrun launch (2 processes, gloo): DP=2 (each rank updates and keeps the Adam
     moments of half of the parameters, a checkpoint at step 2), that run resumed from step 2,
-    and TP=2, all with the distributed optimizer, against torch.optim in one process."""
+    TP=2 and PP=2 (4 pipeline micro-batches), all with the distributed optimizer, against
+    torch.optim in one process."""
     on = {"distributed_optimizer": True}
     dp2 = small_dpo(tmp_path, "dp2", on, trainer={**SCHEDULE, "save_every": 2})
     step_2 = str(tmp_path / "dp2/checkpoints/step_2")
     resumed = small_dpo(tmp_path, "dp2_resumed", on, trainer=SCHEDULE, resume=step_2)
     tp2 = small_dpo(tmp_path, "tp2", {**on, "tensor_model_parallel_size": 2}, trainer=SCHEDULE)
-    torchrun(tmp_path, tp=0, runs=[dp2, resumed, tp2])
+    pp2 = small_dpo(tmp_path, "pp2", {**on, "pipeline_model_parallel_size": 2}, trainer=SCHEDULE)
+    torchrun(tmp_path, tp=0, runs=[dp2, resumed, tp2, pp2])
 
     expected = train_losses(tp1_runs / "torch_optim")
     torch_optim = final_weights(tp1_runs / "torch_optim")
-    for name in ("dp2", "tp2"):
+    for name in ("dp2", "tp2", "pp2"):
         assert train_losses(tmp_path / name) == pytest.approx(expected, abs=LOSS_TOLERANCE), name
         assert grad_norms(tmp_path / name) == pytest.approx(grad_norms(tp1_runs / "torch_optim"), rel=1e-5)
         assert largest_difference(final_weights(tmp_path / name), torch_optim) < WEIGHT_TOLERANCE, name
