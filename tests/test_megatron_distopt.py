@@ -56,9 +56,12 @@ def test_optim_section_maps_to_megatron_optimizer_config() -> None:
         optimizer_config(OptimConfig(name="sgd"), torch.float32, 1.0)
 
 
-def test_auto_is_off_on_cpu_and_lora_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``auto`` keeps today's torch.optim on a CPU-only machine; ``true`` with LoRA is a config
-    error naming the key, when the backend is built (before any training or checkpoint)."""
+def test_auto_is_off_on_cpu_and_lora_and_cpu_bf16_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``auto`` keeps today's torch.optim on a CPU-only machine; ``true`` with LoRA, and with
+    bfloat16 weights on CPU, is a config error naming the key, when the backend is built (before
+    any training or checkpoint)."""
     from align.cli import load_config
     from align.plugins import default_plugins
 
@@ -69,6 +72,12 @@ def test_auto_is_off_on_cpu_and_lora_is_refused(tmp_path: Path, capsys: pytest.C
     result = run_cli(capsys, "run", lora, "model.lora.r=4")
     assert_user_error(result, "backend.distributed_optimizer", "model.lora")
     assert not (tmp_path / "lora" / "checkpoints").exists()
+    if not torch.cuda.is_available():
+        result = run_cli(
+            capsys, "run", lora, "trainer.precision=bf16", "output_dir=" + str(tmp_path / "bf16")
+        )
+        assert_user_error(result, "backend.distributed_optimizer", "bfloat16 weights", "without a GPU")
+        assert not (tmp_path / "bf16" / "checkpoints").exists()
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,14 @@ class MegatronBackendConfig(BackendConfig):
                 "megatron's sharded state dict, which the distributed optimizer's state follows); "
                 "set it to false"
             )
+        if self.distributed_optimizer and run.trainer.precision == "bf16" and cpu_only():
+            # It trains (fp32 main parameters), but megatron-core 0.16's checkpoint of it fails
+            # on CPU (an AssertionError on a slice's shape in sharded_param_state_dp_reshardable).
+            raise ConfigError(
+                "backend.distributed_optimizer: not with bfloat16 weights (trainer.precision: bf16) "
+                "without a GPU: megatron-core's checkpoint of its state fails there; use "
+                "trainer.precision: fp32, or distributed_optimizer: false"
+            )
         return self.distributed_optimizer
 
     @property
