@@ -71,7 +71,13 @@ def kill_during_iteration(
     env = subprocess_env([plugin_dir], ALIGN_PLUGIN_MODULES="hang_for_tests")
     log_path = tmp_path / f"{output_dir.name}.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen([*ALIGN, "run", config], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*ALIGN, "run", config],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_sigint_as_in_a_terminal,
+        )
         try:
             deadline = time.monotonic() + timeout_s
             while proc.poll() is None and time.monotonic() < deadline:
@@ -88,6 +94,14 @@ def kill_during_iteration(
             proc.wait()
     assert not (output_dir / "final").exists(), "the run was killed before it finished"
     return code
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """In the child: SIGINT's default disposition. Tests started in the background by a
+    non-interactive shell (a CI script's `... &`) ignore SIGINT, and a child inherits that;
+    ``align run`` leaves an ignored signal ignored, so the signal the test sends would do
+    nothing (the test hung in such a CI rehearsal)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def processes_mentioning(*texts: str, environ_entry: str | None = None) -> set[int]:
