@@ -84,7 +84,7 @@ def vllm_placement(tensor_parallel_size: int = 1) -> VLLMPlacement:
         if tensor_parallel_size > 1:
             raise EngineError(
                 f"engine 'vllm': rollout.tensor_parallel_size {tensor_parallel_size} spreads one engine "
-                "over the trainer's ranks, so it needs a torchrun world (distributed.nproc_per_node > 1, "
+                "over the trainer's ranks, so it needs a torchrun world (backend.nproc_per_node > 1, "
                 "or torchrun yourself); this process is not in one. Use tensor_parallel_size 1"
             )
         return VLLMPlacement(torch.device("cuda", 0))
