@@ -489,11 +489,11 @@ class Learner:
         self._save_checkpoint_weights(self.context.policy, tmp / "model")
         self._save_optimizer(self.trainables[POLICY], tmp)
         for role, trainable in self._other_trainables():
-            if saved_by_backend(trainable.module):
-                self._save_checkpoint_weights(trainable.module, tmp / ROLES_DIR / role)
-                self._save_optimizer(trainable, tmp)
-            elif self.is_main:
+            collective = saved_by_backend(trainable.module)
+            if collective or self.is_main:
                 self._save_module(trainable.module, tmp / ROLES_DIR / role)
+            if collective:
+                self._save_optimizer(trainable, tmp)
 
     def _write_rank_states(self, tmp: Path) -> None:
         """The core's data-parallel ranks send their trainer states (RNG, optimizer) to the main
