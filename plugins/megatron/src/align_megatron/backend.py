@@ -68,7 +68,13 @@ from align_megatron.distributed_optimizer import MegatronDistributedOptimizer, o
 from align_megatron.lora import REPLICATED as REPLICATED_ADAPTER
 from align_megatron.optimizer_state import layout_of as parallel_layout
 from align_megatron.optimizer_state import load_optimizer_state, sharded_optimizer_state
-from align_megatron.parallel import Parallelism, build_gpt, initialize, transformer_engine_available
+from align_megatron.parallel import (
+    Parallelism,
+    all_reduce_together,
+    build_gpt,
+    initialize,
+    transformer_engine_available,
+)
 from align_megatron.pipeline import run_stages
 
 CAUSAL_ROLES = ("policy", "reference")
@@ -766,13 +772,10 @@ class MegatronBackend:
 def _sum_gradients(params: Sequence[nn.Parameter], grads: Sequence[Tensor], group: Any) -> list[Tensor]:
     """The gradients summed over ``group`` in one flat all-reduce, set as the parameters'
     ``.grad``."""
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    summed = []
-    for param, grad, piece in zip(params, grads, flat.split([g.numel() for g in grads]), strict=True):
-        param.grad = piece.view_as(grad)
-        summed.append(param.grad)
-    return summed
+    all_reduce_together(grads, group)
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = grad
+    return list(grads)
 
 
 def _from_stage(shards: list[Tensor], stage: int, par: Parallelism, dtype: torch.dtype) -> list[Tensor]:

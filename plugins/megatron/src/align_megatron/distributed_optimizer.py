@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from align import ConfigError, OptimConfig
 from align_megatron.cpu_shims import megatron_optimizer_on_cpu
+from align_megatron.parallel import all_reduce_together
 
 # What a distributed optimizer checkpoint records besides megatron's state, to refuse reading it
 # into anything else.
@@ -124,10 +124,7 @@ class MegatronDistributedOptimizer(torch.optim.Optimizer):
             # Each TP rank ran the norms on its part of the sequence: the gradient is the sum.
             # (DDP's buffer holds them as each parameter's main_grad; param.grad stays None.)
             grads: list[Tensor] = [p.main_grad for p in self.sequence_parallel_params]  # type: ignore[attr-defined]
-            flat = torch.cat([grad.reshape(-1) for grad in grads])
-            dist.all_reduce(flat, group=self.tp_group)
-            for grad, piece in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-                grad.copy_(piece.view_as(grad))
+            all_reduce_together(grads, self.tp_group)
         with megatron_optimizer_on_cpu():
             self.ddp.finish_grad_sync()
             self.megatron.prepare_grads()
