@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from align import EngineError
+from align import EngineError, resolve_device
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -100,7 +100,8 @@ def vllm_placement(tensor_parallel_size: int = 1) -> VLLMPlacement:
     }
     if not cuda:
         return VLLMPlacement(torch.device("cpu"), launcher, tensor_parallel_size=tensor_parallel_size)
-    gpu = where.local_rank % max(1, torch.cuda.device_count())
+    # The rank's GPU exactly as the trainer's is chosen (LOCAL_RANK, round-robin over the GPUs).
+    gpu = resolve_device("cuda").index or 0
     env = {} if gpu == where.local_rank else {"LOCAL_RANK": str(gpu)}
     return VLLMPlacement(torch.device("cuda", gpu), launcher, env, tensor_parallel_size)
 
